@@ -1,0 +1,53 @@
+# trime developer entry points. Everything runs inside the virtualenv at .venv.
+#   make demo   - prepare the shipped sample, train a tiny CE baseline and a tiny TrimeLM, compare
+#   make test   - the whole test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+SITE = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+DEPS_STAMP := $(VENV)/.trime-deps
+INSTALL_STAMP := $(VENV)/.trime-installed
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: venv install demo test reproduce bench lint clean
+
+$(DEPS_STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q torch==$(TORCH_VERSION) numpy cython
+	# fairseq-fixed is built against the torch above and must not pull torchaudio/another torch
+	$(PIP) install -q --no-build-isolation --no-deps fairseq-fixed==0.12.3.1
+	$(PIP) install -q -r requirements.txt pytest ruff
+	touch $@
+
+venv: $(DEPS_STAMP)
+
+# Editable install for development; the autoload .pth that `pip install .` places by
+# itself (setup.py build_py) is copied by hand because editable wheels skip it.
+$(INSTALL_STAMP): $(DEPS_STAMP) setup.py trime-fairseq-autoload.pth
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	cp trime-fairseq-autoload.pth $(SITE)/
+	touch $@
+
+install: $(INSTALL_STAMP)
+
+demo: $(INSTALL_STAMP)
+	$(PY) -m trime.demo
+
+# pytest exits 5 when it collects nothing (e.g. a -k filter): say so, do not fail.
+test: $(INSTALL_STAMP)
+	$(VENV)/bin/pytest -q tests $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; rc=0; fi; exit $$rc
+
+reproduce: $(INSTALL_STAMP)
+	$(PY) bench/reproduce.py
+
+bench: $(INSTALL_STAMP)
+	$(PY) bench/loss.py
+
+lint: $(INSTALL_STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info demo-out

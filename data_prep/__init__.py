@@ -1,0 +1,1 @@
+"""Data preparation: raw WikiText / enwik8 files to fairseq data-bin (`trime-prepare`)."""

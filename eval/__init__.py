@@ -1,0 +1,1 @@
+"""Evaluation with local, long-term and external memory (`trime-eval`)."""

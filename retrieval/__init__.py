@@ -1,0 +1,1 @@
+"""Retrieval: BM25 batch plans and the FAISS datastore."""

@@ -1,0 +1,1 @@
+"""trime fairseq criterions (registered on import)."""

@@ -1,0 +1,1 @@
+"""trime fairseq models (registered on import)."""

@@ -1,0 +1,1 @@
+"""trime fairseq tasks (registered on import)."""
