@@ -1,0 +1,86 @@
+"""Small shared helpers for offline jobs: atomic writes, file hashes, shard ranges, JSON."""
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Tuple, Union
+
+from trime.errors import fail
+
+PathLike = Union[str, os.PathLike]
+
+
+@contextlib.contextmanager
+def atomic_path(final_path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``final_path``; rename it into place on success.
+
+    On any exception the temporary file is removed and ``final_path`` is untouched,
+    so readers never see a half-written file.
+    """
+    final_path = Path(final_path)
+    final_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final_path.name}.", suffix=".tmp", dir=final_path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final_path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json_atomic(path: PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+
+def read_json(path: PathLike, what: str = "file") -> Any:
+    """Read JSON, failing with a one-line error that names the file."""
+    path = Path(path)
+    if not path.is_file():
+        fail(f"{what} {path} does not exist")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        fail(f"{what} {path} is not valid JSON ({e}); delete it and re-create it")
+
+
+def sha256_file(path: PathLike, chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def shard_range(num_items: int, num_shards: int, shard_id: int) -> Tuple[int, int]:
+    """Contiguous ``[start, end)`` slice of ``num_items`` for ``--num-shards/--shard-id``."""
+    if num_shards < 1:
+        fail(f"--num-shards must be >= 1, got {num_shards}")
+    if not 0 <= shard_id < num_shards:
+        fail(f"--shard-id must be in [0, {num_shards}), got {shard_id}")
+    per_shard, extra = divmod(num_items, num_shards)
+    start = shard_id * per_shard + min(shard_id, extra)
+    return start, start + per_shard + (1 if shard_id < extra else 0)
+
+
+def require_free_disk(directory: PathLike, needed_bytes: int, flag: str = "the output directory") -> None:
+    """Fail early if ``directory`` lacks ``needed_bytes`` of free space."""
+    directory = Path(directory)
+    probe = directory if directory.exists() else directory.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed_bytes:
+        fail(
+            f"{flag} {directory} has {free / 2**30:.1f} GiB free but {needed_bytes / 2**30:.1f} GiB "
+            "are needed; free space or choose another directory"
+        )
