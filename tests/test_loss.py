@@ -1,0 +1,212 @@
+"""trime.loss against an independent dense (N x M mask) brute-force reference."""
+
+import math
+
+import pytest
+import torch
+
+from trime.loss import (
+    Rule,
+    Visibility,
+    adaptive_softmax_terms,
+    full_softmax_terms,
+    joint_nll,
+    memory_logsumexp,
+    scored_memory_logsumexp,
+)
+
+
+def dense_visibility(rule, seg_q, pos_q, seg_k, pos_k, valid_q, valid_k, external_local=True, group_q=None, group_k=None):
+    """Explicit python-loop visibility matrix: the spec, written as plainly as possible."""
+    n, m = len(seg_q), len(seg_k)
+    vis = torch.zeros(n, m, dtype=torch.bool)
+    for i in range(n):
+        for j in range(m):
+            if not (valid_q[i] and valid_k[j]):
+                continue
+            if group_q is not None and group_q[i] != group_k[j]:
+                continue
+            same, earlier = seg_q[i] == seg_k[j], pos_k[j] < pos_q[i]
+            if rule == "local":
+                vis[i, j] = same and earlier
+            elif rule == "long":
+                vis[i, j] = earlier
+            else:
+                vis[i, j] = (not same) or (external_local and earlier)
+    return vis
+
+
+def dense_nll(queries, keys, key_labels, targets, token_score, token_logz, vis, scale, valid_q):
+    """-log((Z_t p(y) + sum_pos e^s) / (Z_t + sum_vis e^s)) with explicit sums in float64."""
+    s = (queries.double() @ keys.double().T) * scale
+    out = []
+    for i in range(len(targets)):
+        if not valid_q[i]:
+            out.append(torch.zeros((), dtype=torch.float64))
+            continue
+        e = s[i].exp()
+        num = token_score[i].double().exp() + (e * (vis[i] & (key_labels == targets[i]))).sum()
+        den = token_logz[i].double().exp() + (e * vis[i]).sum()
+        out.append(-(num / den).log())
+    return torch.stack(out)
+
+
+def make_batch(batch, seq_len, dim, vocab, seed, pad_tail=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    reps = torch.randn(batch * seq_len, dim, generator=g).to(dtype)
+    targets = torch.randint(0, vocab, (batch * seq_len,), generator=g)
+    valid = torch.ones(batch, seq_len, dtype=torch.bool)
+    if pad_tail:
+        valid[-1, -pad_tail:] = False
+    logits = torch.randn(batch * seq_len, vocab, generator=g) * 2
+    return reps, targets, valid, logits
+
+
+@pytest.mark.parametrize(
+    "rule,external_local", [("local", True), ("long", True), ("external", True), ("external", False)]
+)
+@pytest.mark.parametrize("pad_tail", [0, 3])
+def test_values_and_gradients_match_dense(rule, external_local, pad_tail):
+    batch, seq_len, dim, vocab = 3, 7, 8, 5  # small vocab: many positives
+    reps, targets, valid, logits = make_batch(batch, seq_len, dim, vocab, seed=1, pad_tail=pad_tail)
+    logits.requires_grad_(True)
+    reps_a = reps.clone().requires_grad_(True)
+    vis = Visibility.for_batch(Rule(rule), batch, seq_len, valid=valid, external_local=external_local)
+    tok_score, tok_logz = full_softmax_terms(logits, targets)
+    lse_all, lse_pos = memory_logsumexp(reps_a, reps_a, targets, targets, vis, block_size=4)
+    nll = joint_nll(tok_score, tok_logz, lse_all, lse_pos, valid=valid.reshape(-1))
+
+    reps_b = reps.clone().requires_grad_(True)
+    logits_b = logits.detach().clone().requires_grad_(True)
+    flat = torch.arange(batch * seq_len)
+    seg = (flat // seq_len).tolist()
+    vflat = valid.reshape(-1).tolist()
+    dense_vis = dense_visibility(rule, seg, flat.tolist(), seg, flat.tolist(), vflat, vflat, external_local)
+    score_b, logz_b = full_softmax_terms(logits_b, targets)
+    ref = dense_nll(reps_b, reps_b, targets, targets, score_b, logz_b, dense_vis, 1 / math.sqrt(dim), vflat)
+
+    torch.testing.assert_close(nll.double(), ref, rtol=1e-5, atol=1e-5)
+    nll.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(reps_a.grad.double(), reps_b.grad.double(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits.grad.double(), logits_b.grad.double(), rtol=1e-4, atol=1e-5)
+    # padding never gets gradient, neither as query nor as key
+    if pad_tail:
+        assert reps_a.grad[~valid.reshape(-1)].abs().max() == 0
+
+
+def test_no_visible_memory_is_exactly_cross_entropy():
+    batch, seq_len, dim, vocab = 2, 5, 4, 11
+    reps, targets, valid, logits = make_batch(batch, seq_len, dim, vocab, seed=2)
+    vis = Visibility.for_batch(Rule.LOCAL, batch, seq_len)
+    tok_score, tok_logz = full_softmax_terms(logits, targets)
+    lse_all, lse_pos = memory_logsumexp(reps, reps, targets, targets, vis)
+    nll = joint_nll(tok_score, tok_logz, lse_all, lse_pos)
+    ce = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    first = torch.arange(batch) * seq_len  # the first token of each segment has no memory
+    assert torch.isneginf(lse_all[first]).all()
+    assert torch.equal(nll[first], ce[first])
+
+
+def test_row_with_memory_but_no_positive():
+    # one query, two visible keys with other labels: numerator is the token term alone
+    q = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 2.0]])
+    labels = torch.tensor([7, 8, 9])
+    vis = Visibility.for_batch(Rule.LOCAL, 1, 3)
+    lse_all, lse_pos = memory_logsumexp(q, q, labels, labels, vis, scale=1.0)
+    assert torch.isneginf(lse_pos).all()
+    expected = torch.logsumexp(q[2] @ q[:2].T, 0)
+    torch.testing.assert_close(lse_all[2], expected)
+
+
+def test_grouped_and_gathered_keys_with_detached_block():
+    """Distinct query/key sets (as after a cross-rank gather): other-rank keys get no gradient."""
+    dim, vocab = 6, 4
+    g = torch.Generator().manual_seed(3)
+    own = torch.randn(8, dim, generator=g, requires_grad=True)
+    other = torch.randn(8, dim, generator=g)
+    own_t = torch.randint(0, vocab, (8,), generator=g)
+    other_t = torch.randint(0, vocab, (8,), generator=g)
+    # stream: other rank first (positions 0..7, segments 0,1), then own (8..15, segments 2,3)
+    keys = torch.cat([other, own])
+    key_labels = torch.cat([other_t, own_t])
+    key_seg = torch.tensor([0] * 4 + [1] * 4 + [2] * 4 + [3] * 4)
+    key_pos = torch.arange(16)
+    group = torch.tensor([0] * 8 + [0] * 4 + [1] * 4)  # last own segment is alone in group 1
+    for rule in ["long", "external"]:
+        vis = Visibility(Rule(rule), key_seg[8:], key_pos[8:], key_seg, key_pos, query_group=group[8:], key_group=group)
+        lse_all, lse_pos = memory_logsumexp(own, keys, key_labels, own_t, vis, block_size=3)
+        logits = torch.zeros(8, vocab)
+        s, z = full_softmax_terms(logits, own_t)
+        nll = joint_nll(s, z, lse_all, lse_pos)
+        ones = [True] * 16
+        dvis = dense_visibility(rule, key_seg[8:].tolist(), key_pos[8:].tolist(), key_seg.tolist(), key_pos.tolist(),
+                                ones[:8], ones, group_q=group[8:].tolist(), group_k=group.tolist())
+        own_b = own.detach().clone().requires_grad_(True)
+        ref = dense_nll(own_b, torch.cat([other, own_b]), key_labels, own_t, s, z, dvis, 1 / math.sqrt(dim), ones)
+        torch.testing.assert_close(nll.double(), ref, rtol=1e-5, atol=1e-6)
+        (g1,) = torch.autograd.grad(nll.sum(), own)
+        (g2,) = torch.autograd.grad(ref.sum(), own_b)
+        torch.testing.assert_close(g1.double(), g2.double(), rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_inputs_accumulate_in_fp32():
+    batch, seq_len, dim, vocab = 2, 16, 32, 6
+    reps, targets, valid, logits = make_batch(batch, seq_len, dim, vocab, seed=4)
+    reps16 = reps.to(torch.bfloat16).requires_grad_(True)
+    vis = Visibility.for_batch(Rule.LONG, batch, seq_len)
+    lse_all, lse_pos = memory_logsumexp(reps16, reps16, targets, targets, vis, block_size=5)
+    assert lse_all.dtype == torch.float32
+    tok_score, tok_logz = full_softmax_terms(logits.to(torch.bfloat16), targets)
+    nll = joint_nll(tok_score, tok_logz, lse_all, lse_pos)
+    # reference on the same bf16-rounded inputs, in float64: only fp32 rounding error remains
+    flat = list(range(batch * seq_len))
+    seg = [i // seq_len for i in flat]
+    ones = [True] * len(flat)
+    dvis = dense_visibility("long", seg, flat, seg, flat, ones, ones)
+    r = reps16.detach().double().requires_grad_(True)
+    ref = dense_nll(r, r, targets, targets, tok_score.double(), tok_logz.double(), dvis, 1 / math.sqrt(dim), ones)
+    torch.testing.assert_close(nll.double(), ref, rtol=1e-5, atol=1e-5)
+    nll.sum().backward()
+    assert reps16.grad.dtype == torch.bfloat16
+    ref.sum().backward()
+    torch.testing.assert_close(reps16.grad.double(), r.grad, rtol=2e-2, atol=2e-3)
+
+
+def test_block_size_does_not_change_result():
+    reps, targets, valid, logits = make_batch(4, 9, 8, 3, seed=5, pad_tail=2)
+    vis = Visibility.for_batch(Rule.LOCAL, 4, 9, valid=valid)
+    a = memory_logsumexp(reps, reps, targets, targets, vis, block_size=1)
+    b = memory_logsumexp(reps, reps, targets, targets, vis, block_size=1000)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+
+
+def test_scored_memory_matches_explicit_sum():
+    scores = torch.tensor([[0.5, 1.0, -2.0], [3.0, 0.0, 1.0]])
+    labels = torch.tensor([[4, 5, 4], [1, 1, 2]])
+    valid = torch.tensor([[True, True, False], [True, True, True]])
+    targets = torch.tensor([4, 3])
+    lse_all, lse_pos = scored_memory_logsumexp(scores, labels, targets, valid)
+    torch.testing.assert_close(lse_all, torch.stack([torch.logsumexp(scores[0, :2], 0), torch.logsumexp(scores[1], 0)]))
+    torch.testing.assert_close(lse_pos[0], scores[0, 0])
+    assert torch.isneginf(lse_pos[1])
+
+
+def test_adaptive_softmax_terms_match_fairseq_log_probs():
+    from fairseq.modules import AdaptiveSoftmax
+
+    torch.manual_seed(0)
+    vocab, dim = 50, 12
+    asm = AdaptiveSoftmax(vocab, dim, [10, 30], dropout=0.0, factor=2.0).eval()
+    feats = torch.randn(2, 9, dim)
+    targets = torch.randint(0, vocab, (2, 9))
+    targets[0, :3] = torch.tensor([2, 15, 45])  # head, tail 1, tail 2
+    score, logz = adaptive_softmax_terms(asm, feats, targets)
+    full_logprob = asm.get_log_prob(feats, None).reshape(-1, vocab)
+    torch.testing.assert_close(score - logz, full_logprob.gather(1, targets.reshape(-1, 1)).squeeze(1), rtol=1e-5, atol=1e-5)
+    head = asm.head(feats.reshape(-1, dim))
+    torch.testing.assert_close(logz, torch.logsumexp(head, 1))
+    # the loss with no memory equals fairseq's adaptive-softmax cross-entropy
+    ce = logz - score
+    torch.testing.assert_close(ce, -full_logprob.gather(1, targets.reshape(-1, 1)).squeeze(1), rtol=1e-5, atol=1e-5)

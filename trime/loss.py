@@ -1,0 +1,340 @@
+"""TRIME's joint vocabulary + memory negative log-likelihood, in pure torch.
+
+For query token i with target y_i, memory keys h_j carrying labels y_j (the token
+that followed position j) and the set V(i) of keys visible to i, the loss is
+
+    -log [ (Z_t p_tok(y_i) + sum_{j in V(i), y_j = y_i} exp(s_ij))
+           / (Z_t           + sum_{j in V(i)}             exp(s_ij)) ]
+
+with s_ij = h_i . h_j * scale (scale = 1/sqrt(d), divided further by a temperature at
+evaluation). Z_t is the token head's partition function: the full vocabulary for a
+plain softmax, the head cluster for an adaptive softmax (as the original code does),
+and Z_t p_tok(y) is the head's unnormalised score of y.
+
+The memory sums are computed blockwise over query rows by a custom autograd
+function that recomputes the logits in backward, so no N x M matrix is held: extra
+memory is O(block_size x M). Empty sets give exactly -inf (no -10000 constants), so
+a query with no visible memory gets exactly the plain cross-entropy. Accumulation is
+always fp32, whatever the input dtype.
+
+This module never imports fairseq; ``adaptive_softmax_terms`` only duck-types
+fairseq's ``AdaptiveSoftmax`` (``forward(input, target) -> (outputs, new_targets)``).
+"""
+
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Rule",
+    "Visibility",
+    "memory_logsumexp",
+    "scored_memory_logsumexp",
+    "joint_nll",
+    "full_softmax_terms",
+    "adaptive_softmax_terms",
+    "DEFAULT_BLOCK_SIZE",
+]
+
+DEFAULT_BLOCK_SIZE = 1024
+_NEG_INF = float("-inf")
+
+
+class Rule(str, enum.Enum):
+    """Which memory keys a query may see.
+
+    - ``LOCAL``: strictly earlier tokens of the same segment.
+    - ``LONG``: every strictly earlier token (by stream position) of the same group.
+    - ``EXTERNAL``: every token of the other segments of the same group, plus
+      (if ``external_local``) strictly earlier tokens of the query's own segment.
+    """
+
+    LOCAL = "local"
+    LONG = "long"
+    EXTERNAL = "external"
+
+
+@dataclass
+class Visibility:
+    """Per-token metadata from which the visibility of key j to query i is derived.
+
+    ``*_segment`` are segment ids, ``*_position`` stream positions (increasing inside a
+    segment; for ``LONG`` also across segments, in stream order), ``*_group`` optional
+    group ids (a query never sees another group). ``query_valid``/``key_valid`` mark
+    non-padding tokens: padding is never a query's memory, and pad queries see nothing.
+    """
+
+    rule: Rule
+    query_segment: Tensor
+    query_position: Tensor
+    key_segment: Tensor
+    key_position: Tensor
+    query_valid: Optional[Tensor] = None
+    key_valid: Optional[Tensor] = None
+    query_group: Optional[Tensor] = None
+    key_group: Optional[Tensor] = None
+    external_local: bool = True
+    _keys_sorted: bool = field(init=False, default=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.rule = Rule(self.rule)
+        if (self.query_group is None) != (self.key_group is None):
+            raise ValueError("query_group and key_group must be given together")
+        kp = self.key_position
+        self._keys_sorted = bool(kp.numel() < 2 or bool((kp[1:] >= kp[:-1]).all()))
+
+    @classmethod
+    def for_batch(
+        cls,
+        rule: Rule,
+        batch_size: int,
+        seq_len: int,
+        valid: Optional[Tensor] = None,
+        external_local: bool = True,
+        device: Optional[torch.device] = None,
+    ) -> "Visibility":
+        """Visibility for an in-batch memory whose keys are the queries themselves.
+
+        Tokens are the row-major flattening of a (batch_size, seq_len) batch; row b is
+        segment b and, for ``LONG``, rows are consecutive segments of one stream.
+        ``valid`` is an optional (batch_size, seq_len) non-padding mask.
+        """
+        if valid is not None:
+            device = valid.device
+        flat = torch.arange(batch_size * seq_len, device=device)
+        segment = flat // seq_len
+        flat_valid = None if valid is None else valid.reshape(-1)
+        return cls(
+            rule=rule,
+            query_segment=segment,
+            query_position=flat,
+            key_segment=segment,
+            key_position=flat,
+            query_valid=flat_valid,
+            key_valid=flat_valid,
+            external_local=external_local,
+        )
+
+    @property
+    def num_queries(self) -> int:
+        return self.query_segment.numel()
+
+    @property
+    def num_keys(self) -> int:
+        return self.key_segment.numel()
+
+    def key_range(self, start: int, end: int) -> Tuple[int, int]:
+        """A column range [lo, hi) that contains every key visible to queries [start, end)."""
+        if self.rule is Rule.EXTERNAL or not self._keys_sorted or self.num_keys == 0:
+            return 0, self.num_keys
+        qpos = self.query_position[start:end]
+        hi = int(torch.searchsorted(self.key_position, qpos.max(), right=False))
+        lo = 0
+        if self.rule is Rule.LOCAL:
+            # keys of the earliest segment touched by this block start no earlier than
+            # that segment's first key; segments are contiguous in sorted position order
+            first_seg = self.query_segment[start:end][torch.argmin(qpos)]
+            same = (self.key_segment[:hi] == first_seg).nonzero()
+            lo = int(same[0]) if same.numel() else hi
+        return lo, max(lo, hi)
+
+    def block_mask(self, start: int, end: int, lo: int, hi: int) -> Tensor:
+        """Boolean (end-start, hi-lo) mask: True where key lo+c is visible to query start+r."""
+        q_seg = self.query_segment[start:end, None]
+        q_pos = self.query_position[start:end, None]
+        k_seg = self.key_segment[None, lo:hi]
+        k_pos = self.key_position[None, lo:hi]
+        earlier = k_pos < q_pos
+        if self.rule is Rule.LOCAL:
+            mask = (k_seg == q_seg) & earlier
+        elif self.rule is Rule.LONG:
+            mask = earlier
+        else:
+            other = k_seg != q_seg
+            mask = other | ((k_seg == q_seg) & earlier) if self.external_local else other
+        if self.query_group is not None:
+            mask &= self.key_group[None, lo:hi] == self.query_group[start:end, None]
+        if self.key_valid is not None:
+            mask &= self.key_valid[None, lo:hi]
+        if self.query_valid is not None:
+            mask &= self.query_valid[start:end, None]
+        return mask
+
+
+def _masked_logsumexp(scores: Tensor, mask: Tensor) -> Tensor:
+    """Row-wise logsumexp over ``mask``; exactly -inf for rows with no True entry."""
+    masked = scores.masked_fill(~mask, _NEG_INF)
+    row_max = masked.amax(dim=1)
+    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    return (masked - shift[:, None]).exp().sum(dim=1).log() + shift
+
+
+def _softmax_weights(scores: Tensor, mask: Tensor, lse: Tensor) -> Tensor:
+    """exp(scores - lse) on ``mask`` and 0 elsewhere (rows with lse = -inf are all 0)."""
+    safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    return torch.where(mask, (scores - safe_lse[:, None]).exp(), torch.zeros_like(scores))
+
+
+def _iter_blocks(visibility: Visibility, block_size: int):
+    for start in range(0, visibility.num_queries, block_size):
+        end = min(start + block_size, visibility.num_queries)
+        lo, hi = visibility.key_range(start, end)
+        yield start, end, lo, hi
+
+
+class _MemoryLogSumExp(torch.autograd.Function):
+    """Blockwise (lse over visible keys, lse over visible positive keys), recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, queries, keys, key_labels, query_targets, visibility, scale, block_size):
+        n = queries.shape[0]
+        lse_all = torch.full((n,), _NEG_INF, dtype=torch.float32, device=queries.device)
+        lse_pos = torch.full_like(lse_all, _NEG_INF)
+        for start, end, lo, hi in _iter_blocks(visibility, block_size):
+            if hi <= lo:
+                continue
+            scores = (queries[start:end].float() @ keys[lo:hi].float().T) * scale
+            visible = visibility.block_mask(start, end, lo, hi)
+            positive = visible & (key_labels[None, lo:hi] == query_targets[start:end, None])
+            lse_all[start:end] = _masked_logsumexp(scores, visible)
+            lse_pos[start:end] = _masked_logsumexp(scores, positive)
+        ctx.save_for_backward(queries, keys, key_labels, query_targets, lse_all, lse_pos)
+        ctx.visibility, ctx.scale, ctx.block_size = visibility, scale, block_size
+        return lse_all, lse_pos
+
+    @staticmethod
+    def backward(ctx, grad_all, grad_pos):
+        queries, keys, key_labels, query_targets, lse_all, lse_pos = ctx.saved_tensors
+        visibility, scale = ctx.visibility, ctx.scale
+        need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_q = torch.zeros(queries.shape, dtype=torch.float32, device=queries.device) if need_q else None
+        grad_k = torch.zeros(keys.shape, dtype=torch.float32, device=keys.device) if need_k else None
+        for start, end, lo, hi in _iter_blocks(visibility, ctx.block_size):
+            if hi <= lo:
+                continue
+            q = queries[start:end].float()
+            k = keys[lo:hi].float()
+            scores = (q @ k.T) * scale
+            visible = visibility.block_mask(start, end, lo, hi)
+            positive = visible & (key_labels[None, lo:hi] == query_targets[start:end, None])
+            grad_scores = grad_all[start:end, None] * _softmax_weights(scores, visible, lse_all[start:end])
+            grad_scores += grad_pos[start:end, None] * _softmax_weights(scores, positive, lse_pos[start:end])
+            grad_scores *= scale
+            if need_q:
+                grad_q[start:end] += grad_scores @ k
+            if need_k:
+                grad_k[lo:hi] += grad_scores.T @ q
+        return (
+            None if grad_q is None else grad_q.to(queries.dtype),
+            None if grad_k is None else grad_k.to(keys.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def memory_logsumexp(
+    queries: Tensor,
+    keys: Tensor,
+    key_labels: Tensor,
+    query_targets: Tensor,
+    visibility: Visibility,
+    scale: Optional[float] = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> Tuple[Tensor, Tensor]:
+    """Log-sum-exp of the memory logits over visible keys and over visible positives.
+
+    Args:
+        queries: (N, d) query representations.
+        keys: (M, d) memory keys (pass the same tensor as ``queries`` for in-batch
+            memory; gradients then flow through both roles). Detach keys that must
+            receive no gradient (e.g. those gathered from other ranks).
+        key_labels: (M,) the token that followed each key.
+        query_targets: (N,) each query's target token.
+        visibility: which keys each query sees.
+        scale: logit scale, default 1/sqrt(d); divide it by a temperature at eval.
+        block_size: query rows per block; extra memory is O(block_size * M).
+
+    Returns:
+        (lse_all, lse_pos): fp32 (N,) tensors, -inf where the set is empty.
+    """
+    if queries.dim() != 2 or keys.dim() != 2 or queries.shape[1] != keys.shape[1]:
+        raise ValueError(f"queries {tuple(queries.shape)} and keys {tuple(keys.shape)} must be (N, d) and (M, d)")
+    if visibility.num_queries != queries.shape[0] or visibility.num_keys != keys.shape[0]:
+        raise ValueError("visibility metadata does not match the number of queries/keys")
+    if scale is None:
+        scale = 1.0 / math.sqrt(queries.shape[1])
+    return _MemoryLogSumExp.apply(queries, keys, key_labels, query_targets, visibility, float(scale), int(block_size))
+
+
+def scored_memory_logsumexp(
+    scores: Tensor, labels: Tensor, query_targets: Tensor, valid: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
+    """(lse_all, lse_pos) for memories that come with precomputed scores, e.g. kNN hits.
+
+    ``scores`` and ``labels`` are (N, k), already scaled; ``valid`` marks real hits
+    (FAISS pads missing neighbours with id -1).
+    """
+    scores = scores.float()
+    mask = torch.ones_like(labels, dtype=torch.bool) if valid is None else valid
+    positive = mask & (labels == query_targets[:, None])
+    return _masked_logsumexp(scores, mask), _masked_logsumexp(scores, positive)
+
+
+def joint_nll(
+    token_target_score: Tensor,
+    token_log_partition: Tensor,
+    memory_lse_all: Tensor,
+    memory_lse_pos: Tensor,
+    valid: Optional[Tensor] = None,
+) -> Tensor:
+    """Per-token negative log-likelihood of the joint vocabulary + memory distribution.
+
+    ``token_target_score`` is log(Z_t p_tok(y)), ``token_log_partition`` is log Z_t, and
+    the memory terms come from :func:`memory_logsumexp` (combine several memories with
+    ``torch.logaddexp``). Invalid (padding) positions get exactly 0.
+    """
+    numerator = torch.logaddexp(token_target_score.float(), memory_lse_pos)
+    denominator = torch.logaddexp(token_log_partition.float(), memory_lse_all)
+    nll = denominator - numerator
+    if valid is not None:
+        nll = torch.where(valid, nll, torch.zeros_like(nll))
+    return nll
+
+
+def full_softmax_terms(logits: Tensor, targets: Tensor) -> Tuple[Tensor, Tensor]:
+    """(log Z_t p_tok(y), log Z_t) for a plain softmax head: (target logit, logsumexp)."""
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    targets = targets.reshape(-1)
+    return logits.gather(1, targets[:, None]).squeeze(1), torch.logsumexp(logits, dim=1)
+
+
+def adaptive_softmax_terms(adaptive_softmax, features: Tensor, targets: Tensor) -> Tuple[Tensor, Tensor]:
+    """(log Z_head p_tok(y), log Z_head) for an adaptive-softmax head.
+
+    Z_head sums over the head cluster (frequent words plus one entry per tail
+    cluster), as in the original TRIME code. A tail word y in cluster c scores
+    head[c] + log_softmax(tail_c)[y]. ``adaptive_softmax`` is fairseq's module (it
+    applies its own dropout in training).
+    """
+    features = features.reshape(-1, features.shape[-1])
+    targets = targets.reshape(-1)
+    outputs, new_targets = adaptive_softmax(features, targets)
+    head = outputs[0].float()
+    log_partition = torch.logsumexp(head, dim=1)
+    score = head.gather(1, new_targets[0][:, None]).squeeze(1)
+    cutoff = adaptive_softmax.cutoff
+    for cluster, (tail_logits, tail_targets) in enumerate(zip(outputs[1:], new_targets[1:])):
+        if tail_logits is None:
+            continue
+        in_cluster = (targets >= cutoff[cluster]) & (targets < cutoff[cluster + 1])
+        rows = in_cluster.nonzero().squeeze(1)
+        tail_logprob = torch.log_softmax(tail_logits.float(), dim=1).gather(1, tail_targets[:, None]).squeeze(1)
+        score = score.index_add(0, rows, tail_logprob)
+    return score, log_partition
