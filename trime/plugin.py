@@ -7,7 +7,7 @@ _registered = False
 
 
 def register() -> None:
-    """Import the modules whose decorators register trime with fairseq."""
+    """Import the modules whose decorators register trime with fairseq (idempotent)."""
     global _registered
     if _registered:
         return

@@ -1,1 +1,3 @@
-"""trime fairseq criterions (registered on import)."""
+"""trime's fairseq criteria (registered on import)."""
+
+from trime.criterions import trime_loss  # noqa: F401

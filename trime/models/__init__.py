@@ -1,1 +1,3 @@
-"""trime fairseq models (registered on import)."""
+"""trime's fairseq model architectures (registered on import)."""
+
+from trime.models import archs  # noqa: F401

@@ -1,0 +1,147 @@
+"""fairseq criterion ``trime_loss`` (TrimeLM): the TRIME loss with local memory.
+
+Thin glue: it runs the model with the last-FFN-input capture on, asks the token head
+for log Z_t p(y) and log Z_t, and hands everything to :mod:`trime.loss`. Subclasses
+(long-term and external memory) override :meth:`TrimeLoss.memory_terms` only.
+
+Logged (bits per non-pad token): ``loss`` (what is optimised), ``ori_loss`` (plain
+cross-entropy of the token head), ``norm_loss`` (the TRIME loss, when computed) and
+the derived ``ppl``. With ``--ce-warmup-epoch N`` training epochs 1..N optimise the
+plain cross-entropy; validation always reports the TRIME loss.
+"""
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Tuple
+
+import torch
+from torch import Tensor
+
+from fairseq import metrics, utils
+from fairseq.criterions import FairseqCriterion, register_criterion
+from fairseq.dataclass import FairseqDataclass
+from fairseq.tasks.language_modeling import LanguageModelingTask
+
+from trime.errors import fail
+from trime.hooks import ffn_input_capture
+from trime.loss import (
+    DEFAULT_BLOCK_SIZE,
+    Rule,
+    Visibility,
+    adaptive_softmax_terms,
+    full_softmax_terms,
+    joint_nll,
+    memory_logsumexp,
+)
+
+
+@dataclass
+class TrimeLossConfig(FairseqDataclass):
+    ce_warmup_epoch: int = field(
+        default=0,
+        metadata={"help": "train with plain cross-entropy in epochs 1..N; validation always reports the TRIME loss"},
+    )
+    memory_block_size: int = field(
+        default=DEFAULT_BLOCK_SIZE,
+        metadata={"help": "query rows per block of the memory computation (extra memory is O(block x keys))"},
+    )
+
+
+def token_head_terms(model, net_output, targets: Tensor) -> Tuple[Tensor, Tensor]:
+    """(log Z_t p_tok(y), log Z_t) per flattened position, for an adaptive or a full softmax head."""
+    adaptive_softmax = getattr(model.decoder, "adaptive_softmax", None)
+    if adaptive_softmax is not None:
+        return adaptive_softmax_terms(adaptive_softmax, net_output[0], targets)
+    return full_softmax_terms(net_output[0], targets)
+
+
+@register_criterion("trime_loss", dataclass=TrimeLossConfig)
+class TrimeLoss(FairseqCriterion):
+    """TrimeLM: each token's memory is the strictly earlier tokens of its own segment."""
+
+    rule = Rule.LOCAL
+
+    def __init__(self, task, ce_warmup_epoch: int = 0, memory_block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+        super().__init__(task)
+        if not isinstance(task, LanguageModelingTask):
+            fail(
+                f"criterion {self.criterion_name()} needs a language-modelling task "
+                f"(--task language_modeling or trime_lm), got {type(task).__name__}"
+            )
+        if ce_warmup_epoch < 0:
+            fail(f"--ce-warmup-epoch must be >= 0, got {ce_warmup_epoch}")
+        self.ce_warmup_epoch = ce_warmup_epoch
+        self.memory_block_size = memory_block_size
+        self.epoch = 1
+        self._follow_task_epochs(task)
+
+    @classmethod
+    def criterion_name(cls) -> str:
+        return "trime_loss"
+
+    def _follow_task_epochs(self, task) -> None:
+        """Track the training epoch through the task's begin_epoch hook (works with any LM task)."""
+        begin_epoch = task.begin_epoch
+
+        def begin_epoch_and_track(epoch, model):
+            self.epoch = epoch
+            return begin_epoch(epoch, model)
+
+        task.begin_epoch = begin_epoch_and_track
+
+    def in_ce_warmup(self, model) -> bool:
+        return model.training and self.epoch <= self.ce_warmup_epoch
+
+    def forward(self, model, sample, reduce: bool = True):
+        capture = ffn_input_capture(model)
+        with capture:
+            net_output = model(**sample["net_input"])
+        reps = capture.pop()  # (B, T, C)
+        targets = model.get_targets(sample, net_output)  # (B, T)
+        valid = targets.ne(self.padding_idx)
+        flat_valid = valid.reshape(-1)
+        token_score, token_log_partition = token_head_terms(model, net_output, targets)
+        ce = torch.where(flat_valid, token_log_partition - token_score, torch.zeros_like(token_score))
+        ce_loss = ce.sum()
+        ntokens = int(flat_valid.sum())
+        logging_output = {
+            "ori_loss": ce_loss.data,
+            "ntokens": ntokens,
+            "nsentences": targets.size(0),
+            "sample_size": ntokens,
+        }
+        if self.in_ce_warmup(model):
+            loss = ce_loss
+        else:
+            lse_all, lse_pos = self.memory_terms(reps, targets, valid, model)
+            loss = joint_nll(token_score, token_log_partition, lse_all, lse_pos, valid=flat_valid).sum()
+            logging_output["norm_loss"] = loss.data
+        logging_output["loss"] = loss.data
+        return loss, ntokens, logging_output
+
+    def memory_terms(self, reps: Tensor, targets: Tensor, valid: Tensor, model) -> Tuple[Tensor, Tensor]:
+        """(lse_all, lse_pos) over this criterion's memory; reps (B, T, C), targets/valid (B, T)."""
+        batch, seq_len, dim = reps.shape
+        flat_reps = reps.reshape(batch * seq_len, dim)
+        flat_targets = targets.reshape(-1)
+        visibility = Visibility.for_batch(self.rule, batch, seq_len, valid=valid)
+        return memory_logsumexp(
+            flat_reps, flat_reps, flat_targets, flat_targets, visibility, block_size=self.memory_block_size
+        )
+
+    @staticmethod
+    def reduce_metrics(logging_outputs: List[Dict]) -> None:
+        sample_size = sum(log.get("sample_size", 0) for log in logging_outputs)
+        denom = max(sample_size, 1) * math.log(2)
+        loss = sum(log.get("loss", 0) for log in logging_outputs)
+        metrics.log_scalar("loss", loss / denom, sample_size, round=3)
+        ori_loss = sum(log.get("ori_loss", 0) for log in logging_outputs)
+        metrics.log_scalar("ori_loss", ori_loss / denom, sample_size, round=3)
+        if any("norm_loss" in log for log in logging_outputs):
+            norm_loss = sum(log.get("norm_loss", 0) for log in logging_outputs)
+            metrics.log_scalar("norm_loss", norm_loss / denom, sample_size, round=3)
+        metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["loss"].avg))
+
+    @staticmethod
+    def logging_outputs_can_be_summed() -> bool:
+        return True
