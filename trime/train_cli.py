@@ -1,11 +1,17 @@
 """``trime-train``: ``fairseq-train`` with trime registered, also in spawned workers.
 
 It adds ``--user-dir <trime package dir>`` (unless given) so that every process that
-fairseq spawns for distributed training imports and registers trime itself.
+fairseq spawns for distributed training imports and registers trime itself, and it
+checks the data directory up front so that a wrong path is a one-line error.
 """
 
+import contextlib
+import logging
+import os
 import sys
+import warnings
 
+from trime.errors import fail
 from trime.plugin import PLUGIN_DIR, register
 
 
@@ -16,11 +22,37 @@ def with_user_dir(argv: list) -> list:
     return ["--user-dir", PLUGIN_DIR, *argv]
 
 
+def check_data_dirs(data: str) -> None:
+    """Fail with one line if a ``:``-separated data path is missing or is not a data-bin."""
+    for path in data.split(os.pathsep):
+        if not os.path.isdir(path):
+            fail(f"data directory {path} does not exist; create it with trime-prepare or fairseq-preprocess")
+        if not os.path.isfile(os.path.join(path, "dict.txt")):
+            fail(f"data directory {path} has no dict.txt; it is not a fairseq data-bin (run trime-prepare)")
+
+
+@contextlib.contextmanager
+def quiet_imports():
+    """Silence fairseq/hydra import chatter so that an input error stays one line."""
+    logging.disable(logging.INFO)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            logging.disable(logging.NOTSET)
+
+
 def cli_main() -> None:
     sys.argv = [sys.argv[0], *with_user_dir(sys.argv[1:])]
-    from fairseq_cli.train import cli_main as fairseq_train
+    with quiet_imports():
+        from fairseq import options
+        from fairseq_cli.train import cli_main as fairseq_train
 
-    register()
+        register()
+        args, _ = options.parse_args_and_arch(options.get_training_parser(), sys.argv[1:], parse_known=True)
+        if getattr(args, "data", None):
+            check_data_dirs(args.data)
     fairseq_train()
 
 
