@@ -1,0 +1,600 @@
+"""``trime-bm25-batches``: BM25 batch plans for TrimeLM_ext (``--predefined-batches``).
+
+Pipeline (paper §4 / original ``bm25_search.py`` + ``bm25_make_batches.py``, with their
+bugs fixed, see docs §2.3):
+
+1. **Segments.** The ``train`` split of a fairseq data-bin is blocked exactly as the
+   ``language_modeling`` task does with ``--sample-break-mode none --tokens-per-sample T``
+   (fairseq's own ``load_indexed_dataset`` + ``TokenBlockDataset``), so segment ``i`` here
+   is dataset index ``i`` in training. The dictionary's special symbols (``<s>``,
+   ``<pad>``, ``</s>``, ``<unk>``) are dropped; every other word id is a BM25 term.
+2. **Search.** Every segment is a query (all its tokens) against all other segments;
+   the top-k ids are kept (see :mod:`trime.retrieval.bm25`). The search can be split
+   into contiguous shards and is resumable: each shard writes chunk files atomically
+   into a work directory and a re-run skips finished chunks, so the shard result is
+   byte-identical to an uninterrupted run.
+3. **Greedy chain** (:func:`greedy_chain`). Seeded shuffle of all ids; start at the first;
+   repeatedly move to the best-ranked unused neighbour; if none, jump to the next unused
+   id in the shuffled order. Integer ids throughout.
+4. **Plan.** ``{"format": "trime-batch-plan", "version": 1, "ids": [...], "meta": {...}}``,
+   written atomically. The training task reads it with :func:`load_batch_plan` and
+   checks it with :func:`check_plan_matches`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from trime.retrieval.bm25 import (
+    BACKENDS,
+    DEFAULT_BACKEND,
+    IDF_VARIANTS,
+    LUCENE_PRESET,
+    NO_HIT,
+    BM25Params,
+    Segments,
+    make_searcher,
+)
+
+from trime import __version__
+from trime.errors import fail
+from trime.io_utils import (
+    atomic_path,
+    read_json,
+    sha256_file,
+    shard_range,
+    write_json_atomic,
+)
+
+PLAN_FORMAT = "trime-batch-plan"
+PLAN_VERSION = 1
+SEARCH_FORMAT = "trime-bm25-search"
+SEARCH_VERSION = 1
+CHAIN_ALGORITHM = "greedy-bm25-chain-v1"
+DEFAULT_K = 20
+DEFAULT_SEED = 1
+DEFAULT_CHUNK_SIZE = 4096
+DEFAULT_BLOCK_SIZE = 256
+SPLIT = "train"
+
+
+# ----------------------------------------------------------------------------- dataset
+
+
+def _train_parts(data_dir: Path) -> list[str]:
+    """``train``, ``train1``, ... as fairseq's ``load_indexed_dataset(combine=True)`` finds them."""
+    parts = []
+    while True:
+        name = SPLIT + (str(len(parts)) if parts else "")
+        if not ((data_dir / f"{name}.idx").is_file() and (data_dir / f"{name}.bin").is_file()):
+            return parts
+        parts.append(name)
+
+
+def _check_data_dir(data_dir: Path) -> list[str]:
+    """Fail early (before importing fairseq) on a missing dir, dictionary or train split."""
+    if not data_dir.is_dir():
+        fail(f"data directory {data_dir} does not exist; pass a fairseq data-bin (see trime-prepare)")
+    if not (data_dir / "dict.txt").is_file():
+        fail(f"{data_dir} has no dict.txt; it is not a fairseq data-bin (run fairseq-preprocess or trime-prepare)")
+    parts = _train_parts(data_dir)
+    if not parts:
+        fail(f"{data_dir} has no train split ({SPLIT}.idx/{SPLIT}.bin); binarize the training text first")
+    return parts
+
+
+def dataset_identity(data_dir: str | Path) -> dict[str, object]:
+    """Cheap identity of a data-bin's training data: sha256 of dict.txt and of each ``train*.idx``, and ``.bin`` sizes."""
+    data_dir = Path(data_dir)
+    parts = _check_data_dir(data_dir)
+    ident: dict[str, object] = {"dict_sha256": sha256_file(data_dir / "dict.txt")}
+    for name in parts:
+        ident[f"{name}_idx_sha256"] = sha256_file(data_dir / f"{name}.idx")
+        ident[f"{name}_bin_bytes"] = (data_dir / f"{name}.bin").stat().st_size
+    return ident
+
+
+def _load_token_blocks(data_dir: Path, tokens_per_sample: int):
+    """fairseq's dictionary and the ``TokenBlockDataset`` the LM task builds for ``train``."""
+    if tokens_per_sample < 1:
+        fail(f"--tokens-per-sample must be >= 1, got {tokens_per_sample}")
+    _check_data_dir(data_dir)
+    from fairseq.data import Dictionary, TokenBlockDataset, data_utils
+
+    dictionary = Dictionary.load(str(data_dir / "dict.txt"))
+    dataset = data_utils.load_indexed_dataset(str(data_dir / SPLIT), dictionary, combine=True)
+    if dataset is None:
+        fail(f"fairseq could not load the train split of {data_dir}")
+    blocks = TokenBlockDataset(
+        dataset,
+        dataset.sizes,
+        tokens_per_sample,
+        pad=dictionary.pad(),
+        eos=dictionary.eos(),
+        break_mode="none",
+        include_targets=False,
+    )
+    if len(blocks) < 2:
+        fail(
+            f"--tokens-per-sample {tokens_per_sample} leaves {len(blocks)} training segment(s) "
+            f"({int(np.sum(dataset.sizes))} train tokens in {data_dir}); BM25 batching needs at least 2"
+        )
+    return dictionary, blocks
+
+
+def count_train_segments(data_dir: str | Path, tokens_per_sample: int) -> int:
+    """Number of training segments fairseq makes with ``--sample-break-mode none``."""
+    _, blocks = _load_token_blocks(Path(data_dir), tokens_per_sample)
+    return len(blocks)
+
+
+def load_train_segments(data_dir: str | Path, tokens_per_sample: int) -> Segments:
+    """The training segments in dataset-index order, special symbols dropped."""
+    dictionary, blocks = _load_token_blocks(Path(data_dir), tokens_per_sample)
+    arrays = []
+    for i in range(len(blocks)):
+        ids = blocks[i].numpy()
+        arrays.append(ids[ids >= dictionary.nspecial])  # <s> <pad> </s> <unk> (+ extra specials)
+    return Segments.from_arrays(arrays, vocab_size=len(dictionary))
+
+
+# ----------------------------------------------------------------------------- search
+
+
+def search_config(
+    dataset: dict[str, object],
+    tokens_per_sample: int,
+    num_segments: int,
+    backend: str,
+    params: BM25Params,
+    k: int,
+    num_shards: int,
+) -> dict[str, object]:
+    """Everything that must agree between the shards of one search (and its plan)."""
+    return {
+        "format": SEARCH_FORMAT,
+        "version": SEARCH_VERSION,
+        "dataset": dataset,
+        "tokens_per_sample": tokens_per_sample,
+        "num_segments": num_segments,
+        "backend": backend,
+        "bm25": params.as_dict(),
+        "k": k,
+        "num_shards": num_shards,
+    }
+
+
+def _shard_prefix(num_shards: int, shard_id: int) -> str:
+    return f"shard{shard_id:03d}-of-{num_shards:03d}"
+
+
+def _first_difference(old: dict[str, object], new: dict[str, object]) -> str:
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            return f"{key}: {json.dumps(old.get(key))} there vs {json.dumps(new.get(key))} now"
+    return "none"
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+
+
+def shard_result_path(work_dir: str | Path, num_shards: int, shard_id: int) -> Path:
+    """Final ``(rows, k)`` int64 neighbour array of one shard."""
+    return Path(work_dir) / f"{_shard_prefix(num_shards, shard_id)}.npy"
+
+
+def run_shard_search(
+    segments: Segments,
+    config: dict[str, object],
+    work_dir: str | Path,
+    shard_id: int,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    max_chunks: int | None = None,
+    show_progress: bool = True,
+) -> Path | None:
+    """Search the queries of shard ``shard_id`` into ``work_dir``; resumable.
+
+    Chunks of ``chunk_size`` queries are saved atomically as ``.npy`` files; finished
+    chunks are skipped on a re-run. When all are done they are concatenated into
+    :func:`shard_result_path` plus a ``.json`` record. ``max_chunks`` stops after that
+    many newly computed chunks (a test hook simulating a killed job) and returns None;
+    otherwise returns the result path.
+    """
+    from tqdm import tqdm
+
+    num_shards = int(config["num_shards"])
+    k = int(config["k"])
+    if chunk_size < 1:
+        fail(f"--chunk-size must be >= 1, got {chunk_size}")
+    if len(segments) != config["num_segments"]:
+        raise ValueError("segments do not match config['num_segments']")
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    start, end = shard_range(len(segments), num_shards, shard_id)
+    prefix = _shard_prefix(num_shards, shard_id)
+    result_path = shard_result_path(work_dir, num_shards, shard_id)
+    record_path = work_dir / f"{prefix}.json"
+    progress_path = work_dir / f"{prefix}.progress.json"
+    run_settings = {"chunk_size": chunk_size, "block_size": block_size}
+
+    if record_path.is_file() and result_path.is_file():
+        record = read_json(record_path, "shard record")
+        if record.get("config") != config:
+            fail(
+                f"work dir {work_dir} already holds shard {shard_id} of {num_shards} for other settings "
+                f"({_first_difference(record.get('config', {}), config)}); use another --work-dir or delete it"
+            )
+        return result_path
+    if progress_path.is_file():
+        progress = read_json(progress_path, "shard progress file")
+        if progress.get("config") != config or progress.get("run") != run_settings:
+            old = {**progress.get("config", {}), **progress.get("run", {})}
+            fail(
+                f"work dir {work_dir} holds a partial shard {shard_id} of {num_shards} for other settings "
+                f"({_first_difference(old, {**config, **run_settings})}); use another --work-dir or delete it"
+            )
+
+    chunk_starts = list(range(start, end, chunk_size))
+    chunk_paths = [work_dir / f"{prefix}.chunk{j:05d}.npy" for j in range(len(chunk_starts))]
+    done = [p.is_file() for p in chunk_paths]
+    rows_done = sum(min(chunk_size, end - s) for s, d in zip(chunk_starts, done) if d)
+
+    def write_progress() -> None:
+        write_json_atomic(
+            progress_path,
+            {"config": config, "run": run_settings, "start": start, "end": end,
+             "chunks_total": len(chunk_paths), "chunks_done": int(sum(done))},
+        )
+
+    write_progress()
+    searcher = None
+    new_chunks = 0
+    bar = tqdm(total=end - start, initial=rows_done, unit="seg", desc=f"BM25 shard {shard_id}/{num_shards}",
+               disable=not show_progress, file=sys.stderr, dynamic_ncols=True)
+    try:
+        for j, chunk_start in enumerate(chunk_starts):
+            if done[j]:
+                continue
+            if max_chunks is not None and new_chunks >= max_chunks:
+                return None
+            if searcher is None:
+                searcher = make_searcher(str(config["backend"]), segments, BM25Params(**config["bm25"]), block_size=block_size)
+            chunk_end = min(chunk_start + chunk_size, end)
+            ids = searcher.search(chunk_start, chunk_end, k, progress=bar.update)[0]
+            _save_npy_atomic(chunk_paths[j], ids)
+            done[j] = True
+            new_chunks += 1
+            write_progress()
+    finally:
+        bar.close()
+
+    parts = []
+    for j, path in enumerate(chunk_paths):
+        part = np.load(path, allow_pickle=False)
+        expected = (min(chunk_size, end - chunk_starts[j]), k)
+        if part.shape != expected or part.dtype != np.int64:
+            fail(f"chunk file {path} is damaged (shape {part.shape}, expected {expected}); delete it and re-run this shard")
+        parts.append(part)
+    result = np.concatenate(parts) if parts else np.zeros((0, k), np.int64)
+    _save_npy_atomic(result_path, result)
+    write_json_atomic(
+        record_path,
+        {"config": config, "start": start, "end": end, "rows": len(result),
+         "sha256": sha256_file(result_path), "complete": True},
+    )
+    for path in chunk_paths:
+        path.unlink(missing_ok=True)
+    progress_path.unlink(missing_ok=True)
+    for stray in work_dir.glob(f".{prefix}.*.tmp"):  # temp files of writes interrupted by a kill
+        stray.unlink(missing_ok=True)
+    return result_path
+
+
+def merge_shard_results(work_dir: str | Path, config: dict[str, object], rerun_hint: str = "") -> np.ndarray:
+    """Concatenate all shards' neighbours into one ``(N, k)`` array; fail on a missing or foreign shard."""
+    work_dir = Path(work_dir)
+    num_shards = int(config["num_shards"])
+    n, k = int(config["num_segments"]), int(config["k"])
+    parts = []
+    for shard_id in range(num_shards):
+        prefix = _shard_prefix(num_shards, shard_id)
+        record_path, result_path = work_dir / f"{prefix}.json", shard_result_path(work_dir, num_shards, shard_id)
+        hint = f"; run it with --num-shards {num_shards} --shard-id {shard_id} --work-dir {work_dir}{rerun_hint}"
+        if not (record_path.is_file() and result_path.is_file()):
+            progress_path = work_dir / f"{prefix}.progress.json"
+            if progress_path.is_file():
+                progress = read_json(progress_path, "shard progress file")
+                fail(
+                    f"shard {shard_id} of {num_shards} in {work_dir} is incomplete "
+                    f"({progress.get('chunks_done')} of {progress.get('chunks_total')} chunks done){hint} to resume"
+                )
+            fail(f"shard {shard_id} of {num_shards} is missing in {work_dir} (no {result_path.name}){hint}")
+        record = read_json(record_path, "shard record")
+        if record.get("config") != config:
+            fail(
+                f"shard {shard_id} of {num_shards} in {work_dir} was searched with other settings "
+                f"({_first_difference(record.get('config', {}), config)}); re-run it or pass the same options"
+            )
+        if sha256_file(result_path) != record.get("sha256"):
+            fail(f"{result_path} does not match its record {record_path.name} (sha256); delete both and re-run shard {shard_id}")
+        part = np.load(result_path, allow_pickle=False)
+        start, end = shard_range(n, num_shards, shard_id)
+        if part.shape != (end - start, k):
+            fail(f"{result_path} has shape {part.shape}, expected {(end - start, k)}; delete it and re-run shard {shard_id}")
+        parts.append(part)
+    return np.concatenate(parts)
+
+
+def search_all(
+    segments: Segments,
+    params: BM25Params,
+    backend: str = DEFAULT_BACKEND,
+    k: int = DEFAULT_K,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> tuple[np.ndarray, np.ndarray]:
+    """In-memory search of all segments (no work dir): ``(ids, scores)`` of shape ``(N, k)``."""
+    searcher = make_searcher(backend, segments, params, block_size=block_size)
+    return searcher.search(0, len(segments), k)
+
+
+# ----------------------------------------------------------------------------- chain
+
+
+def greedy_chain(neighbours: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
+    """Visiting order of the greedy BM25 chain and the fraction of steps that followed a neighbour.
+
+    ``neighbours[i]`` lists segment ``i``'s hits best first (``-1`` = no hit). With
+    ``rng = numpy.random.default_rng(seed)`` and ``shuffled = rng.permutation(N)``: start
+    at ``shuffled[0]``; at each step move to the first unused id in the current
+    segment's neighbour list; if there is none, jump to the next unused id of
+    ``shuffled``. The result is a permutation of ``0..N-1``.
+    """
+    neighbours = np.asarray(neighbours)
+    n = len(neighbours)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64), 0.0
+    if neighbours.ndim != 2 or (neighbours.size and (neighbours.max() >= n or neighbours.min() < NO_HIT)):
+        raise ValueError("neighbours must be an (N, k) array of ids in [-1, N)")
+    shuffled = np.random.default_rng(seed).permutation(n).tolist()
+    lists = neighbours.tolist()
+    used = [False] * n
+    order = np.empty(n, dtype=np.int64)
+    cursor = 0
+    followed = 0
+    current = shuffled[0]
+    for step in range(n):
+        order[step] = current
+        used[current] = True
+        if step == n - 1:
+            break
+        nxt = -1
+        for cand in lists[current]:
+            if cand >= 0 and not used[cand]:
+                nxt = cand
+                break
+        if nxt >= 0:
+            followed += 1
+        else:
+            while used[shuffled[cursor]]:
+                cursor += 1
+            nxt = shuffled[cursor]
+        current = nxt
+    return order, followed / max(n - 1, 1)
+
+
+# ----------------------------------------------------------------------------- plan file
+
+
+def write_batch_plan(path: str | Path, ids: np.ndarray, meta: dict[str, object]) -> None:
+    """Write ``{"format", "version", "ids", "meta"}`` atomically (compact ids, indented meta)."""
+    body = {"format": PLAN_FORMAT, "version": PLAN_VERSION, "meta": meta}
+    text = json.dumps(body, indent=2, sort_keys=True)
+    # ids on one line: 33k ids stay ~200 KB instead of one line each
+    text = text[:-2] + ',\n  "ids": ' + json.dumps([int(i) for i in ids]) + "\n}\n"
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def load_batch_plan(path: str | Path) -> tuple[np.ndarray, dict[str, object]]:
+    """Read and validate a batch plan; returns ``(ids, meta)``.
+
+    ``ids`` is an int64 permutation of ``0..N-1``. ``meta`` is the file's meta plus
+    ``meta["path"]`` (the plan file, for error messages).
+    """
+    path = Path(path)
+    body = read_json(path, "batch plan")
+    if not isinstance(body, dict) or body.get("format") != PLAN_FORMAT:
+        fail(f"batch plan {path} is not a {PLAN_FORMAT} file; make one with trime-bm25-batches")
+    if body.get("version") != PLAN_VERSION:
+        fail(f"batch plan {path} has version {body.get('version')!r}; this trime reads version {PLAN_VERSION}")
+    meta, raw_ids = body.get("meta"), body.get("ids")
+    if not isinstance(meta, dict) or not isinstance(raw_ids, list):
+        fail(f"batch plan {path} lacks 'meta' or 'ids'; re-create it with trime-bm25-batches")
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in raw_ids):
+        fail(f"batch plan {path}: 'ids' must be integers")
+    ids = np.asarray(raw_ids, dtype=np.int64)
+    n = len(ids)
+    if n and (ids.min() < 0 or ids.max() >= n or np.bincount(ids, minlength=n).max() != 1):
+        fail(f"batch plan {path}: 'ids' is not a permutation of 0..{n - 1}")
+    if meta.get("num_segments") != n:
+        fail(f"batch plan {path}: meta.num_segments is {meta.get('num_segments')} but it lists {n} ids")
+    return ids, {**meta, "path": str(path)}
+
+
+def check_plan_matches(
+    meta: dict[str, object],
+    data_dir: str | Path,
+    tokens_per_sample: int,
+    num_segments: int,
+    plan_path: str | Path | None = None,
+) -> None:
+    """Fail with one line naming the plan file unless it was built for this data and blocking.
+
+    ``num_segments`` is the training dataset's length; ``plan_path`` defaults to
+    ``meta["path"]`` as set by :func:`load_batch_plan`.
+    """
+    name = str(plan_path or meta.get("path", "<batch plan>"))
+    rebuild = f"rebuild it with: trime-bm25-batches {data_dir} --tokens-per-sample {tokens_per_sample} --output {name}"
+    if meta.get("tokens_per_sample") != tokens_per_sample:
+        fail(
+            f"batch plan {name} was built with --tokens-per-sample {meta.get('tokens_per_sample')} "
+            f"but training uses {tokens_per_sample}; {rebuild}"
+        )
+    if meta.get("num_segments") != num_segments:
+        fail(
+            f"batch plan {name} has {meta.get('num_segments')} segments but the train split of {data_dir} "
+            f"has {num_segments} at --tokens-per-sample {tokens_per_sample}; {rebuild}"
+        )
+    expected = dataset_identity(data_dir)
+    recorded = meta.get("dataset")
+    if recorded != expected:
+        what = _first_difference(recorded if isinstance(recorded, dict) else {}, expected)
+        fail(f"batch plan {name} was built from different data than {data_dir} ({what}); {rebuild}")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="trime-bm25-batches",
+        description=(
+            "Build a BM25 batch plan for TrimeLM_ext (--predefined-batches): top-k BM25 neighbours of every "
+            "training segment, then a seeded greedy chain through them. With --num-shards N, run each "
+            "--shard-id separately (same --work-dir), then once more without --shard-id to merge."
+        ),
+    )
+    p.add_argument("data", help="fairseq data-bin with dict.txt and train.{idx,bin}")
+    p.add_argument("--tokens-per-sample", type=int, required=True, help="as in training (--sample-break-mode none)")
+    p.add_argument("--output", help="batch plan JSON to write (not needed with --shard-id)")
+    p.add_argument("--k", type=int, default=DEFAULT_K, help=f"BM25 hits kept per segment (default {DEFAULT_K})")
+    p.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND, help=f"default {DEFAULT_BACKEND}")
+    p.add_argument("--lucene", action="store_true",
+                   help=f"pyserini/Lucene preset of the original: k1={LUCENE_PRESET.k1} b={LUCENE_PRESET.b} idf=lucene")
+    p.add_argument("--k1", type=float, help=f"BM25 k1 (default {BM25Params.k1})")
+    p.add_argument("--b", type=float, help=f"BM25 b (default {BM25Params.b})")
+    p.add_argument("--idf", choices=IDF_VARIANTS, help="lucene: log(1+(N-n+.5)/(n+.5)) (default); okapi: rank_bm25's")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"greedy-chain seed (default {DEFAULT_SEED})")
+    p.add_argument("--num-shards", type=int, default=1)
+    p.add_argument("--shard-id", type=int, help="search only this shard into --work-dir")
+    p.add_argument("--merge", action="store_true", help="only merge finished shards from --work-dir and write the plan")
+    p.add_argument("--work-dir", help="shard/chunk files (default: OUTPUT.work, removed after success)")
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="queries per resumable chunk file")
+    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="queries scored per matrix product")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _params_from_args(args: argparse.Namespace) -> BM25Params:
+    if args.lucene:
+        if args.k1 is not None or args.b is not None or args.idf not in (None, "lucene"):
+            fail("--lucene sets k1=0.9 b=0.4 idf=lucene; do not combine it with --k1/--b/--idf")
+        return LUCENE_PRESET
+    defaults = BM25Params()
+    return BM25Params(
+        k1=defaults.k1 if args.k1 is None else args.k1,
+        b=defaults.b if args.b is None else args.b,
+        idf=args.idf or defaults.idf,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns 0 (bad input raises :class:`trime.errors.TrimeError`)."""
+    args = _parser().parse_args(argv)
+    t0 = time.time()
+    data_dir = Path(args.data)
+    params = _params_from_args(args)
+    if args.k < 1:
+        fail(f"--k must be >= 1, got {args.k}")
+    if args.num_shards < 1:
+        fail(f"--num-shards must be >= 1, got {args.num_shards}")
+    sharded_step = args.shard_id is not None
+    merge_only = args.merge or (args.num_shards > 1 and not sharded_step)
+    if sharded_step and args.merge:
+        fail("--merge and --shard-id exclude each other: search each shard, then merge once")
+    if sharded_step:
+        shard_range(1, args.num_shards, args.shard_id)  # validates --shard-id
+        if not args.work_dir:
+            fail("--shard-id needs --work-dir (shared by all shards and the final merge)")
+    elif not args.output:
+        fail("--output PLAN.json is required (except for a single --shard-id search)")
+    if merge_only and not args.work_dir:
+        fail("merging shards needs --work-dir, the directory the shards were searched into")
+    work_dir = Path(args.work_dir) if args.work_dir else Path(f"{args.output}.work")
+    if args.output and Path(args.output).is_dir():
+        fail(f"--output {args.output} is a directory; give a file name such as plan.json")
+
+    dataset = dataset_identity(data_dir)
+    log = (lambda msg: None) if args.no_progress else (lambda msg: print(f"trime-bm25-batches: {msg}", file=sys.stderr))
+    if merge_only:
+        num_segments = count_train_segments(data_dir, args.tokens_per_sample)
+        segments = None
+    else:
+        log(f"reading segments of {data_dir}/train (tokens-per-sample {args.tokens_per_sample})")
+        segments = load_train_segments(data_dir, args.tokens_per_sample)
+        num_segments = len(segments)
+    config = search_config(dataset, args.tokens_per_sample, num_segments, args.backend, params, args.k, args.num_shards)
+    run_kwargs = {"chunk_size": args.chunk_size, "block_size": args.block_size, "show_progress": not args.no_progress}
+
+    if sharded_step:
+        path = run_shard_search(segments, config, work_dir, args.shard_id, **run_kwargs)
+        start, end = shard_range(num_segments, args.num_shards, args.shard_id)
+        print(
+            f"trime-bm25-batches: shard {args.shard_id} of {args.num_shards} done: segments {start}..{end - 1} "
+            f"of {num_segments} -> {path} ({time.time() - t0:.1f} s)"
+        )
+        return 0
+
+    t_search = time.time()
+    if not merge_only:
+        run_shard_search(segments, config, work_dir, 0, **run_kwargs)
+    rerun = f" {data_dir} --tokens-per-sample {args.tokens_per_sample}"
+    neighbours = merge_shard_results(work_dir, config, rerun_hint=f" (same options:{rerun} ...)")
+    t_search = time.time() - t_search
+    order, followed = greedy_chain(neighbours, args.seed)
+    meta = {
+        "tokens_per_sample": args.tokens_per_sample,
+        "num_segments": num_segments,
+        "dataset": dataset,
+        "seed": args.seed,
+        "backend": args.backend,
+        "k": args.k,
+        "k1": params.k1,
+        "b": params.b,
+        "idf": params.idf,
+        **({"epsilon": params.epsilon} if params.idf == "okapi" else {}),
+        "segment_terms": "dictionary ids except special symbols (<s> <pad> </s> <unk>)",
+        "chain": CHAIN_ALGORITHM,
+        "followed_fraction": round(followed, 6),
+        "created_by": f"trime-bm25-batches {__version__}",
+    }
+    write_batch_plan(args.output, order, meta)
+    if not args.work_dir and not merge_only:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    print(
+        f"trime-bm25-batches: wrote {args.output}: {num_segments} segments of {args.tokens_per_sample} tokens, "
+        f"backend {args.backend} (k={args.k} k1={params.k1} b={params.b} idf={params.idf}), seed {args.seed}; "
+        f"{100 * followed:.1f}% of steps followed a BM25 neighbour; {time.time() - t0:.1f} s "
+        f"(search {t_search:.1f} s)"
+    )
+    return 0
+
+
+def cli_main() -> None:
+    """Console-script entry point (``trime-bm25-batches``)."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli_main()
