@@ -1,3 +1,3 @@
 """trime's fairseq criteria (registered on import)."""
 
-from trime.criterions import trime_loss  # noqa: F401
+from trime.criterions import trime_ext_loss, trime_long_loss, trime_loss  # noqa: F401

@@ -1,1 +1,3 @@
 """trime fairseq tasks (registered on import)."""
+
+from trime.tasks import trime_lm  # noqa: F401

@@ -1,0 +1,87 @@
+"""fairseq criteria ``trime_long_loss_same_device`` and ``trime_long_loss`` (TrimeLM_long).
+
+Long-term memory: a token sees every earlier token of a stream of consecutive
+segments, not only the earlier tokens of its own segment.
+
+- ``trime_long_loss_same_device``: the stream is the local batch flattened row-major
+  (all previous rows plus the earlier tokens of the own row). With ``--task trime_lm
+  --keep-order`` the rows are consecutive segments of the corpus; it works with any
+  LM task.
+- ``trime_long_loss``: the stream spans a group of C consecutive ranks, concatenated in
+  rank order, with C = ``--train-mem-size`` / ``--max-tokens`` (a ``trime_lm`` task
+  option; C = 1 otherwise). Keys from the other ranks are gathered with
+  ``torch.distributed`` and are constants: only this rank's keys get gradient, as in
+  the original. Uneven batch shapes across ranks and dataset padding are handled by
+  the non-pad mask. With C = 1 or a single process it equals ``same_device``.
+"""
+
+from fairseq.criterions import register_criterion
+from torch import Tensor
+
+from trime.criterions.trime_loss import TrimeLoss, TrimeLossConfig
+from trime.distributed import gather_tokens, is_dummy_batch, world_size_and_rank
+from trime.errors import fail
+from trime.loss import DEFAULT_BLOCK_SIZE, Rule, Visibility, memory_logsumexp
+
+
+@register_criterion("trime_long_loss_same_device", dataclass=TrimeLossConfig)
+class TrimeLongLossSameDevice(TrimeLoss):
+    """Memory = every earlier token of the row-major flattened local batch."""
+
+    rule = Rule.LONG
+
+    @classmethod
+    def criterion_name(cls) -> str:
+        return "trime_long_loss_same_device"
+
+
+def memory_group_size(task) -> int:
+    """C, the number of consecutive ranks whose batches form one memory (1 unless the task sets it)."""
+    return int(getattr(task, "memory_group_size", 1) or 1)
+
+
+@register_criterion("trime_long_loss", dataclass=TrimeLossConfig)
+class TrimeLongLoss(TrimeLongLossSameDevice):
+    """Memory = every earlier token of the group of C consecutive ranks, in rank order."""
+
+    def __init__(self, task, ce_warmup_epoch: int = 0, memory_block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+        super().__init__(task, ce_warmup_epoch=ce_warmup_epoch, memory_block_size=memory_block_size)
+        self.group_size = memory_group_size(task)
+        self._dummy = False
+
+    @classmethod
+    def criterion_name(cls) -> str:
+        return "trime_long_loss"
+
+    def forward(self, model, sample, reduce: bool = True):
+        # a dummy batch (this rank's shard ran out) still joins the collectives, with no keys
+        self._dummy = is_dummy_batch(sample)
+        return super().forward(model, sample, reduce)
+
+    def memory_terms(self, reps: Tensor, targets: Tensor, valid: Tensor, model) -> tuple[Tensor, Tensor]:
+        world, rank = world_size_and_rank()
+        group = self.group_size
+        if world % group:
+            fail(
+                f"trime_long_loss: --train-mem-size makes groups of {group} ranks but the world size is "
+                f"{world}; use a world size divisible by {group} or change --train-mem-size"
+            )
+        if group == 1:  # the memory is the local batch: no collective needed
+            return super().memory_terms(reps, targets, valid, model)
+        if self._dummy:
+            valid = valid.new_zeros(valid.shape)
+        tokens = gather_tokens(reps, targets, valid)
+        # later ranks of the group hold only later tokens: the keys are the group's ranks up to this one
+        first = rank - rank % group
+        keys, key_labels, key_valid, key_segment, key_position = tokens.stream(range(first, rank + 1))
+        queries, query_targets, query_valid, query_segment, query_position = tokens.stream([rank])
+        visibility = Visibility(
+            rule=Rule.LONG,
+            query_segment=query_segment,
+            query_position=query_position,
+            key_segment=key_segment,
+            key_position=key_position,
+            query_valid=query_valid,
+            key_valid=key_valid,
+        )
+        return memory_logsumexp(queries, keys, key_labels, query_targets, visibility, block_size=self.memory_block_size)
