@@ -16,7 +16,9 @@ from trime.loss import (
 )
 
 
-def dense_visibility(rule, seg_q, pos_q, seg_k, pos_k, valid_q, valid_k, external_local=True, group_q=None, group_k=None):
+def dense_visibility(
+    rule, seg_q, pos_q, seg_k, pos_k, valid_q, valid_k, external_local=True, group_q=None, group_k=None
+):
     """Explicit python-loop visibility matrix: the spec, written as plainly as possible."""
     n, m = len(seg_q), len(seg_k)
     vis = torch.zeros(n, m, dtype=torch.bool)
@@ -204,9 +206,67 @@ def test_adaptive_softmax_terms_match_fairseq_log_probs():
     targets[0, :3] = torch.tensor([2, 15, 45])  # head, tail 1, tail 2
     score, logz = adaptive_softmax_terms(asm, feats, targets)
     full_logprob = asm.get_log_prob(feats, None).reshape(-1, vocab)
-    torch.testing.assert_close(score - logz, full_logprob.gather(1, targets.reshape(-1, 1)).squeeze(1), rtol=1e-5, atol=1e-5)
+    expected = full_logprob.gather(1, targets.reshape(-1, 1)).squeeze(1)
+    torch.testing.assert_close(score - logz, expected, rtol=1e-5, atol=1e-5)
     head = asm.head(feats.reshape(-1, dim))
     torch.testing.assert_close(logz, torch.logsumexp(head, 1))
     # the loss with no memory equals fairseq's adaptive-softmax cross-entropy
     ce = logz - score
     torch.testing.assert_close(ce, -full_logprob.gather(1, targets.reshape(-1, 1)).squeeze(1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["local", "long", "external"])
+def test_fast_in_batch_path_equals_general_metadata_path(rule):
+    batch, seq_len, dim, vocab = 3, 6, 5, 3
+    reps, targets, valid, _ = make_batch(batch, seq_len, dim, vocab, seed=7, pad_tail=2)
+    fast = Visibility.for_batch(Rule(rule), batch, seq_len, valid=valid)
+    general = Visibility(Rule(rule), fast.query_segment, fast.query_position, fast.key_segment, fast.key_position,
+                         query_valid=fast.query_valid, key_valid=fast.key_valid)
+    a = reps.clone().requires_grad_(True)
+    b = reps.clone().requires_grad_(True)
+    out_fast = memory_logsumexp(a, a, targets, targets, fast, block_size=7)
+    out_general = memory_logsumexp(b, b, targets, targets, general, block_size=7)
+    for x, y in zip(out_fast, out_general):
+        torch.testing.assert_close(x, y)
+    weights = torch.randn(2, batch * seq_len)
+    loss_fast = sum((w * torch.where(torch.isfinite(x), x, 0)).sum() for w, x in zip(weights, out_fast))
+    loss_general = sum((w * torch.where(torch.isfinite(x), x, 0)).sum() for w, x in zip(weights, out_general))
+    loss_fast.backward()
+    loss_general.backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_extreme_logits_take_the_exact_path():
+    """Positives ~100 nats below the row maximum: the shared exp would underflow."""
+    batch, seq_len, dim, vocab = 2, 8, 4, 3
+    reps, targets, valid, logits = make_batch(batch, seq_len, dim, vocab, seed=8)
+    reps = reps * 12.0  # |s| up to several hundred
+    a = reps.clone().requires_grad_(True)
+    vis = Visibility.for_batch(Rule.LONG, batch, seq_len)
+    lse_all, lse_pos = memory_logsumexp(a, a, targets, targets, vis, scale=1.0)
+    logits = logits * 0 - 400.0  # token term negligible, so the memory positives matter
+    tok_score, tok_logz = full_softmax_terms(logits, targets)
+    nll = joint_nll(tok_score, tok_logz, lse_all, lse_pos)
+    flat = list(range(batch * seq_len))
+    seg = [i // seq_len for i in flat]
+    ones = [True] * len(flat)
+    dvis = dense_visibility("long", seg, flat, seg, flat, ones, ones)
+    b = reps.double().clone().requires_grad_(True)
+    ref = dense_nll_logspace(b, targets, tok_score.double(), tok_logz.double(), dvis)
+    assert torch.isfinite(nll).all()
+    torch.testing.assert_close(nll.double(), ref, rtol=1e-4, atol=1e-3)
+    nll.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-3, atol=1e-3)
+
+
+def dense_nll_logspace(reps, targets, token_score, token_logz, vis):
+    """Like dense_nll with scale 1, but in log space (float64 exp overflows at these scales)."""
+    s = reps @ reps.T
+    out = []
+    for i in range(len(targets)):
+        pos = vis[i] & (targets == targets[i])
+        num = torch.logsumexp(torch.cat([token_score[i : i + 1], s[i][pos]]), 0)
+        den = torch.logsumexp(torch.cat([token_logz[i : i + 1], s[i][vis[i]]]), 0)
+        out.append(den - num)
+    return torch.stack(out)

@@ -24,7 +24,7 @@ fairseq's ``AdaptiveSoftmax`` (``forward(input, target) -> (outputs, new_targets
 import enum
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -66,6 +66,10 @@ class Visibility:
     segment; for ``LONG`` also across segments, in stream order), ``*_group`` optional
     group ids (a query never sees another group). ``query_valid``/``key_valid`` mark
     non-padding tokens: padding is never a query's memory, and pad queries see nothing.
+
+    :meth:`for_batch` describes the common in-batch case (keys are the queries of a
+    row-major (batch, seq_len) batch); it takes a fast path that never builds a mask
+    outside the diagonal sub-blocks.
     """
 
     rule: Rule
@@ -79,6 +83,7 @@ class Visibility:
     key_group: Optional[Tensor] = None
     external_local: bool = True
     _keys_sorted: bool = field(init=False, default=False, repr=False)
+    _batch_shape: Optional[Tuple[int, int]] = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.rule = Rule(self.rule)
@@ -108,7 +113,7 @@ class Visibility:
         flat = torch.arange(batch_size * seq_len, device=device)
         segment = flat // seq_len
         flat_valid = None if valid is None else valid.reshape(-1)
-        return cls(
+        vis = cls(
             rule=rule,
             query_segment=segment,
             query_position=flat,
@@ -118,6 +123,8 @@ class Visibility:
             key_valid=flat_valid,
             external_local=external_local,
         )
+        vis._batch_shape = (batch_size, seq_len)
+        return vis
 
     @property
     def num_queries(self) -> int:
@@ -164,26 +171,139 @@ class Visibility:
             mask &= self.query_valid[start:end, None]
         return mask
 
+    # ---- blockwise scores -------------------------------------------------------
+
+    def row_blocks(self, block_size: int) -> Iterator[Tuple[int, int]]:
+        """Query row ranges; whole segments per block on the in-batch local/external path."""
+        step = max(1, block_size)
+        if self._batch_shape is not None and self.rule is not Rule.LONG:
+            seq_len = self._batch_shape[1]
+            step = max(1, block_size // seq_len) * seq_len
+        for start in range(0, self.num_queries, step):
+            yield start, min(start + step, self.num_queries)
+
+    def block_scores(self, scaled_queries: Tensor, keys: Tensor, start: int, end: int) -> "_BlockScores":
+        """fp32 scores of queries [start, end) against their candidate keys, -inf where invisible."""
+        if self._batch_shape is None:
+            lo, hi = self.key_range(start, end)
+            if hi <= lo:
+                return _BlockScores(None, lo, hi, 1)
+            scores = scaled_queries @ keys[lo:hi].float().T
+            scores.masked_fill_(~self.block_mask(start, end, lo, hi), _NEG_INF)
+            return _BlockScores(scores[None], lo, hi, 1)
+        seq_len = self._batch_shape[1]
+        if self.rule is Rule.LOCAL:
+            groups = (end - start) // seq_len
+            q = scaled_queries.view(groups, seq_len, -1)
+            k = keys[start:end].float().view(groups, seq_len, -1)
+            scores = torch.baddbmm(_causal_bias(seq_len, q.device), q, k.transpose(1, 2))
+            lo, hi = start, end
+        elif self.rule is Rule.LONG:
+            lo, hi, groups = 0, end, 1
+            scores = (scaled_queries @ keys[:end].float().T)[None]
+            scores[0, :, start:end] += _causal_bias(end - start, scores.device)
+        else:
+            lo, hi, groups = 0, self.num_keys, 1
+            scores = (scaled_queries @ keys.float().T)[None]
+            for seg_start in range(start, end, seq_len):
+                own = scores[0, seg_start - start : seg_start - start + seq_len, seg_start : seg_start + seq_len]
+                if self.external_local:
+                    own += _causal_bias(seq_len, scores.device)
+                else:
+                    own.fill_(_NEG_INF)
+        if self.key_valid is not None:
+            key_valid = self.key_valid[lo:hi].view(groups, 1, -1)
+            if not bool(key_valid.all()):
+                scores.masked_fill_(~key_valid, _NEG_INF)
+        return _BlockScores(scores, lo, hi, groups)
+
+
+@dataclass
+class _BlockScores:
+    """Scores (groups, rows, cols) of a block of queries against keys [lo, hi)."""
+
+    scores: Optional[Tensor]
+    lo: int
+    hi: int
+    groups: int
+
+    def labels_match(self, key_labels: Tensor, query_targets: Tensor) -> Tensor:
+        rows = query_targets.numel() // self.groups
+        return key_labels[self.lo : self.hi].view(self.groups, 1, -1) == query_targets.view(self.groups, rows, 1)
+
+    def key_grad(self, grad_scores: Tensor, scaled_queries: Tensor) -> Tensor:
+        q = scaled_queries.view(self.groups, -1, scaled_queries.shape[-1])
+        return torch.bmm(grad_scores.transpose(1, 2), q).reshape(self.hi - self.lo, -1)
+
+    def query_grad(self, grad_scores: Tensor, keys: Tensor) -> Tensor:
+        k = keys[self.lo : self.hi].float().view(self.groups, -1, keys.shape[-1])
+        return torch.bmm(grad_scores, k).reshape(-1, keys.shape[-1])
+
+
+_causal_cache: dict = {}
+
+
+def _causal_bias(size: int, device: torch.device) -> Tensor:
+    """(size, size) additive mask: 0 strictly below the diagonal, -inf on and above it."""
+    key = (size, str(device))
+    bias = _causal_cache.get(key)
+    if bias is None:
+        bias = torch.triu(torch.full((size, size), _NEG_INF, device=device), diagonal=0)
+        if len(_causal_cache) > 16:
+            _causal_cache.clear()
+        _causal_cache[key] = bias
+    return bias
+
 
 def _masked_logsumexp(scores: Tensor, mask: Tensor) -> Tensor:
     """Row-wise logsumexp over ``mask``; exactly -inf for rows with no True entry."""
     masked = scores.masked_fill(~mask, _NEG_INF)
-    row_max = masked.amax(dim=1)
+    return _logsumexp_or_neginf(masked)
+
+
+def _logsumexp_or_neginf(scores: Tensor) -> Tensor:
+    """logsumexp over the last dim, -inf (not nan) for all -inf rows."""
+    row_max = scores.amax(dim=-1)
     shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    return (masked - shift[:, None]).exp().sum(dim=1).log() + shift
+    return (scores - shift[..., None]).exp().sum(dim=-1).log() + shift
 
 
-def _softmax_weights(scores: Tensor, mask: Tensor, lse: Tensor) -> Tensor:
-    """exp(scores - lse) on ``mask`` and 0 elsewhere (rows with lse = -inf are all 0)."""
-    safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    return torch.where(mask, (scores - safe_lse[:, None]).exp(), torch.zeros_like(scores))
+# A positive more than this many nats below the row maximum could underflow in the
+# shared exp; such (rare) rows are recomputed exactly.
+_UNDERFLOW_NATS = 60.0
 
 
-def _iter_blocks(visibility: Visibility, block_size: int):
-    for start in range(0, visibility.num_queries, block_size):
-        end = min(start + block_size, visibility.num_queries)
-        lo, hi = visibility.key_range(start, end)
-        yield start, end, lo, hi
+def _block_lse(scores: Tensor, positive: Tensor) -> Tuple[Tensor, Tensor]:
+    """(lse over finite scores, lse over positive finite scores), one exp pass."""
+    row_max = scores.amax(dim=-1)
+    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    weights = (scores - shift[..., None]).exp_()
+    lse_all = weights.sum(dim=-1).log_() + shift
+    pos_sum = (weights * positive).sum(dim=-1)
+    lse_pos = pos_sum.log_() + shift
+    pos_max = scores.masked_fill(~positive, _NEG_INF).amax(dim=-1)
+    risky = torch.isfinite(pos_max) & ((pos_max - shift) < -_UNDERFLOW_NATS)
+    if bool(risky.any()):
+        exact = _logsumexp_or_neginf(scores[risky].masked_fill(~positive[risky], _NEG_INF))
+        lse_pos[risky] = exact
+    return lse_all, lse_pos
+
+
+def _block_grad(scores: Tensor, positive: Tensor, lse_all, lse_pos, grad_all, grad_pos) -> Tensor:
+    """d(g_all . lse_all + g_pos . lse_pos)/d scores for one block, one exp pass."""
+    inf = torch.full_like(lse_all, float("inf"))
+    safe_all = torch.where(torch.isfinite(lse_all), lse_all, inf)  # empty rows -> all-zero weights
+    weights = (scores - safe_all[..., None]).exp_()
+    gap = lse_all - lse_pos  # >= 0; exp(gap) rescales the shared weights to the positive softmax
+    finite_pos = torch.isfinite(lse_pos)
+    exact_rows = finite_pos & (gap > _UNDERFLOW_NATS)
+    ratio = torch.where(finite_pos & ~exact_rows, grad_pos * torch.exp(torch.where(finite_pos, gap, 0.0)), 0.0)
+    grad = weights * (grad_all[..., None] + positive * ratio[..., None])
+    if bool(exact_rows.any()):
+        rows = scores[exact_rows]
+        pos_weights = torch.where(positive[exact_rows], (rows - lse_pos[exact_rows][..., None]).exp(), 0.0)
+        grad[exact_rows] += grad_pos[exact_rows][..., None] * pos_weights
+    return grad
 
 
 class _MemoryLogSumExp(torch.autograd.Function):
@@ -194,14 +314,17 @@ class _MemoryLogSumExp(torch.autograd.Function):
         n = queries.shape[0]
         lse_all = torch.full((n,), _NEG_INF, dtype=torch.float32, device=queries.device)
         lse_pos = torch.full_like(lse_all, _NEG_INF)
-        for start, end, lo, hi in _iter_blocks(visibility, block_size):
-            if hi <= lo:
+        for start, end in visibility.row_blocks(block_size):
+            scaled = queries[start:end].float() * scale
+            block = visibility.block_scores(scaled, keys, start, end)
+            if block.scores is None:
                 continue
-            scores = (queries[start:end].float() @ keys[lo:hi].float().T) * scale
-            visible = visibility.block_mask(start, end, lo, hi)
-            positive = visible & (key_labels[None, lo:hi] == query_targets[start:end, None])
-            lse_all[start:end] = _masked_logsumexp(scores, visible)
-            lse_pos[start:end] = _masked_logsumexp(scores, positive)
+            positive = block.labels_match(key_labels, query_targets[start:end])
+            block_all, block_pos = _block_lse(block.scores, positive)
+            lse_all[start:end], lse_pos[start:end] = block_all.reshape(-1), block_pos.reshape(-1)
+        if visibility.query_valid is not None:  # pad queries see nothing
+            lse_all.masked_fill_(~visibility.query_valid, _NEG_INF)
+            lse_pos.masked_fill_(~visibility.query_valid, _NEG_INF)
         ctx.save_for_backward(queries, keys, key_labels, query_targets, lse_all, lse_pos)
         ctx.visibility, ctx.scale, ctx.block_size = visibility, scale, block_size
         return lse_all, lse_pos
@@ -213,21 +336,26 @@ class _MemoryLogSumExp(torch.autograd.Function):
         need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_q = torch.zeros(queries.shape, dtype=torch.float32, device=queries.device) if need_q else None
         grad_k = torch.zeros(keys.shape, dtype=torch.float32, device=keys.device) if need_k else None
-        for start, end, lo, hi in _iter_blocks(visibility, ctx.block_size):
-            if hi <= lo:
+        grad_all, grad_pos = grad_all.float(), grad_pos.float()
+        for start, end in visibility.row_blocks(ctx.block_size):
+            scaled = queries[start:end].float() * scale
+            block = visibility.block_scores(scaled, keys, start, end)
+            if block.scores is None:
                 continue
-            q = queries[start:end].float()
-            k = keys[lo:hi].float()
-            scores = (q @ k.T) * scale
-            visible = visibility.block_mask(start, end, lo, hi)
-            positive = visible & (key_labels[None, lo:hi] == query_targets[start:end, None])
-            grad_scores = grad_all[start:end, None] * _softmax_weights(scores, visible, lse_all[start:end])
-            grad_scores += grad_pos[start:end, None] * _softmax_weights(scores, positive, lse_pos[start:end])
-            grad_scores *= scale
+            shape = block.scores.shape[:2]
+            positive = block.labels_match(key_labels, query_targets[start:end])
+            grad_scores = _block_grad(
+                block.scores,
+                positive,
+                lse_all[start:end].view(shape),
+                lse_pos[start:end].view(shape),
+                grad_all[start:end].view(shape),
+                grad_pos[start:end].view(shape),
+            )
             if need_q:
-                grad_q[start:end] += grad_scores @ k
+                grad_q[start:end] += block.query_grad(grad_scores, keys) * scale
             if need_k:
-                grad_k[lo:hi] += grad_scores.T @ q
+                grad_k[block.lo : block.hi] += block.key_grad(grad_scores, scaled)
         return (
             None if grad_q is None else grad_q.to(queries.dtype),
             None if grad_k is None else grad_k.to(keys.dtype),
