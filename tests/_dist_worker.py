@@ -112,7 +112,7 @@ def _rep_case(criterion, data: dict) -> dict:
 
     reps = data["reps"].clone().requires_grad_(True)
     model = types.SimpleNamespace(training=True)
-    lse_all, lse_pos = criterion.memory_terms(reps, data["targets"], data["valid"], model)
+    lse_all, lse_pos = criterion.memory_terms(reps, data["targets"], data["valid"], model, sample={})
     nll = joint_nll(data["token_score"], data["token_logz"], lse_all, lse_pos, valid=data["valid"].reshape(-1))
     loss = nll.sum()
     loss.backward()

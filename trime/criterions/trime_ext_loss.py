@@ -59,7 +59,6 @@ class TrimeExtLoss(TrimeLoss):
         self.cross_sent_ratio = float(cross_sent_ratio)
         self.seed = int(seed)
         self._generator: torch.Generator | None = None
-        self._dummy = False
         self._local_off: bool | None = None  # this forward's draw (None: no draw)
 
     @classmethod
@@ -74,7 +73,6 @@ class TrimeExtLoss(TrimeLoss):
         return bool(torch.rand((), generator=self._generator) < self.cross_sent_ratio)
 
     def forward(self, model, sample, reduce: bool = True):
-        self._dummy = is_dummy_batch(sample)
         self._local_off = None
         loss, sample_size, logging_output = super().forward(model, sample, reduce)
         # both keys always present, so logging outputs sum cleanly across ranks
@@ -82,13 +80,15 @@ class TrimeExtLoss(TrimeLoss):
         logging_output["local_draws"] = int(self._local_off is not None)
         return loss, sample_size, logging_output
 
-    def memory_terms(self, reps: Tensor, targets: Tensor, valid: Tensor, model) -> tuple[Tensor, Tensor]:
+    def memory_terms(self, reps: Tensor, targets: Tensor, valid: Tensor, model, sample) -> tuple[Tensor, Tensor]:
         local_on = True
         if model.training:
             self._local_off = self.draw_local_off()
             local_on = not self._local_off
-        if self._dummy:  # a dummy batch joins the gather but offers no keys
+        if is_dummy_batch(sample):  # a dummy batch joins the gather but offers no keys
             valid = valid.new_zeros(valid.shape)
+        if world_size_and_rank()[0] == 1:  # no other ranks: the in-batch fast path
+            return self.in_batch_memory_terms(reps, targets, valid, external_local=local_on)
         tokens = gather_tokens(reps, targets, valid)
         keys, key_labels, key_valid, key_segment, key_position = tokens.stream(range(len(tokens.shapes)))
         queries, query_targets, query_valid, query_segment, query_position = tokens.stream([tokens.rank])

@@ -47,18 +47,12 @@ class TrimeLongLoss(TrimeLongLossSameDevice):
     def __init__(self, task, ce_warmup_epoch: int = 0, memory_block_size: int = DEFAULT_BLOCK_SIZE) -> None:
         super().__init__(task, ce_warmup_epoch=ce_warmup_epoch, memory_block_size=memory_block_size)
         self.group_size = memory_group_size(task)
-        self._dummy = False
 
     @classmethod
     def criterion_name(cls) -> str:
         return "trime_long_loss"
 
-    def forward(self, model, sample, reduce: bool = True):
-        # a dummy batch (this rank's shard ran out) still joins the collectives, with no keys
-        self._dummy = is_dummy_batch(sample)
-        return super().forward(model, sample, reduce)
-
-    def memory_terms(self, reps: Tensor, targets: Tensor, valid: Tensor, model) -> tuple[Tensor, Tensor]:
+    def memory_terms(self, reps: Tensor, targets: Tensor, valid: Tensor, model, sample) -> tuple[Tensor, Tensor]:
         world, rank = world_size_and_rank()
         group = self.group_size
         if world % group:
@@ -67,8 +61,8 @@ class TrimeLongLoss(TrimeLongLossSameDevice):
                 f"{world}; use a world size divisible by {group} or change --train-mem-size"
             )
         if group == 1:  # the memory is the local batch: no collective needed
-            return super().memory_terms(reps, targets, valid, model)
-        if self._dummy:
+            return self.in_batch_memory_terms(reps, targets, valid)
+        if is_dummy_batch(sample):  # this rank's shard ran out: join the collectives, offer no keys
             valid = valid.new_zeros(valid.shape)
         tokens = gather_tokens(reps, targets, valid)
         # later ranks of the group hold only later tokens: the keys are the group's ranks up to this one

@@ -11,6 +11,7 @@ plain cross-entropy; validation always reports the TRIME loss.
 """
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
@@ -80,14 +81,22 @@ class TrimeLoss(FairseqCriterion):
         return "trime_loss"
 
     def _follow_task_epochs(self, task) -> None:
-        """Track the training epoch through the task's begin_epoch hook (works with any LM task)."""
-        begin_epoch = task.begin_epoch
+        """Track the training epoch through the task's begin_epoch hook (works with any LM task).
 
-        def begin_epoch_and_track(epoch, model):
-            self.epoch = epoch
-            return begin_epoch(epoch, model)
+        The task instance is wrapped once; every trime criterion built on it listens.
+        """
+        listeners = getattr(task, "_trime_epoch_listeners", None)
+        if listeners is None:
+            listeners = task._trime_epoch_listeners = weakref.WeakSet()
+            begin_epoch = task.begin_epoch
 
-        task.begin_epoch = begin_epoch_and_track
+            def begin_epoch_and_track(epoch, model):
+                for criterion in list(listeners):
+                    criterion.epoch = epoch
+                return begin_epoch(epoch, model)
+
+            task.begin_epoch = begin_epoch_and_track
+        listeners.add(self)
 
     def in_ce_warmup(self, model) -> bool:
         return model.training and self.epoch <= self.ce_warmup_epoch
@@ -113,18 +122,24 @@ class TrimeLoss(FairseqCriterion):
         if self.in_ce_warmup(model):
             loss = ce_loss
         else:
-            lse_all, lse_pos = self.memory_terms(reps, targets, valid, model)
+            lse_all, lse_pos = self.memory_terms(reps, targets, valid, model, sample)
             loss = joint_nll(token_score, token_log_partition, lse_all, lse_pos, valid=flat_valid).sum()
             logging_output["norm_loss"] = loss.data
         logging_output["loss"] = loss.data
         return loss, ntokens, logging_output
 
-    def memory_terms(self, reps: Tensor, targets: Tensor, valid: Tensor, model) -> Tuple[Tensor, Tensor]:
+    def memory_terms(self, reps: Tensor, targets: Tensor, valid: Tensor, model, sample) -> Tuple[Tensor, Tensor]:
         """(lse_all, lse_pos) over this criterion's memory; reps (B, T, C), targets/valid (B, T)."""
+        return self.in_batch_memory_terms(reps, targets, valid)
+
+    def in_batch_memory_terms(
+        self, reps: Tensor, targets: Tensor, valid: Tensor, external_local: bool = True
+    ) -> Tuple[Tensor, Tensor]:
+        """Memory = this batch's own tokens under ``self.rule`` (no collective)."""
         batch, seq_len, dim = reps.shape
         flat_reps = reps.reshape(batch * seq_len, dim)
         flat_targets = targets.reshape(-1)
-        visibility = Visibility.for_batch(self.rule, batch, seq_len, valid=valid)
+        visibility = Visibility.for_batch(self.rule, batch, seq_len, valid=valid, external_local=external_local)
         return memory_logsumexp(
             flat_reps, flat_reps, flat_targets, flat_targets, visibility, block_size=self.memory_block_size
         )
