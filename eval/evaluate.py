@@ -1,0 +1,428 @@
+"""``trime-eval``: perplexity (or bits per character) with local, long-term and external memory.
+
+One tool produces every row of the paper's tables from a fairseq checkpoint:
+
+- ``--memory none``: the plain LM (equals ``fairseq-eval-lm`` with the same windows);
+- ``--memory local``: TrimeLM (context + earlier window tokens as memory);
+- ``--memory long --mem-size M``: TrimeLM_long, or the continuous cache on a CE model;
+- ``--memory external --mem-size M --datastore DIR``: TrimeLM_ext (optionally ``--lmbda``);
+- ``--knnlm --datastore DIR``: kNN-LM (with ``--memory long``: kNN-LM + cache).
+
+Windows: ``--tokens-per-sample`` (default: the checkpoint's) tokens per window of which
+the first ``--context-window`` are context, as ``fairseq-eval-lm`` does. ``--tune``
+searches the temperatures (and lambda) on ``--tune-subset`` and reports
+``--gen-subset`` with them; ``--sweep NAME=V1,V2,..`` plots a metric against one setting.
+See :mod:`trime.eval.memory` for the exact probability.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from trime.eval.memory import LEVELS, MemorySettings, ScoreState, score_batch
+from trime.eval.tuning import CachedRun, tune
+from trime.eval.windows import (
+    batch_size_for,
+    forward_batch,
+    identity_key,
+    iter_samples,
+    load_lm,
+    load_windows,
+    num_batches,
+    quiet_libraries,
+    window_settings,
+)
+
+from trime.errors import fail
+from trime.io_utils import atomic_path, write_json_atomic
+
+SWEEPABLE = {
+    "mem-size": ("mem_size", int),
+    "lmbda": ("lmbda", float),
+    "k": ("k", int),
+    "softmax-temp": ("softmax_temp", float),
+    "interp-temp": ("interp_temp", float),
+}
+
+
+def byte_level(data_dir: Path) -> bool:
+    """True for byte-level data-bins (report bits per character), from ``trime_meta.json``."""
+    try:
+        from trime.data_prep.prepare import is_byte_level
+    except ImportError:  # data_prep not installed: read the meta file directly
+        meta_path = data_dir / "trime_meta.json"
+        if not meta_path.is_file():
+            return False
+        with open(meta_path) as f:
+            return json.load(f).get("level") == "byte"
+    return is_byte_level(data_dir)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        fail(f"{message} (see trime-eval --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="trime-eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("data", help="fairseq data-bin (written by trime-prepare or fairseq-preprocess)")
+    p.add_argument("--path", required=True, help="checkpoint to evaluate")
+    p.add_argument("--memory", choices=LEVELS, default="none", help="memory level (cumulative; default none)")
+    p.add_argument("--gen-subset", default=None, help="split to report (default valid, or test with --tune)")
+    p.add_argument(
+        "--context-window", type=int, default=0, help="tokens of context (and local memory) before each window"
+    )
+    p.add_argument(
+        "--tokens-per-sample", type=int, default=None, help="window length incl. context (default: the checkpoint's)"
+    )
+    p.add_argument(
+        "--softmax-temp",
+        type=float,
+        default=1.0,
+        help="temperature of the memory logits (token logits are never scaled)",
+    )
+    p.add_argument("--mem-size", type=int, default=None, help="long-term memory: earlier scored tokens kept (FIFO)")
+    p.add_argument("--datastore", default=None, help="datastore directory from trime-build-datastore")
+    p.add_argument("--k", type=int, default=1024, help="neighbours retrieved per scored token")
+    p.add_argument("--nprobe", type=int, default=32, help="IVF lists probed per search")
+    p.add_argument("--knn-exact", action="store_true", help="score neighbours with exact distances from keys.npy")
+    p.add_argument(
+        "--faiss-gpus", choices=("auto", "all", "none"), default="auto", help="auto: GPUs 1..n-1 (GPU 0 if only one)"
+    )
+    p.add_argument(
+        "--lmbda",
+        type=float,
+        default=None,
+        help="kNN-LM interpolation weight (default 0.25 with --knnlm, else 0 = off)",
+    )
+    p.add_argument("--interp-temp", type=float, default=1.0, help="temperature of p_knn = softmax(score / T)")
+    p.add_argument(
+        "--knnlm", action="store_true", help="kNN-LM: use the datastore by interpolation only, not in the joint softmax"
+    )
+    p.add_argument(
+        "--tune", action="store_true", help="tune softmax-temp (and lmbda, interp-temp) on --tune-subset first"
+    )
+    p.add_argument("--tune-subset", default="valid")
+    p.add_argument("--sweep", default=None, metavar="NAME=V1,V2,...", help=f"one of {', '.join(SWEEPABLE)}")
+    p.add_argument(
+        "--sweep-prefix", default=None, help="output prefix for the sweep .json/.png (default trime-sweep-NAME)"
+    )
+    p.add_argument("--results-json", default=None, help="write results, settings and identities here")
+    p.add_argument("--cpu", action="store_true")
+    prec = p.add_mutually_exclusive_group()
+    prec.add_argument("--fp16", action="store_true", help="model in fp16 (log-probs still fp32)")
+    prec.add_argument("--bf16", action="store_true", help="model in bf16 (log-probs still fp32)")
+    p.add_argument("--max-tokens", type=int, default=None, help="tokens per batch incl. context (default 8192)")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per batch (overrides --max-tokens)")
+    p.add_argument("--no-progress-bar", action="store_true")
+    return p
+
+
+def check_args(args) -> None:
+    """Flag combinations that cannot work, as one-line errors."""
+    needs_store = args.memory == "external" or args.knnlm
+    if needs_store and not args.datastore:
+        what = "--knnlm" if args.knnlm else "--memory external"
+        fail(f"{what} needs --datastore DIR (build one with trime-build-datastore)")
+    if args.datastore and not needs_store:
+        fail("--datastore is only used with --memory external or --knnlm; add one of them or drop --datastore")
+    if args.knnlm and args.memory == "external":
+        fail(
+            "--knnlm uses the datastore for interpolation only; "
+            "pick the in-context memory with --memory none|local|long"
+        )
+    if args.memory in ("long", "external") and (args.mem_size is None or args.mem_size < 1):
+        fail(f"--memory {args.memory} needs --mem-size M >= 1 (earlier scored tokens to keep, e.g. 12288)")
+    if args.mem_size is not None and args.memory not in ("long", "external"):
+        fail("--mem-size is only used with --memory long or external")
+    if args.softmax_temp <= 0 or args.interp_temp <= 0:
+        fail("--softmax-temp and --interp-temp must be > 0")
+    if args.lmbda is not None and not 0 <= args.lmbda < 1:
+        fail(f"--lmbda must be in [0, 1), got {args.lmbda}")
+    if args.lmbda and not needs_store:
+        fail("--lmbda interpolates with a datastore: add --knnlm or --memory external and --datastore")
+    if args.k < 1 or args.nprobe < 1:
+        fail("--k and --nprobe must be >= 1")
+
+
+def memory_settings(args) -> MemorySettings:
+    lmbda = args.lmbda if args.lmbda is not None else (0.25 if args.knnlm else 0.0)
+    return MemorySettings(
+        level=args.memory,
+        softmax_temp=args.softmax_temp,
+        mem_size=args.mem_size or 0,
+        knn_in_joint=args.memory == "external",
+        lmbda=lmbda,
+        interp_temp=args.interp_temp,
+        k=args.k,
+    )
+
+
+def memory_label(settings: MemorySettings, knnlm: bool) -> str:
+    return settings.level + ("+knnlm" if knnlm else "")
+
+
+class Evaluator:
+    """Streams (or caches) the forward passes and searches of a split and scores them."""
+
+    def __init__(
+        self, lm, windows, batch_size: int, store=None, k: int = 1024, exact: bool = False, progress: bool = True
+    ):
+        self.lm, self.windows, self.batch_size = lm, windows, batch_size
+        self.store, self.k, self.exact, self.progress = store, k, exact, progress
+
+    def _search(self, batch):
+        if self.store is None:
+            return None
+        queries = batch.queries.float().cpu().numpy()
+        return self.store.search(queries, self.k, exact=self.exact).to(batch.targets.device)
+
+    def _batches(self, split: str, max_batches: int | None = None):
+        from tqdm import tqdm
+
+        dataset = load_windows(self.lm, split, self.windows)
+        total = num_batches(dataset, self.batch_size)
+        if max_batches is not None:
+            total = min(total, max_batches)
+        samples = iter_samples(dataset, self.batch_size, 0, total)
+        return tqdm(
+            samples, total=total, desc=f"trime-eval {split}", unit="batch", disable=not self.progress, file=sys.stderr
+        )
+
+    def run(self, split: str, settings: MemorySettings) -> tuple[float, int, float]:
+        """(NLL sum in nats, scored tokens, seconds) streaming over ``split``."""
+        state = ScoreState.fresh(settings)
+        nll, count = 0.0, 0
+        sync = torch.cuda.synchronize if self.lm.device.type == "cuda" else (lambda: None)
+        started = time.perf_counter()
+        for sample in self._batches(split):
+            batch = forward_batch(self.lm, sample)
+            log_probs = score_batch(batch, settings, state, self._search(batch), dim=self.lm.dim)
+            nll -= float(log_probs.double().sum())
+            count += log_probs.numel()
+        sync()
+        return nll, count, time.perf_counter() - started
+
+    def collect(self, split: str, max_batches: int | None = None) -> CachedRun:
+        """Forward (and search) the batches of ``split`` once, keeping the results on the CPU."""
+        batches, knn = [], []
+        started = time.perf_counter()
+        for sample in self._batches(split, max_batches):
+            batch = forward_batch(self.lm, sample)
+            result = self._search(batch)
+            batches.append(batch.to(torch.device("cpu")))
+            knn.append(result.to(torch.device("cpu")) if result is not None else None)
+        return CachedRun(batches, knn, self.lm.device, self.lm.dim, seconds=time.perf_counter() - started)
+
+
+def metric_line(nll: float, count: int, is_bytes: bool) -> dict:
+    loss2 = nll / max(count, 1) / math.log(2)
+    out = {"loss_base2": loss2, "tokens": count}
+    if is_bytes:
+        out["bpc"] = loss2
+    else:
+        out["ppl"] = 2**loss2
+    return out
+
+
+def print_table(rows: list[dict]) -> None:
+    metric = "bpc" if "bpc" in rows[0] else "ppl"
+    print(f"| subset | memory | {metric} | tokens | tokens/s |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        value = f"{r[metric]:.4f}" if metric == "bpc" else f"{r[metric]:.2f}"
+        speed = f"{r['tokens_per_s']:,.1f}" if r.get("tokens_per_s") is not None else "-"
+        print(f"| {r['subset']} | {r['memory']} | {value} | {r['tokens']:,} | {speed} |")
+
+
+def settings_line(settings: MemorySettings, knnlm: bool, uses_store: bool) -> str:
+    parts = [f"memory {memory_label(settings, knnlm)}"]
+    if settings.level != "none":
+        parts.append(f"softmax-temp {settings.softmax_temp:.4g}")
+    if settings.uses_long:
+        parts.append(f"mem-size {settings.mem_size}")
+    if uses_store:
+        parts += [f"k {settings.k}", f"lmbda {settings.lmbda:.4g}", f"interp-temp {settings.interp_temp:.4g}"]
+    return "trime-eval: " + ", ".join(parts)
+
+
+def run_sweep(args, evaluator: Evaluator, cached: CachedRun, base: MemorySettings, is_bytes: bool) -> dict:
+    """Evaluate ``--sweep NAME=V1,...`` on a cached split; write json + png."""
+    name, _, values_text = args.sweep.partition("=")
+    if name not in SWEEPABLE or not values_text:
+        fail(f"--sweep must look like NAME=V1,V2 with NAME in {', '.join(SWEEPABLE)}; got {args.sweep!r}")
+    field_name, cast = SWEEPABLE[name]
+    try:
+        values = [cast(v) for v in values_text.split(",") if v]
+    except ValueError:
+        fail(f"--sweep {name}: values must be {cast.__name__}s, got {values_text!r}")
+    if name == "mem-size" and base.level not in ("long", "external"):
+        fail("--sweep mem-size needs --memory long or external")
+    if name in ("k", "lmbda", "interp-temp") and evaluator.store is None:
+        fail(f"--sweep {name} needs a datastore (--memory external or --knnlm with --datastore)")
+    if name == "k" and max(values) > evaluator.k:
+        fail(f"--sweep k values must be <= --k {evaluator.k} (the search depth)")
+    points = []
+    for v in values:
+        lp = cached.log_probs(base.with_(**{field_name: v}))
+        point = metric_line(-float(lp.double().sum()), lp.numel(), is_bytes)
+        point["value"] = v
+        points.append(point)
+        print(f"trime-eval: sweep {name}={v}: {'bpc' if is_bytes else 'ppl'} {point.get('bpc', point.get('ppl')):.4f}")
+    prefix = Path(args.sweep_prefix or f"trime-sweep-{name}")
+    metric = "bpc" if is_bytes else "ppl"
+    record = {"parameter": name, "metric": metric, "points": points, "settings": base.__dict__}
+    write_json_atomic(prefix.with_suffix(".json"), record)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([p["value"] for p in points], [p[metric] for p in points], marker="o")
+    ax.set_xlabel(name)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{args.gen_subset}: {memory_label(base, args.knnlm)}")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    png = prefix.with_suffix(".png")
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    print(f"trime-eval: wrote {prefix.with_suffix('.json')} and {png}")
+    return record
+
+
+def main(argv: list | None = None) -> dict:
+    """Run trime-eval on ``argv``; returns the results record (also written by --results-json)."""
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    quiet_libraries()
+    if args.gen_subset is None:
+        args.gen_subset = "test" if args.tune else "valid"
+    data_dir = Path(args.data)
+    precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
+    lm = load_lm(args.path, data_dir, cpu=args.cpu, precision=precision)
+    windows = window_settings(lm, args.context_window, args.tokens_per_sample)
+    batch_size = batch_size_for(windows, args.batch_size, args.max_tokens)
+    store = None
+    if args.datastore:
+        from trime.retrieval.datastore import Datastore
+        from trime.retrieval.faiss_index import GPU_MAX_K
+
+        store = Datastore.open(
+            args.datastore,
+            dim=lm.dim,
+            dict_sha256=lm.dict_sha256,
+            nprobe=args.nprobe,
+            gpus="none" if args.cpu else args.faiss_gpus,
+        )
+        if store.on_gpu and args.k > GPU_MAX_K:
+            fail(f"--k {args.k} exceeds FAISS's GPU limit of {GPU_MAX_K}; use a smaller --k or --faiss-gpus none")
+        ckpt = store.meta.get("checkpoint")
+        if ckpt and identity_key(ckpt) != identity_key(lm.identity):
+            print(
+                f"trime-eval: note: {args.datastore} was built with another checkpoint ({ckpt.get('path')})",
+                file=sys.stderr,
+            )
+    is_bytes = byte_level(data_dir)
+    settings = memory_settings(args)
+    evaluator = Evaluator(
+        lm, windows, batch_size, store, k=args.k, exact=args.knn_exact, progress=not args.no_progress_bar
+    )
+    label = memory_label(settings, args.knnlm)
+    rows: list[dict] = []
+    tuning = None
+    cached: CachedRun | None = None
+
+    if args.tune:
+        tune_temp = settings.level != "none"
+        tune_interp = store is not None
+        if not (tune_temp or tune_interp):
+            fail("--tune has nothing to tune with --memory none and no datastore")
+        cached = evaluator.collect(args.tune_subset)
+        result = tune(cached, settings, tune_temp, tune_interp)
+        settings = result.settings
+        lp = cached.log_probs(settings)
+        row = {
+            "subset": args.tune_subset,
+            "memory": label,
+            **metric_line(-float(lp.double().sum()), lp.numel(), is_bytes),
+        }
+        row.update(seconds=None, tokens_per_s=None, tuned_on=True)
+        rows.append(row)
+        tuning = {
+            "subset": args.tune_subset,
+            "chosen": {
+                "softmax_temp": settings.softmax_temp,
+                "lmbda": settings.lmbda,
+                "interp_temp": settings.interp_temp,
+            },
+            "trials": result.trials,
+        }
+
+    sweep = None
+    if args.sweep:
+        if cached is None or args.tune_subset != args.gen_subset:
+            cached = evaluator.collect(args.gen_subset)
+        sweep = run_sweep(args, evaluator, cached, settings, is_bytes)
+
+    nll, count, seconds = evaluator.run(args.gen_subset, settings)
+    row = {"subset": args.gen_subset, "memory": label, **metric_line(nll, count, is_bytes)}
+    row.update(seconds=seconds, tokens_per_s=count / seconds if seconds > 0 else None)
+    rows.append(row)
+
+    print(settings_line(settings, args.knnlm, store is not None))
+    last = rows[-1]
+    print(
+        f"Loss (base 2): {last['loss_base2']:.4f}, {'bpc' if is_bytes else 'Perplexity'}: "
+        f"{last['bpc'] if is_bytes else last['ppl']:.{4 if is_bytes else 2}f}"
+    )
+    print_table(rows)
+    record = {
+        "trime_version": _version(),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "checkpoint": lm.identity,
+        "data": {"dir": str(data_dir), "dict_sha256": lm.dict_sha256, "byte_level": is_bytes},
+        "datastore": store.identity() if store is not None else None,
+        "settings": {
+            "memory": args.memory,
+            "knnlm": args.knnlm,
+            "softmax_temp": settings.softmax_temp,
+            "mem_size": settings.mem_size,
+            "k": args.k if store else None,
+            "nprobe": args.nprobe if store else None,
+            "knn_exact": args.knn_exact,
+            "lmbda": settings.lmbda,
+            "interp_temp": settings.interp_temp,
+            **windows.as_dict(),
+            "batch_size": batch_size,
+            "precision": precision,
+            "device": str(lm.device),
+        },
+        "results": rows,
+        "tuning": tuning,
+        "sweep": sweep,
+    }
+    if args.results_json:
+        write_json_atomic(args.results_json, record)
+    return record
+
+
+def _version() -> str:
+    import trime
+
+    return trime.__version__
+
+
+def cli_main() -> None:
+    main()
+
+
+if __name__ == "__main__":
+    cli_main()

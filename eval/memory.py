@@ -1,0 +1,295 @@
+"""Memory at evaluation time: local, long-term (FIFO cache) and external (kNN), plus kNN-LM mixing.
+
+For a scored token i with target y the joint probability is (reference section 3.3-3.5)
+
+    P(y) = (Z_t p_tok(y) + sum_{j in M(i), y_j = y} e^{s_ij}) / (Z_t + sum_{j in M(i)} e^{s_ij})
+
+with s_ij = h_i . h_j / sqrt(d) / T for local and long-term keys, and FAISS score / sqrt(d) / T
+for external neighbours (T = ``--softmax-temp``; token logits are never scaled). The sums
+come from :mod:`trime.loss` and memories are combined with ``torch.logaddexp``.
+
+Levels are cumulative:
+
+- ``local``: the window's context tokens (labelled with their true next tokens) and the
+  strictly earlier new tokens of the same window.
+- ``long``: plus a FIFO of the last ``--mem-size`` *scored* tokens of earlier windows,
+  carried across windows and reset when window ids are not consecutive. A context token
+  that is also in the FIFO is taken from the FIFO only (its cached key was computed with
+  its full context); the original counted such tokens twice.
+- ``external``: plus the top-k FAISS neighbours of every scored token.
+
+With ``lmbda > 0`` the result is mixed kNN-LM style,
+log P = logaddexp(log(1-lmbda) + log P_joint, log lmbda + log p_knn), where
+p_knn(y) = sum_{j: v_j = y} softmax_j(score_j / interp_temp) reuses the same search.
+"""
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+from trime.eval.windows import WindowBatch
+
+from trime.loss import joint_nll, scored_memory_logsumexp
+
+LEVELS = ("none", "local", "long", "external")
+# Query rows per block of the long-term memory scores (memory O(rows x mem_size)).
+LONG_BLOCK_ROWS = 1024
+# Most local-memory scores (packed queries x window positions) held at once.
+LOCAL_SCORE_BUDGET = 1 << 24
+_NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    """What the joint softmax sees and how the result is mixed with kNN-LM."""
+
+    level: str = "none"
+    softmax_temp: float = 1.0
+    mem_size: int = 0
+    knn_in_joint: bool = False  # external neighbours inside the joint softmax (TrimeLM_ext)
+    lmbda: float = 0.0  # kNN-LM interpolation weight (0 = off)
+    interp_temp: float = 1.0
+    k: int | None = None  # use only the first k neighbours of the search results
+
+    @property
+    def uses_local(self) -> bool:
+        return self.level in ("local", "long", "external")
+
+    @property
+    def uses_long(self) -> bool:
+        return self.level in ("long", "external") and self.mem_size > 0
+
+    def with_(self, **changes) -> "MemorySettings":
+        return replace(self, **changes)
+
+
+@dataclass
+class KnnResults:
+    """FAISS results for the N scored rows of a batch: similarity scores (higher is closer)."""
+
+    scores: Tensor  # (N, k) fp32: inner product, or -squared L2 distance
+    labels: Tensor  # (N, k) int64 value (next token) of each neighbour
+    valid: Tensor  # (N, k) bool, False for FAISS's -1 padding
+
+    def top(self, k: int | None) -> "KnnResults":
+        if k is None or k >= self.scores.shape[1]:
+            return self
+        return KnnResults(self.scores[:, :k], self.labels[:, :k], self.valid[:, :k])
+
+    def to(self, device: torch.device) -> "KnnResults":
+        return KnnResults(self.scores.to(device), self.labels.to(device), self.valid.to(device))
+
+
+@dataclass
+class LongMemory:
+    """FIFO of the last ``capacity`` scored tokens: detached keys, labels, stream positions.
+
+    Entries are kept oldest first. :meth:`check_id` empties the cache when a window id
+    does not follow the previous one (the stream is broken, so the cache is stale).
+    """
+
+    capacity: int
+    keys: Tensor | None = None
+    labels: Tensor | None = None
+    positions: Tensor | None = None
+    last_id: int | None = None
+    resets: int = field(default=0)
+
+    def __len__(self) -> int:
+        return 0 if self.keys is None else int(self.keys.shape[0])
+
+    def clear(self) -> None:
+        self.keys = self.labels = self.positions = None
+
+    def check_id(self, window_id: int) -> bool:
+        """Record the next window id; reset (and return True) if it is not last_id + 1."""
+        broken = self.last_id is not None and window_id != self.last_id + 1
+        if broken:
+            self.clear()
+            self.resets += 1
+        self.last_id = window_id
+        return broken
+
+    def keep(self, keys: Tensor, labels: Tensor, positions: Tensor, start: int = 0) -> None:
+        """Become the last ``capacity`` entries of ``keys[start:]`` (oldest first, detached)."""
+        lo = max(start, keys.shape[0] - self.capacity)
+        if lo >= keys.shape[0]:
+            self.clear()
+            return
+        self.keys, self.labels, self.positions = keys[lo:].detach(), labels[lo:], positions[lo:]
+
+
+@dataclass
+class ScoreState:
+    """State carried between batches: the FIFO and the stream position counter."""
+
+    long: LongMemory | None = None
+    next_position: int = 0
+
+    @classmethod
+    def fresh(cls, settings: MemorySettings) -> "ScoreState":
+        return cls(long=LongMemory(settings.mem_size) if settings.uses_long else None)
+
+
+def local_memory_terms(batch: WindowBatch, key_valid: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """(lse_all, lse_pos) over the local memory of every scored row.
+
+    A window's scored positions are contiguous (``starts[b]`` onwards), so queries are
+    packed per window, scored against all positions of their window with one batched
+    matrix product, and masked to strictly earlier valid positions. Windows are taken
+    in chunks so that at most ``LOCAL_SCORE_BUDGET`` scores are held at once.
+    """
+    reps, labels = batch.reps, batch.key_labels
+    bsz, length, dim = reps.shape
+    device = reps.device
+    counts = batch.scored.sum(dim=1)
+    n_max = int(counts.max()) if bsz else 0
+    starts = torch.tensor(batch.starts, device=device)
+    slot = torch.arange(n_max, device=device)
+    rows = starts[:, None] + slot[None, :]  # (B, n_max) window position of each packed query
+    row_ok = slot[None, :] < counts[:, None]
+    rows_c = rows.clamp(max=length - 1)
+    cols = torch.arange(length, device=device)
+    per_chunk = max(1, LOCAL_SCORE_BUDGET // max(1, n_max * length))
+    lse_all, lse_pos = [], []
+    for b0 in range(0, bsz, per_chunk):
+        b1 = min(bsz, b0 + per_chunk)
+        q = reps[b0:b1].gather(1, rows_c[b0:b1, :, None].expand(-1, -1, dim))
+        scores = torch.bmm(q.float(), reps[b0:b1].float().transpose(1, 2)) * scale  # (b, n_max, T)
+        visible = (cols[None, None, :] < rows[b0:b1, :, None]) & key_valid[b0:b1, None, :] & row_ok[b0:b1, :, None]
+        targets = labels[b0:b1].gather(1, rows_c[b0:b1])  # a scored position's label is its target
+        a, p = scored_memory_logsumexp(
+            scores.reshape(-1, length),
+            labels[b0:b1, None, :].expand(-1, n_max, -1).reshape(-1, length),
+            targets.reshape(-1),
+            visible.reshape(-1, length),
+        )
+        keep = row_ok[b0:b1].reshape(-1)
+        lse_all.append(a[keep])
+        lse_pos.append(p[keep])
+    return torch.cat(lse_all), torch.cat(lse_pos)
+
+
+def _window_offsets(batch: WindowBatch) -> list[int]:
+    offsets = [0]
+    for count in batch.scored_per_window():
+        offsets.append(offsets[-1] + count)
+    return offsets
+
+
+def long_memory_terms(
+    batch: WindowBatch, queries: Tensor, offsets: list[int], state: ScoreState, scale: float, key_valid: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(lse_all, lse_pos) over the FIFO for every scored row; updates the FIFO and ``key_valid``.
+
+    The FIFO as window b sees it is a contiguous slice [lo_b, hi_b) of the buffer
+    ``cache + this batch's scored tokens``, so the whole batch is scored with one masked
+    matrix product per block of rows instead of a loop over windows. Buffer entries
+    from the last reset on have consecutive stream positions, so entry i sits at
+    position ``first - cached + i``; context positions of window b at or after its
+    slice's first position are switched off in ``key_valid`` (they are counted once).
+    """
+    mem = state.long
+    device = queries.device
+    n = queries.shape[0]
+    cached = len(mem)
+    first = state.next_position  # stream position of this batch's first scored token
+    if cached:
+        buf_keys = torch.cat([mem.keys, queries.to(mem.keys.dtype)])
+        buf_labels = torch.cat([mem.labels, batch.targets])
+    else:
+        buf_keys, buf_labels = queries, batch.targets
+    # per window: the visible slice of the buffer, and the first context position it holds
+    floor = 0  # buffer entries before a reset are invisible
+    lows, highs, thresholds = [], [], []
+    for b, window_id in enumerate(batch.ids):
+        if mem.check_id(window_id):
+            floor = cached + offsets[b]
+        hi = cached + offsets[b]
+        lo = max(floor, hi - mem.capacity)
+        lows.append(lo)
+        highs.append(hi)
+        thresholds.append(first - cached + lo if hi > lo else math.inf)
+    counts = torch.tensor([offsets[b + 1] - offsets[b] for b in range(len(batch.ids))], device=device)
+    row_lo = torch.tensor(lows, device=device).repeat_interleave(counts)
+    row_hi = torch.tensor(highs, device=device).repeat_interleave(counts)
+    bsz, length = batch.scored.shape
+    window_first = first + torch.tensor(offsets[:-1], device=device)
+    starts = torch.tensor(batch.starts, device=device)
+    positions = (window_first - starts)[:, None] + torch.arange(length, device=device)[None, :]
+    limit = torch.tensor([float(t) for t in thresholds], device=device, dtype=torch.float64)
+    in_fifo = (torch.arange(length, device=device)[None, :] < starts[:, None]) & (positions >= limit[:, None])
+    key_valid &= ~in_fifo
+
+    lse_all = torch.full((n,), _NEG_INF, device=device)
+    lse_pos = torch.full((n,), _NEG_INF, device=device)
+    # about max(capacity, one window) rows per block: the key span is then ~2x the visible part
+    rows = max(1, min(LONG_BLOCK_ROWS, max(int(counts.max()) if bsz else 1, mem.capacity)))
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        k0, k1 = int(row_lo[r0:r1].min()), int(row_hi[r0:r1].max())
+        if k1 <= k0:
+            continue
+        cols = torch.arange(k0, k1, device=device)
+        visible = (cols[None, :] >= row_lo[r0:r1, None]) & (cols[None, :] < row_hi[r0:r1, None])
+        scores = (queries[r0:r1].float() @ buf_keys[k0:k1].float().T) * scale
+        labels = buf_labels[None, k0:k1].expand(r1 - r0, -1)
+        lse_all[r0:r1], lse_pos[r0:r1] = scored_memory_logsumexp(scores, labels, batch.targets[r0:r1], visible)
+    # the FIFO after this batch: the last `capacity` entries since the last reset
+    buf_pos = torch.arange(first - cached, first + n, device=device)
+    mem.keep(buf_keys, buf_labels, buf_pos, start=floor)
+    state.next_position = first + n
+    return lse_all, lse_pos
+
+
+def score_batch(
+    batch: WindowBatch,
+    settings: MemorySettings,
+    state: ScoreState,
+    knn: KnnResults | None = None,
+    dim: int | None = None,
+) -> Tensor:
+    """Per-token log P(target) (fp32, N scored rows) of one batch; updates ``state``."""
+    dim = dim or batch.reps.shape[-1]
+    scale = 1.0 / math.sqrt(dim) / settings.softmax_temp
+    n = batch.num_scored
+    device = batch.targets.device
+    lse_all = torch.full((n,), _NEG_INF, device=device)
+    lse_pos = torch.full((n,), _NEG_INF, device=device)
+    queries = batch.queries
+    key_valid = batch.key_valid.clone()
+    if settings.uses_long:
+        lse_all, lse_pos = long_memory_terms(batch, queries, _window_offsets(batch), state, scale, key_valid)
+    else:
+        state.next_position += n
+
+    if settings.uses_local and n > 0:
+        a, p = local_memory_terms(batch, key_valid, scale)
+        lse_all, lse_pos = torch.logaddexp(lse_all, a), torch.logaddexp(lse_pos, p)
+
+    if knn is not None and (settings.knn_in_joint or settings.lmbda > 0):
+        knn = knn.top(settings.k)
+    if knn is not None and settings.knn_in_joint:
+        a, p = scored_memory_logsumexp(knn.scores * scale, knn.labels, batch.targets, knn.valid)
+        lse_all, lse_pos = torch.logaddexp(lse_all, a), torch.logaddexp(lse_pos, p)
+
+    log_prob = -joint_nll(batch.token_score, batch.token_logz, lse_all, lse_pos)
+    if knn is not None and settings.lmbda > 0:
+        log_prob = interpolate(log_prob, knn_log_prob(knn, batch.targets, settings.interp_temp), settings.lmbda)
+    return log_prob
+
+
+def knn_log_prob(knn: KnnResults, targets: Tensor, interp_temp: float) -> Tensor:
+    """log p_knn(target) = log sum_{j: v_j = y} softmax_j(score_j / interp_temp); -inf if no hit has y."""
+    lse_all, lse_pos = scored_memory_logsumexp(knn.scores / interp_temp, knn.labels, targets, knn.valid)
+    return lse_pos - lse_all
+
+
+def interpolate(log_p_model: Tensor, log_p_knn: Tensor, lmbda: float) -> Tensor:
+    """log((1 - lmbda) P_model + lmbda p_knn), in fp32."""
+    if lmbda <= 0:
+        return log_p_model
+    if lmbda >= 1:
+        return log_p_knn
+    return torch.logaddexp(log_p_model + math.log1p(-lmbda), log_p_knn + math.log(lmbda))

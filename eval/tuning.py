@@ -1,0 +1,187 @@
+"""Tuning ``--softmax-temp`` (and kNN-LM's lambda / interp-temp) on cached forward passes.
+
+The model forward and the FAISS search run once (:class:`CachedRun`); every candidate
+setting then only re-scores the memory, which is what makes the search cheap.
+
+- softmax temperature T: a geometric grid (extended while the best point is on its edge),
+  then golden-section search between the grid neighbours of the best point (in log T);
+- interpolation: for each interp-temp on a fixed geometric grid (p_knn depends only on
+  it, so it is computed once per grid point), the best lambda by golden-section search;
+  the mixture's NLL is convex in lambda, so that search is exact.
+"""
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from trime.eval.memory import (
+    KnnResults,
+    MemorySettings,
+    ScoreState,
+    interpolate,
+    knn_log_prob,
+    score_batch,
+)
+
+GOLDEN = (math.sqrt(5) - 1) / 2
+TEMP_GRID = tuple(2 ** (e / 2) for e in range(-6, 7))  # 0.125 .. 8
+TEMP_LIMITS = (1 / 1024, 1024.0)  # how far the grid is extended when the optimum is on its edge
+INTERP_TEMP_GRID = tuple(2 ** (e / 4) for e in range(-8, 29))  # 0.25 .. 128
+LAMBDA_RANGE = (0.0, 0.99)
+
+
+def golden_section(
+    f: Callable[[float], float], lo: float, hi: float, tol: float, max_iter: int = 60
+) -> tuple[float, float]:
+    """Minimise a unimodal ``f`` on [lo, hi]; returns (x, f(x)) of the best point evaluated."""
+    cache: dict[float, float] = {}
+
+    def g(x: float) -> float:
+        if x not in cache:
+            cache[x] = f(x)
+        return cache[x]
+
+    a, b = lo, hi
+    c, d = b - GOLDEN * (b - a), a + GOLDEN * (b - a)
+    for _ in range(max_iter):
+        if abs(b - a) <= tol:
+            break
+        if g(c) <= g(d):
+            b, d = d, c
+            c = b - GOLDEN * (b - a)
+        else:
+            a, c = c, d
+            d = a + GOLDEN * (b - a)
+    for x in (lo, hi):
+        g(x)
+    best = min(cache, key=cache.get)
+    return best, cache[best]
+
+
+@dataclass
+class CachedRun:
+    """Forward passes (and search results) of one split, kept on the CPU for re-scoring."""
+
+    batches: list
+    knn: list[KnnResults | None]
+    device: torch.device
+    dim: int
+    seconds: float = 0.0
+    _targets: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(b.num_scored for b in self.batches)
+
+    def targets(self) -> Tensor:
+        if self._targets is None:
+            self._targets = (
+                torch.cat([b.targets for b in self.batches]) if self.batches else torch.zeros(0, dtype=torch.long)
+            )
+        return self._targets
+
+    def all_knn(self) -> KnnResults | None:
+        if not self.knn or self.knn[0] is None:
+            return None
+        return KnnResults(
+            torch.cat([r.scores for r in self.knn]),
+            torch.cat([r.labels for r in self.knn]),
+            torch.cat([r.valid for r in self.knn]),
+        )
+
+    def log_probs(self, settings: MemorySettings) -> Tensor:
+        """Per-token log P of every scored token (CPU, fp32) under ``settings``."""
+        state = ScoreState.fresh(settings)
+        out = []
+        for batch, knn in zip(self.batches, self.knn):
+            batch = batch.to(self.device)
+            knn = knn.to(self.device) if knn is not None else None
+            out.append(score_batch(batch, settings, state, knn, dim=self.dim).cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+
+def mean_nll(log_probs: Tensor) -> float:
+    return float(-log_probs.double().mean())
+
+
+@dataclass
+class TuneResult:
+    settings: MemorySettings
+    nll: float
+    trials: list[dict]
+
+
+def best_interpolation(joint: Tensor, knn_by_temp: dict[float, Tensor]) -> tuple[float, float, float]:
+    """(nll, lambda, interp_temp) minimising the mixture's mean NLL."""
+    best = (mean_nll(joint), 0.0, next(iter(knn_by_temp)))
+    for temp, log_knn in knn_by_temp.items():
+        lam, nll = golden_section(
+            lambda x, log_knn=log_knn: mean_nll(interpolate(joint, log_knn, x)), *LAMBDA_RANGE, tol=1e-3
+        )
+        if nll < best[0]:
+            best = (nll, lam, temp)
+    return best
+
+
+def tune(
+    run: CachedRun,
+    base: MemorySettings,
+    tune_temp: bool,
+    tune_interp: bool,
+    temp_grid: Sequence[float] = TEMP_GRID,
+    interp_grid: Sequence[float] = INTERP_TEMP_GRID,
+    log: Callable[[str], None] = print,
+) -> TuneResult:
+    """Search T (if ``tune_temp``) and lambda / interp-temp (if ``tune_interp``) on ``run``."""
+    trials: list[dict] = []
+    knn_by_temp: dict[float, Tensor] = {}
+    if tune_interp:
+        knn = run.all_knn().top(base.k)
+        targets = run.targets()
+        knn_by_temp = {t: knn_log_prob(knn, targets, t) for t in interp_grid}
+
+    def evaluate(temp: float) -> tuple[float, float, float]:
+        joint = run.log_probs(base.with_(softmax_temp=temp, lmbda=0.0))
+        if tune_interp:
+            nll, lam, itemp = best_interpolation(joint, knn_by_temp)
+        else:
+            nll, lam, itemp = mean_nll(joint), base.lmbda, base.interp_temp
+        trials.append({"softmax_temp": temp, "lmbda": lam, "interp_temp": itemp, "nll": nll})
+        log(
+            f"trime-eval: tune softmax-temp {temp:.4g} lmbda {lam:.3g} interp-temp {itemp:.3g}: "
+            f"loss {nll / math.log(2):.4f} bits"
+        )
+        return nll, lam, itemp
+
+    results: dict[float, tuple[float, float, float]] = {}
+
+    def objective_log(log_temp: float) -> float:
+        temp = math.exp(log_temp)
+        if temp not in results:
+            results[temp] = evaluate(temp)
+        return results[temp][0]
+
+    if tune_temp:
+        grid = sorted(temp_grid)
+        values = [objective_log(math.log(t)) for t in grid]
+        i = min(range(len(grid)), key=values.__getitem__)
+        # the optimum sits on an edge: extend the grid (x2 per step) until it is inside or the limit
+        while i == len(grid) - 1 and grid[-1] * 2 <= TEMP_LIMITS[1]:
+            grid.append(grid[-1] * 2)
+            values.append(objective_log(math.log(grid[-1])))
+            i = min(range(len(grid)), key=values.__getitem__)
+        while i == 0 and grid[0] / 2 >= TEMP_LIMITS[0]:
+            grid.insert(0, grid[0] / 2)
+            values.insert(0, objective_log(math.log(grid[0])))
+            i = min(range(len(grid)), key=values.__getitem__)
+        lo, hi = grid[max(0, i - 1)], grid[min(len(grid) - 1, i + 1)]
+        golden_section(objective_log, math.log(lo), math.log(hi), tol=0.005)
+    else:
+        objective_log(math.log(base.softmax_temp))
+    best_temp = min(results, key=lambda t: results[t][0])
+    if tune_temp and not TEMP_LIMITS[0] * 2 <= best_temp <= TEMP_LIMITS[1] / 2:
+        log(f"trime-eval: note: the best softmax-temp {best_temp:.4g} is at the search limit: the memory barely helps")
+    nll, lam, itemp = results[best_temp]
+    return TuneResult(base.with_(softmax_temp=best_temp, lmbda=lam, interp_temp=itemp), nll, trials)
