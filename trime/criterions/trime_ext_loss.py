@@ -27,7 +27,7 @@ from torch import Tensor
 from trime.criterions.trime_loss import TrimeLoss, TrimeLossConfig
 from trime.distributed import gather_tokens, is_dummy_batch, world_size_and_rank
 from trime.errors import fail
-from trime.loss import DEFAULT_BLOCK_SIZE, Rule, Visibility, memory_logsumexp
+from trime.loss import DEFAULT_BLOCK_SIZE, Rule
 
 
 @dataclass
@@ -90,19 +90,7 @@ class TrimeExtLoss(TrimeLoss):
         if world_size_and_rank()[0] == 1:  # no other ranks: the in-batch fast path
             return self.in_batch_memory_terms(reps, targets, valid, external_local=local_on)
         tokens = gather_tokens(reps, targets, valid)
-        keys, key_labels, key_valid, key_segment, key_position = tokens.stream(range(len(tokens.shapes)))
-        queries, query_targets, query_valid, query_segment, query_position = tokens.stream([tokens.rank])
-        visibility = Visibility(
-            rule=Rule.EXTERNAL,
-            query_segment=query_segment,
-            query_position=query_position,
-            key_segment=key_segment,
-            key_position=key_position,
-            query_valid=query_valid,
-            key_valid=key_valid,
-            external_local=local_on,
-        )
-        return memory_logsumexp(queries, keys, key_labels, query_targets, visibility, block_size=self.memory_block_size)
+        return self.gathered_memory_terms(tokens, range(len(tokens.shapes)), Rule.EXTERNAL, external_local=local_on)
 
     @staticmethod
     def reduce_metrics(logging_outputs: list[dict]) -> None:

@@ -21,7 +21,7 @@ from torch import Tensor
 from trime.criterions.trime_loss import TrimeLoss, TrimeLossConfig
 from trime.distributed import gather_tokens, is_dummy_batch, world_size_and_rank
 from trime.errors import fail
-from trime.loss import DEFAULT_BLOCK_SIZE, Rule, Visibility, memory_logsumexp
+from trime.loss import DEFAULT_BLOCK_SIZE, Rule
 
 
 @register_criterion("trime_long_loss_same_device", dataclass=TrimeLossConfig)
@@ -67,15 +67,4 @@ class TrimeLongLoss(TrimeLongLossSameDevice):
         tokens = gather_tokens(reps, targets, valid)
         # later ranks of the group hold only later tokens: the keys are the group's ranks up to this one
         first = rank - rank % group
-        keys, key_labels, key_valid, key_segment, key_position = tokens.stream(range(first, rank + 1))
-        queries, query_targets, query_valid, query_segment, query_position = tokens.stream([rank])
-        visibility = Visibility(
-            rule=Rule.LONG,
-            query_segment=query_segment,
-            query_position=query_position,
-            key_segment=key_segment,
-            key_position=key_position,
-            query_valid=query_valid,
-            key_valid=key_valid,
-        )
-        return memory_logsumexp(queries, keys, key_labels, query_targets, visibility, block_size=self.memory_block_size)
+        return self.gathered_memory_terms(tokens, range(first, rank + 1), Rule.LONG)
