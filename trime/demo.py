@@ -1,0 +1,115 @@
+"""``make demo`` / ``python -m trime.demo``: the whole pipeline on the shipped sample.
+
+Prepares the WikiText-2 sample shipped in ``samples/``, trains three tiny models with
+the same budget (a cross-entropy Transformer, TrimeLM and TrimeLM_long) on 2 CPU
+cores, evaluates each at the memory levels that apply with ``trime-eval`` and prints
+their validation perplexities side by side. Everything goes under ``--out``
+(default ``demo-out/``); re-running reuses finished checkpoints.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List, Sequence
+
+from trime.data_prep.prepare import prepare_dataset
+from trime.errors import fail
+
+BIN = Path(sys.executable).parent
+
+# One small architecture and budget for every model (the paper's pre-norm LM).
+MODEL_ARGS = [
+    "--arch", "transformer_lm", "--decoder-normalize-before", "--decoder-layers", "2",
+    "--decoder-embed-dim", "64", "--decoder-ffn-embed-dim", "256", "--decoder-attention-heads", "2",
+    "--adaptive-softmax-cutoff", "1000,4000", "--adaptive-softmax-dropout", "0", "--ddp-backend", "legacy_ddp",
+    "--dropout", "0.1", "--tokens-per-sample", "64", "--max-tokens", "1024",
+    "--required-batch-size-multiple", "1", "--optimizer", "adam", "--adam-betas", "(0.9,0.98)",
+    "--lr", "2e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "40", "--clip-norm", "1.0",
+    "--cpu", "--num-workers", "0", "--seed", "1", "--no-epoch-checkpoints", "--no-progress-bar",
+    "--log-interval", "25", "--max-valid-steps", "0",
+]
+
+# name -> (training flags, memory levels to evaluate with)
+MODELS = {
+    "Transformer (CE)": (["--task", "language_modeling", "--criterion", "adaptive_loss"], ["none", "long"]),
+    "TrimeLM": (["--task", "language_modeling", "--criterion", "trime_loss"], ["none", "local"]),
+    "TrimeLM_long": (
+        ["--task", "trime_lm", "--keep-order", "--criterion", "trime_long_loss_same_device"],
+        ["none", "local", "long"],
+    ),
+}
+ROW_LABELS = {
+    ("Transformer (CE)", "none"): "Transformer",
+    ("Transformer (CE)", "long"): "Transformer + continuous cache",
+}
+
+
+def run_logged(cmd: Sequence, log_path: Path) -> None:
+    """Run ``cmd`` with its output in ``log_path``; on failure, a one-line error with the log's tail."""
+    with open(log_path, "w") as log:
+        proc = subprocess.run([str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = log_path.read_text().strip().splitlines()[-5:]
+        fail(f"{Path(str(cmd[0])).name} failed (see {log_path}): {' | '.join(tail)}")
+
+
+def train(name: str, flags: List[str], data: Path, out: Path, max_update: int) -> Path:
+    save_dir = out / "checkpoints" / name.split()[0].lower()
+    ckpt = save_dir / "checkpoint_last.pt"
+    done = save_dir / "DONE"
+    if done.exists() and done.read_text().strip() == str(max_update):
+        print(f"  {name}: reusing {ckpt}")
+        return ckpt
+    start = time.time()
+    cmd = [BIN / "trime-train", data, *flags, *MODEL_ARGS, "--max-update", max_update, "--save-dir", save_dir]
+    run_logged(cmd, save_dir.parent / f"{save_dir.name}.train.log")
+    done.write_text(f"{max_update}\n")
+    print(f"  {name}: trained {max_update} updates in {time.time() - start:.0f} s")
+    return ckpt
+
+
+def evaluate(ckpt: Path, data: Path, memory: str, out: Path, tag: str) -> dict:
+    result = out / "eval" / f"{tag}-{memory}.json"
+    result.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [BIN / "trime-eval", data, "--path", ckpt, "--memory", memory, "--gen-subset", "valid",
+           "--context-window", "32", "--cpu", "--results-json", result]
+    if memory == "long":
+        cmd += ["--mem-size", "1024"]
+    run_logged(cmd, result.with_suffix(".log"))
+    return json.loads(result.read_text())
+
+
+def main(argv: Sequence[str] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("demo-out"))
+    parser.add_argument("--max-update", type=int, default=200, help="training updates per model")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    out = args.out
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+
+    print("1/3 preparing the shipped WikiText-2 sample")
+    data = prepare_dataset("wikitext-2-sample", None, out / "data-bin")
+    print(f"2/3 training 3 tiny models, {args.max_update} updates each (2 layers x 64, L=64, 16 segments/batch)")
+    ckpts = {name: train(name, flags, data, out, args.max_update) for name, (flags, _) in MODELS.items()}
+    print("3/3 evaluating on valid with trime-eval (context window 32, long-term memory 1024 tokens)")
+    rows = []
+    for name, (_, levels) in MODELS.items():
+        for memory in levels:
+            (res,) = evaluate(ckpts[name], data, memory, out, name.split()[0].lower())["results"]
+            rows.append((ROW_LABELS.get((name, memory), name), memory, res["ppl"], res["tokens_per_s"]))
+
+    print()
+    print(f"{'model':34s} {'memory':7s} {'valid ppl':>10s} {'tokens/s':>9s}")
+    for label, memory, ppl, tps in rows:
+        print(f"{label:34s} {memory:7s} {ppl:10.2f} {tps:9.0f}")
+    best = min(rows, key=lambda r: r[2])
+    print(f"\nbest: {best[0]} with {best[1]} memory ({best[2]:.2f}); logs and results under {out}/")
+
+
+if __name__ == "__main__":
+    main()
