@@ -406,7 +406,7 @@ def summarize(entries: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
                 med.update(t.get("median_ms", {}))
         ce_timing = _timing_with(entry, "ce")
 
-        def peak(m):
+        def peak(m, entry=entry):
             res = entry["memory"].get(m)
             return res["peak_mb"] if res and res.get("ok") else None
 
