@@ -247,14 +247,35 @@ def _worker_time(cfg: Dict[str, Any]) -> Dict[str, Any]:
     losses = {}
     # warm-up: the real size when it is cheap, else a small batch (kernels, thread pool)
     if cfg["n"] <= cfg["full_warmup_max_n"]:
-        for m in methods:
-            losses[m] = calls[m]()
+        for m in list(methods):
+            try:
+                losses[m] = calls[m]()
+            except RuntimeError as exc:  # CUDA out of memory (on CPU the process would be killed)
+                if "out of memory" not in str(exc):
+                    raise
+                losses[m] = f"out of memory in warm-up: {str(exc)[:200]}"
+                methods.remove(m)
+                import torch
+
+                torch.cuda.empty_cache()
     else:
         small = dict(cfg, n=2 * cfg["seg_len"])
         sh, sw, st = _make_inputs(small)
         for m in methods:
             _step(m, sh, sw, st, small)()
         del sh, sw, st
+    memory: Dict[str, Any] = {}
+    if cfg.get("measure_memory"):  # CUDA: the allocator's peak counter works within one process
+        import torch
+
+        for m in list(methods):
+            try:
+                res = cuda_peak_bytes(calls[m])
+                memory[m] = dict(res, ok=True, peak_mb=res["peak_delta_bytes"] / MIB, code_sha256=_loss_code_hash())
+            except torch.cuda.OutOfMemoryError as exc:
+                memory[m] = {"ok": False, "error": f"CUDA out of memory: {str(exc)[:200]}"}
+                methods.remove(m)
+                torch.cuda.empty_cache()
     times: Dict[str, List[float]] = {m: [] for m in methods}
     order: List[str] = []
     load_before = os.getloadavg()
@@ -271,6 +292,7 @@ def _worker_time(cfg: Dict[str, Any]) -> Dict[str, Any]:
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "code_sha256": _loss_code_hash(),
+        "memory": memory,
     }
 
 
@@ -317,12 +339,14 @@ def run_benchmark(args: argparse.Namespace, run_id: int) -> List[Dict[str, Any]]
                 entry["skipped"][m] = (
                     f"N x N tensors est. {dense_nn_bytes(n) / 2**30:.1f} GiB > {args.dense_limit_gb:g} GiB limit"
                 )
-        for m in methods:
-            res = _child(dict(base, n=n, method=m, mode="mem"), timeout=args.child_timeout)
-            entry["memory"][m] = dict(res, run=run_id)
-            peak = f"{res['peak_mb']:.0f} MB" if res.get("ok") else res.get("error")
-            print(f"[mem ] {args.threads}t N={n:6d} {m:12s} {peak}", flush=True)
-        timed = [m for m in methods if entry["memory"][m].get("ok")]
+        cuda = args.device == "cuda"
+        if not cuda:  # CPU: one fresh process per method for the RSS high-water mark
+            for m in methods:
+                res = _child(dict(base, n=n, method=m, mode="mem"), timeout=args.child_timeout)
+                entry["memory"][m] = dict(res, run=run_id)
+                peak = f"{res['peak_mb']:.0f} MB" if res.get("ok") else res.get("error")
+                print(f"[mem ] {args.threads}t N={n:6d} {m:12s} {peak}", flush=True)
+        timed = [m for m in methods if cuda or entry["memory"][m].get("ok")]
         for m in methods:
             if m not in timed:  # e.g. killed for memory
                 entry["skipped"][m] = "memory run failed: " + str(entry["memory"][m].get("error"))
@@ -330,7 +354,22 @@ def run_benchmark(args: argparse.Namespace, run_id: int) -> List[Dict[str, Any]]
         if not timed:
             entries.append(entry)
             continue
-        res = _child(dict(base, n=n, methods=timed, repeats=reps, mode="time"), timeout=args.child_timeout)
+        cfg = dict(base, n=n, methods=timed, repeats=reps, mode="time", measure_memory=cuda)
+        res = _child(cfg, timeout=args.child_timeout)
+        if cuda:
+            for m, mem in res.pop("memory", {}).items():
+                entry["memory"][m] = dict(mem, run=run_id)
+                if not mem.get("ok"):
+                    entry["skipped"][m] = mem.get("error")
+                    timed.remove(m)
+                print(f"[mem ] N={n:6d} {m:12s} " + (f"{mem['peak_mb']:.0f} MB" if mem.get("ok") else mem["error"]))
+            for m in list(timed):
+                if res.get("ok") and m in res.get("median_ms", {}):
+                    continue
+                why = res.get("warmup_losses", {}).get(m) if res.get("ok") else res.get("error")
+                entry["memory"].setdefault(m, {"ok": False, "error": str(why), "run": run_id})
+                entry["skipped"][m] = str(why)
+                timed.remove(m)
         entry["timings"].append(dict(res, methods=timed, repeats=reps, run=run_id))
         if res.get("ok"):
             line = ", ".join(f"{m} {res['median_ms'][m]:.0f}" for m in timed)
@@ -589,7 +628,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--sizes", default=None, help="comma-separated token counts N (default 1024,...,16384)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats per method (on CPU, -1 at N >= big-n, -2 at 2 big-n)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed repeats per method (default 3 on CPU, 10 on CUDA; on CPU -1 at N >= big-n, -2 at 2 big-n)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
     p.add_argument("--out", default=None, help="output prefix: writes PREFIX.json and PREFIX.md (default bench/results/loss)")
     p.add_argument("--append", action="store_true",
@@ -616,6 +656,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         from trime.loss import DEFAULT_BLOCK_SIZE
 
         args.block_size = DEFAULT_BLOCK_SIZE
+    if args.repeats is None:
+        args.repeats = 10 if args.device == "cuda" else 3
     if args.quick:
         args.vocab, args.dim, args.seg_len = QUICK["vocab"], QUICK["dim"], QUICK["seg_len"]
         args.repeats = min(args.repeats, QUICK["repeats"])
@@ -670,7 +712,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     code_start = code_version()
     new_entries = run_benchmark(args, run_id)
     code_end = code_version()
-    if code_end != code_start:
+    loss_changed = code_end.get("trime_loss_sha256") != code_start.get("trime_loss_sha256")
+    if loss_changed:
         print(f"WARNING: trime/loss.py changed during the run: {code_start} -> {code_end}", flush=True)
     settings = {k: getattr(args, k) for k in (
         "sizes", "methods", "device", "dtype", "repeats", "quick", "vocab", "dim", "seg_len", "block_size", "threads",
@@ -685,7 +728,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "command": " ".join([os.path.relpath(os.path.abspath(__file__), _REPO), *sys.argv[1:]]),
         "machine": machine,
         "code": code_start,
-        **({"code_changed_during_run_to": code_end} if code_end != code_start else {}),
+        **({"code_changed_during_run_to": code_end} if loss_changed else {}),
         "settings": settings,
         "wall_s": round(time.time() - started, 1),
     })
