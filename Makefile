@@ -10,7 +10,7 @@ DEPS_STAMP := $(VENV)/.trime-deps
 INSTALL_STAMP := $(VENV)/.trime-installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: venv install demo test reproduce bench lint clean
+.PHONY: venv install demo test reproduce reproduce-enwik8 bench lint clean
 
 $(DEPS_STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,11 +43,17 @@ test: $(INSTALL_STAMP)
 reproduce: $(INSTALL_STAMP)
 	$(PY) bench/reproduce.py
 
+reproduce-enwik8: $(INSTALL_STAMP)
+	$(PY) bench/reproduce.py --dataset enwik8-prefix
+
+# loss time/memory, then training words/s of every criterion (byte and word level)
 bench: $(INSTALL_STAMP)
 	$(PY) bench/loss.py
+	$(PY) bench/train.py --data enwik8 --tag enwik8-small
+	$(PY) bench/train.py --data wikitext-2 --tag wikitext-2-reproduce --layers 3
 
 lint: $(INSTALL_STAMP)
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) build *.egg-info demo-out
+	rm -rf $(VENV) build *.egg-info demo-out reproduce*-work

@@ -8,6 +8,11 @@ cache and kNN-LM baselines built from the Transformer, tuning the memory tempera
 (and lambda / interpolation temperature) on valid and reporting test, all with
 ``trime-eval``. Results: ``bench/results/reproduce.{json,md,png}``.
 
+``--dataset enwik8-prefix`` runs the paper's enwik8 comparison (Transformer, TrimeLM,
+TrimeLM_long; byte level, bits per character) on the 1 MB enwik8 prefix in
+``../shared/data/enwik8``; results ``bench/results/reproduce-enwik8.*``. For the full
+enwik8, prepare it with ``trime-prepare enwik8`` and pass ``--data-bin``.
+
 Everything is driven through the public command-line tools, exactly as a user runs
 them; finished steps are reused on re-runs (``--work``), so an interrupted run resumes.
 ``--quick`` runs the same pipeline on the shipped sample in a few minutes (tests).
@@ -20,7 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -39,26 +44,45 @@ PAPER_TEST_PPL = {
 }
 
 
+SHARED_DATA = REPO.parent / "shared" / "data"
+RAW_FOLDER = {"wikitext-2": "wikitext-2", "enwik8-prefix": "enwik8"}  # under ../shared/data
+
+# enwik8 (bpc), reference section 5.1: the released 38M checkpoints on the standard test split.
+PAPER_TEST_BPC = {"TrimeLM": 1.12, "TrimeLM_long": 1.05}
+
+
 class Budget:
     """Model size, segment length and training budget shared by every model."""
 
-    def __init__(self, quick: bool, max_update: Optional[int]) -> None:
-        self.tokens_per_sample = 64 if quick else 256
-        self.segments_per_batch = 8 if quick else 16
-        self.max_update = max_update or (12 if quick else 400)
-        self.context_window = 32 if quick else 128
+    def __init__(self, quick: bool, max_update: Optional[int], byte_level: bool = False) -> None:
+        self.byte_level = byte_level
+        self.tokens_per_sample = 64 if quick else 512 if byte_level else 256
+        self.segments_per_batch = 8 if quick or byte_level else 16
+        self.max_update = max_update or (12 if quick else 300)
+        self.context_window = 32 if quick else 256 if byte_level else 64
         self.mem_size = 512 if quick else 4096
         self.k = 64 if quick else 256
         self.layers, self.dim, self.ffn, self.heads = (2, 32, 64, 2) if quick else (3, 256, 1024, 4)
-        self.cutoff = "1000,4000" if quick else "4000,12000"
+        # word level: adaptive softmax; byte level: a full softmax tied to the input embeddings
+        self.cutoff = None if byte_level else "1000,4000" if quick else "4000,12000"
+
+    def head_args(self) -> List[str]:
+        if self.cutoff is None:
+            return ["--share-decoder-input-output-embed"]
+        return ["--adaptive-softmax-cutoff", self.cutoff, "--adaptive-softmax-dropout", "0"]
+
+    def describe(self) -> str:
+        head = "tied full softmax" if self.cutoff is None else f"adaptive softmax {self.cutoff}"
+        return f"{self.layers} layers x {self.dim} (FFN {self.ffn}, {self.heads} heads, pre-norm, {head})"
 
     def model_args(self) -> List[str]:
         return [
             "--arch", "transformer_lm", "--decoder-normalize-before",
             "--decoder-layers", str(self.layers), "--decoder-embed-dim", str(self.dim),
+            # fairseq's transformer_lm defaults both to 512, which adds projections around a narrower model
+            "--decoder-input-dim", str(self.dim), "--decoder-output-dim", str(self.dim),
             "--decoder-ffn-embed-dim", str(self.ffn), "--decoder-attention-heads", str(self.heads),
-            "--adaptive-softmax-cutoff", self.cutoff, "--adaptive-softmax-dropout", "0",
-            "--dropout", "0.1", "--tokens-per-sample", str(self.tokens_per_sample),
+            *self.head_args(), "--dropout", "0.1", "--tokens-per-sample", str(self.tokens_per_sample),
             "--max-tokens", str(self.tokens_per_sample * self.segments_per_batch),
             "--required-batch-size-multiple", "1", "--sample-break-mode", "none",
             "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--weight-decay", "0.01", "--clip-norm", "1.0",
@@ -79,7 +103,12 @@ def run(cmd: Sequence, log: Path) -> str:
     if proc.returncode != 0:
         tail = "\n".join(text.strip().splitlines()[-15:])
         raise SystemExit(f"reproduce: {Path(str(cmd[0])).name} failed (log {log}):\n{tail}")
-    print(f"    {Path(str(cmd[0])).name} done in {time.time() - started:.0f} s ({log.name})", flush=True)
+    seconds = time.time() - started
+    print(f"    {Path(str(cmd[0])).name} done in {seconds:.0f} s ({log.name})", flush=True)
+    record = log.parent / "step-seconds.json"  # wall time of every finished step, kept across resumed runs
+    steps = json.loads(record.read_text()) if record.exists() else {}
+    steps[log.stem] = round(seconds, 1)
+    record.write_text(json.dumps(steps, indent=1) + "\n")
     return text
 
 
@@ -91,9 +120,9 @@ def prepare_data(args, work: Path) -> Path:
     if args.data_bin:
         return Path(args.data_bin)
     if args.quick:
-        name, raw = "wikitext-2-sample", None
+        name, raw = ("enwik8-sample" if args.dataset == "enwik8-prefix" else "wikitext-2-sample"), None
     else:
-        name, raw = "wikitext-2", args.raw_dir
+        name, raw = args.dataset, args.raw_dir or str(SHARED_DATA / RAW_FOLDER[args.dataset])
     dest = work / "data-bin"
     cmd = [BIN / "trime-prepare", name, "--dest", dest, "--workers", "2"]
     if raw:
@@ -102,18 +131,23 @@ def prepare_data(args, work: Path) -> Path:
     return dest
 
 
-MODELS = {
-    # name: training flags
-    "transformer": ["--task", "language_modeling", "--criterion", "adaptive_loss"],
-    "trimelm": ["--task", "language_modeling", "--criterion", "trime_loss"],
-    "trimelm_long": ["--task", "trime_lm", "--keep-order", "--criterion", "trime_long_loss_same_device"],
-    "trimelm_ext": ["--task", "trime_lm", "--criterion", "trime_ext_loss", "--cross-sent-ratio", "0.9"],
-}
+def model_flags(budget: Budget) -> Dict[str, List[str]]:
+    """Training flags per model (name -> flags); enwik8 has no TrimeLM_ext in the paper."""
+    baseline = "cross_entropy" if budget.byte_level else "adaptive_loss"
+    models = {
+        "transformer": ["--task", "language_modeling", "--criterion", baseline],
+        "trimelm": ["--task", "language_modeling", "--criterion", "trime_loss"],
+        "trimelm_long": ["--task", "trime_lm", "--keep-order", "--criterion", "trime_long_loss_same_device"],
+        "trimelm_ext": ["--task", "trime_lm", "--criterion", "trime_ext_loss", "--cross-sent-ratio", "0.9"],
+    }
+    if budget.byte_level:
+        del models["trimelm_ext"]
+    return models
 
 
-def train_all(data: Path, budget: Budget, work: Path, plan: Path) -> Dict[str, Path]:
+def train_all(data: Path, budget: Budget, work: Path, plan: Optional[Path]) -> Dict[str, Path]:
     ckpts = {}
-    for name, flags in MODELS.items():
+    for name, flags in model_flags(budget).items():
         save = work / "checkpoints" / name
         ckpt = save / "checkpoint_last.pt"
         marker = save / "DONE"
@@ -165,7 +199,7 @@ def test_ppl(record: dict) -> float:
     """The test-split metric from a trime-eval results record."""
     for row in record.get("results", []):
         if row.get("subset") == "test":
-            return row.get("ppl", row.get("bpc"))
+            return row["bpc"] if "bpc" in row else row["ppl"]
     raise KeyError(f"no test row in {record.get('label')}")
 
 
@@ -178,109 +212,157 @@ def tuned(record: dict) -> dict:
     return chosen
 
 
-def write_report(rows: List[dict], budget: Budget, args, data: Path, timings: dict, out: Path) -> None:
-    base = next(r for r in rows if r["label"] == "Transformer")["test"]
+def paper_reference(byte_level: bool) -> Tuple[Dict[str, float], str, str]:
+    """(paper test numbers, the row they are relative to, a caption) for the side-by-side."""
+    if byte_level:
+        return PAPER_TEST_BPC, "TrimeLM", "paper (38M, enwik8 bpc)"
+    return PAPER_TEST_PPL, "Transformer", "paper (247M, WT103 ppl)"
+
+
+def write_report(rows: List[dict], budget: Budget, args, data: Path, timings: dict, steps: dict,
+                 total_s: float, out: Path) -> None:
+    metric = "bpc" if budget.byte_level else "ppl"
+    paper, paper_base_label, paper_caption = paper_reference(budget.byte_level)
+    ours = {r["label"]: r["test"] for r in rows}
+    base = ours["Transformer"]
     machine = machine_info()
-    paper_base = PAPER_TEST_PPL["Transformer"]
+    dataset = "enwik8 prefix (1 MB, 90/5/5 split)" if budget.byte_level else "WikiText-2"
+    source = "--quick on the shipped sample" if args.quick else f"real {dataset}"
     lines = [
-        "# Small-scale reproduction of TRIME (WikiText-2)",
+        f"# Small-scale reproduction of TRIME ({dataset})",
         "",
         f"Machine: {machine.get('cpu_model')} x {machine.get('cpu_count')} cores ({machine.get('gpu', 'no GPU')}); "
-        f"date {today()}; "
-        f"{'--quick on the shipped sample' if args.quick else 'real WikiText-2'}; data `{data}`.",
-        f"Model: {budget.layers} layers x {budget.dim} (FFN {budget.ffn}, {budget.heads} heads, pre-norm, adaptive "
-        f"softmax {budget.cutoff}); segments of {budget.tokens_per_sample} tokens, {budget.segments_per_batch} per "
+        f"date {today()}; {source}; data `{data}`; `bench/reproduce.py"
+        + (" --dataset enwik8-prefix" if budget.byte_level else "") + (" --quick" if args.quick else "") + "`.",
+        f"Model: {budget.describe()}; segments of {budget.tokens_per_sample} tokens, {budget.segments_per_batch} per "
         f"batch, {budget.max_update} updates for every model. Evaluation: context window {budget.context_window}, "
-        f"memory size {budget.mem_size}, k = {budget.k}; temperatures and lambda tuned on valid, test reported.",
+        f"memory size {budget.mem_size}" + ("" if budget.byte_level else f", k = {budget.k}")
+        + "; temperatures (and lambda) tuned on valid, test reported.",
         "",
-        "| model | memory at eval | test ppl | vs Transformer | paper (247M, WT103) | paper vs Transformer | tuned |",
+        f"| model | memory at eval | test {metric} | vs Transformer | {paper_caption} | paper vs {paper_base_label} "
+        "| tuned on valid |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        paper = PAPER_TEST_PPL.get(r["label"])
-        paper_cols = f"{paper:.2f} | {100 * (paper / paper_base - 1):+.1f}%" if paper else "– | –"
+        value = paper.get(r["label"])
+        paper_cols = (f"{value:.2f} | {100 * (value / paper[paper_base_label] - 1):+.1f}%"
+                      if value is not None and paper_base_label in paper else "– | –")
         knobs = ", ".join(f"{k} {v:.3g}" for k, v in r["tuned"].items() if isinstance(v, (int, float)))
+        shown = f"{r['test']:.3f}" if budget.byte_level else f"{r['test']:.2f}"
         lines.append(
-            f"| {r['label']} | {r['memory']} | {r['test']:.2f} | {100 * (r['test'] / base - 1):+.1f}% | "
+            f"| {r['label']} | {r['memory']} | {shown} | {100 * (r['test'] / base - 1):+.1f}% | "
             f"{paper_cols} | {knobs or '–'} |"
         )
-    lines += ["", "Training time per model (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), ""]
+    lines += [
+        "",
+        f"Wall time {total_s / 60:.0f} min in all (steps finished in earlier, resumed runs included). "
+        "Training (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + ". "
+        "Other steps (s): " + ", ".join(f"{k} {v:.0f}" for k, v in steps.items() if not k.startswith("train-")) + ".",
+        "",
+    ]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    payload = {"machine": machine, "date": today(), "quick": args.quick, "data": str(data), "budget": vars(budget),
-               "rows": rows, "training_seconds": timings, "paper_test_ppl": PAPER_TEST_PPL}
+    payload = {"machine": machine, "date": today(), "quick": args.quick, "dataset": args.dataset, "data": str(data),
+               "metric": metric, "budget": vars(budget), "rows": rows, "training_seconds": timings,
+               "step_seconds": steps, "total_seconds": round(total_s, 1), "paper_test": paper}
     out.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(rows) + 1.2))
     labels = [r["label"] for r in rows]
     ax.barh(labels, [r["test"] for r in rows], color=["#999" if "TrimeLM" not in lab else "#1f77b4" for lab in labels])
     ax.invert_yaxis()
-    ax.set_xlabel("test perplexity (lower is better)")
+    ax.set_xlabel(f"test {metric} (lower is better)")
     ax.set_xlim(min(r["test"] for r in rows) * 0.9, max(r["test"] for r in rows) * 1.02)
-    ax.set_title("TRIME at small scale (WikiText-2)")
+    ax.set_title(f"TRIME at small scale ({dataset})")
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=120)
     print("\n".join(lines))
     print(f"wrote {out.with_suffix('.md')}, .json and .png")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-bin", help="use this fairseq data-bin instead of preparing WikiText-2")
-    parser.add_argument("--raw-dir", default=str(REPO.parent / "shared" / "data" / "wikitext-2"),
-                        help="raw WikiText-2 files (.tokens or .tokens.xz)")
-    parser.add_argument("--quick", action="store_true", help="tiny run on the shipped sample (minutes)")
-    parser.add_argument("--max-update", type=int, default=None, help="training updates per model")
-    parser.add_argument("--work", type=Path, default=None, help="working directory (reused to resume)")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "reproduce")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", "2")
-    budget = Budget(args.quick, args.max_update)
-    work = args.work or REPO / ("reproduce-quick-work" if args.quick else "reproduce-work")
-    work.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-
-    print("1/5 data", flush=True)
-    data = prepare_data(args, work)
-    print("2/5 BM25 batch plan for TrimeLM_ext", flush=True)
-    plan = work / "bm25-plan.json"
-    if not plan.exists():
-        run([BIN / "trime-bm25-batches", data, "--tokens-per-sample", budget.tokens_per_sample, "--output", plan,
-             "--lucene", "--no-progress"], work / "logs" / "bm25.log")
-    print("3/5 training", flush=True)
-    ckpts = train_all(data, budget, work, plan)
-    timings = {n: json.loads((c.parent / "DONE").read_text())["seconds"] for n, c in ckpts.items()}
-    print("4/5 datastores", flush=True)
-    base_store = build_datastore(data, ckpts["transformer"], work / "datastore-transformer", budget, work)
-    ext_store = build_datastore(data, ckpts["trimelm_ext"], work / "datastore-trimelm_ext", budget, work)
-    print("5/5 evaluation (tune on valid, report test)", flush=True)
+def eval_specs(budget: Budget, base_store: Optional[Path], ext_store: Optional[Path]) -> List[tuple]:
+    """(label, model, memory, datastore, kNN-LM?) for every row of the table."""
     specs = [
         ("Transformer", "transformer", "none", None, False),
         ("Transformer + continuous cache", "transformer", "long", None, False),
-        ("kNN-LM", "transformer", "none", base_store, True),
-        ("kNN-LM + continuous cache", "transformer", "long", base_store, True),
+    ]
+    if not budget.byte_level:
+        specs += [
+            ("kNN-LM", "transformer", "none", base_store, True),
+            ("kNN-LM + continuous cache", "transformer", "long", base_store, True),
+        ]
+    specs += [
         ("TrimeLM (no memory)", "trimelm", "none", None, False),
         ("TrimeLM", "trimelm", "local", None, False),
         ("TrimeLM + long memory", "trimelm", "long", None, False),
         ("TrimeLM_long (no memory)", "trimelm_long", "none", None, False),
         ("TrimeLM_long (local only)", "trimelm_long", "local", None, False),
         ("TrimeLM_long", "trimelm_long", "long", None, False),
-        ("TrimeLM_ext (no memory)", "trimelm_ext", "none", None, False),
-        ("TrimeLM_ext (local + long)", "trimelm_ext", "long", None, False),
-        ("TrimeLM_ext", "trimelm_ext", "external", ext_store, False),
     ]
+    if not budget.byte_level:
+        specs += [
+            ("TrimeLM_ext (no memory)", "trimelm_ext", "none", None, False),
+            ("TrimeLM_ext (local + long)", "trimelm_ext", "long", None, False),
+            ("TrimeLM_ext", "trimelm_ext", "external", ext_store, False),
+        ]
+    return specs
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="wikitext-2", choices=["wikitext-2", "enwik8-prefix"],
+                        help="the word-level WikiText-2 comparison, or the byte-level enwik8 one (bpc)")
+    parser.add_argument("--data-bin", help="use this fairseq data-bin (of --dataset's kind) instead of preparing one")
+    parser.add_argument("--raw-dir", default=None,
+                        help="raw files of --dataset (default ../shared/data/wikitext-2 or ../shared/data/enwik8)")
+    parser.add_argument("--quick", action="store_true", help="tiny run on the shipped sample (minutes)")
+    parser.add_argument("--max-update", type=int, default=None, help="training updates per model")
+    parser.add_argument("--work", type=Path, default=None, help="working directory (reused to resume)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output prefix (default bench/results/reproduce[-enwik8][-quick])")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    byte_level = args.dataset == "enwik8-prefix"
+    budget = Budget(args.quick, args.max_update, byte_level=byte_level)
+    suffix = ("-enwik8" if byte_level else "") + ("-quick" if args.quick else "")
+    work = args.work or REPO / f"reproduce{suffix}-work"
+    out = args.out or REPO / "bench" / "results" / f"reproduce{suffix}"
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    print("1/5 data", flush=True)
+    data = prepare_data(args, work)
+    plan = None
+    if not byte_level:
+        print("2/5 BM25 batch plan for TrimeLM_ext", flush=True)
+        plan = work / "bm25-plan.json"
+        if not plan.exists():
+            run([BIN / "trime-bm25-batches", data, "--tokens-per-sample", budget.tokens_per_sample, "--output", plan,
+                 "--lucene", "--no-progress"], work / "logs" / "bm25.log")
+    print("3/5 training", flush=True)
+    ckpts = train_all(data, budget, work, plan)
+    timings = {n: json.loads((c.parent / "DONE").read_text())["seconds"] for n, c in ckpts.items()}
+    base_store = ext_store = None
+    if not byte_level:
+        print("4/5 datastores", flush=True)
+        base_store = build_datastore(data, ckpts["transformer"], work / "datastore-transformer", budget, work)
+        ext_store = build_datastore(data, ckpts["trimelm_ext"], work / "datastore-trimelm_ext", budget, work)
+    print("5/5 evaluation (tune on valid, report test)", flush=True)
     rows = []
-    for label, model, memory, store, knnlm in specs:
+    for label, model, memory, store, knnlm in eval_specs(budget, base_store, ext_store):
         print(f"  {label}", flush=True)
         record = evaluate(label, ckpts[model], data, memory, budget, work, store, knnlm)
         rows.append({"label": label, "model": model, "memory": memory + (" + kNN" if knnlm else ""),
                      "test": test_ppl(record), "tuned": tuned(record)})
-    write_report(rows, budget, args, data, timings, args.out)
-    print(f"total {time.time() - started:.0f} s")
+    steps_file = work / "logs" / "step-seconds.json"
+    steps = json.loads(steps_file.read_text()) if steps_file.exists() else {}
+    total = sum(steps.values()) if steps else time.time() - started
+    write_report(rows, budget, args, data, timings, steps, total, out)
+    print(f"total {time.time() - started:.0f} s this run")
 
 
 if __name__ == "__main__":
