@@ -26,7 +26,8 @@ from trime.eval.memory import (
 )
 
 GOLDEN = (math.sqrt(5) - 1) / 2
-TEMP_GRID = tuple(2 ** (e / 2) for e in range(-6, 7))  # 0.125 .. 8
+TEMP_GRID = tuple(2.0**e for e in range(-3, 4))  # 0.125 .. 8; golden-section search refines between neighbours
+TEMP_TOLERANCE = 0.03  # in log T: the NLL is flat near its optimum, so ~3% in T changes it by < 0.001 bits
 TEMP_LIMITS = (1 / 1024, 1024.0)  # how far the grid is extended when the optimum is on its edge
 INTERP_TEMP_GRID = tuple(2 ** (e / 4) for e in range(-8, 29))  # 0.25 .. 128
 LAMBDA_RANGE = (0.0, 0.99)
@@ -177,7 +178,7 @@ def tune(
             values.insert(0, objective_log(math.log(grid[0])))
             i = min(range(len(grid)), key=values.__getitem__)
         lo, hi = grid[max(0, i - 1)], grid[min(len(grid) - 1, i + 1)]
-        golden_section(objective_log, math.log(lo), math.log(hi), tol=0.005)
+        golden_section(objective_log, math.log(lo), math.log(hi), tol=TEMP_TOLERANCE)
     else:
         objective_log(math.log(base.softmax_temp))
     best_temp = min(results, key=lambda t: results[t][0])
