@@ -214,6 +214,28 @@ def test_adaptive_softmax_terms_match_fairseq_log_probs():
     ce = logz - score
     torch.testing.assert_close(ce, -full_logprob.gather(1, targets.reshape(-1, 1)).squeeze(1), rtol=1e-5, atol=1e-5)
 
+    # gradients of both outputs (weighted apart) against autograd through fairseq's own log-probs and head
+    feats.requires_grad_(True)
+    w_score, w_logz = torch.rand(18), torch.rand(18)
+    score, logz = adaptive_softmax_terms(asm, feats, targets)
+    params = [feats, *asm.parameters()]
+    ours = torch.autograd.grad((w_score * score + w_logz * logz).sum(), params)
+    flat, flat_targets = feats.reshape(-1, dim), targets.reshape(-1)
+    head = asm.head(flat)  # dense reference: every cluster's log-softmax for every row
+    ref_logz = torch.logsumexp(head, 1)
+    head_logprob = torch.log_softmax(head, 1)
+    ref_score = head_logprob.gather(1, flat_targets.clamp(max=9)[:, None]).squeeze(1)
+    for cluster, (lo, hi) in enumerate([(10, 30), (30, 50)]):
+        tail_logprob = torch.log_softmax(asm.tail[cluster](flat), 1)
+        in_tail = (flat_targets >= lo) & (flat_targets < hi)
+        word = tail_logprob.gather(1, (flat_targets - lo).clamp(0, hi - lo - 1)[:, None]).squeeze(1)
+        ref_score = torch.where(in_tail, head_logprob[:, 10 + cluster] + word, ref_score)
+    torch.testing.assert_close(ref_score, expected, rtol=1e-5, atol=1e-5)  # the reference is fairseq's log P
+    ref_score = ref_score + ref_logz
+    reference = torch.autograd.grad((w_score * ref_score + w_logz * ref_logz).sum(), params)
+    for got, want in zip(ours, reference):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
 
 @pytest.mark.parametrize("rule", ["local", "long", "external"])
 def test_fast_in_batch_path_equals_general_metadata_path(rule):

@@ -473,15 +473,14 @@ def adaptive_softmax_terms(adaptive_softmax, features: Tensor, targets: Tensor) 
     features = features.reshape(-1, features.shape[-1])
     targets = targets.reshape(-1)
     outputs, new_targets = adaptive_softmax(features, targets)
-    head = outputs[0].float()
-    log_partition = torch.logsumexp(head, dim=1)
-    score = head.gather(1, new_targets[0][:, None]).squeeze(1)
+    # the fused (target logit, logsumexp) of full_softmax_terms, per cluster: as cheap as cross-entropy
+    score, log_partition = _SoftmaxHeadTerms.apply(outputs[0], new_targets[0])
     cutoff = adaptive_softmax.cutoff
     for cluster, (tail_logits, tail_targets) in enumerate(zip(outputs[1:], new_targets[1:])):
         if tail_logits is None:
             continue
         in_cluster = (targets >= cutoff[cluster]) & (targets < cutoff[cluster + 1])
         rows = in_cluster.nonzero().squeeze(1)
-        tail_logprob = torch.log_softmax(tail_logits.float(), dim=1).gather(1, tail_targets[:, None]).squeeze(1)
-        score = score.index_add(0, rows, tail_logprob)
+        tail_score, tail_log_partition = _SoftmaxHeadTerms.apply(tail_logits, tail_targets)
+        score = score.index_add(0, rows, tail_score - tail_log_partition)
     return score, log_partition
