@@ -15,6 +15,20 @@ SAMPLES_DIR = REPO_ROOT / "samples"
 SHARED_DATA_DIR = Path(os.environ.get("TRIME_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module (opt in with ``pytest.mark.usefixtures``).
+
+    The test machine is shared: a single thread is faster there, and deterministic.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     """The root of the trime checkout."""

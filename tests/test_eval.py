@@ -100,13 +100,7 @@ def ckpts(tmp_path_factory, wt2_sample_bin):
     return tiny_checkpoints(tmp_path_factory, wt2_sample_bin)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The test machine is shared: a single intra-op thread is faster and deterministic."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread per module
 
 
 def run_cli(*argv, timeout=300):
