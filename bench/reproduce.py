@@ -32,6 +32,9 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO / "bench"))
 from common import machine_info, today  # noqa: E402
 
+from trime.data_prep.prepare import read_data_meta  # noqa: E402
+from trime.io_utils import atomic_path, write_json_atomic  # noqa: E402
+
 # The poster's 247M WikiText-103 test perplexities (reference section 5.2).
 PAPER_TEST_PPL = {
     "Transformer": 18.65,
@@ -108,7 +111,7 @@ def run(cmd: Sequence, log: Path) -> str:
     record = log.parent / "step-seconds.json"  # wall time of every finished step, kept across resumed runs
     steps = json.loads(record.read_text()) if record.exists() else {}
     steps[log.stem] = round(seconds, 1)
-    record.write_text(json.dumps(steps, indent=1) + "\n")
+    write_json_atomic(record, steps)
     return text
 
 
@@ -118,7 +121,15 @@ def done_marker(path: Path) -> bool:
 
 def prepare_data(args, work: Path) -> Path:
     if args.data_bin:
-        return Path(args.data_bin)
+        data = Path(args.data_bin)
+        if not (data / "dict.txt").is_file():
+            raise SystemExit(f"reproduce: --data-bin {data} holds no dict.txt; make one with trime-prepare")
+        level = read_data_meta(data).get("level")
+        wanted = "byte" if args.dataset == "enwik8-prefix" else "word"
+        if level is not None and level != wanted:
+            raise SystemExit(f"reproduce: --data-bin {data} is {level} level but --dataset {args.dataset} needs "
+                             f"{wanted} level data; pass the matching --dataset")
+        return data
     if args.quick:
         name, raw = ("enwik8-sample" if args.dataset == "enwik8-prefix" else "wikitext-2-sample"), None
     else:
@@ -158,7 +169,7 @@ def train_all(data: Path, budget: Budget, work: Path, plan: Optional[Path]) -> D
             log = run([BIN / "trime-train", data, *flags, *extra, *budget.model_args(), "--save-dir", save],
                       work / "logs" / f"train-{name}.log")
             wps = [float(x.split("=")[1]) for x in log.replace(",", " ").split() if x.startswith("wps=")]
-            marker.write_text(json.dumps({"seconds": time.time() - started, "wps": wps}))
+            write_json_atomic(marker, {"seconds": time.time() - started, "wps": wps})
         ckpts[name] = ckpt
     return ckpts
 
@@ -261,11 +272,12 @@ def write_report(rows: List[dict], budget: Budget, args, data: Path, timings: di
         "",
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    with atomic_path(out.with_suffix(".md")) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
     payload = {"machine": machine, "date": today(), "quick": args.quick, "dataset": args.dataset, "data": str(data),
                "metric": metric, "budget": vars(budget), "rows": rows, "training_seconds": timings,
                "step_seconds": steps, "total_seconds": round(total_s, 1), "paper_test": paper}
-    out.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    write_json_atomic(out.with_suffix(".json"), json.loads(json.dumps(payload, default=str)))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -279,7 +291,8 @@ def write_report(rows: List[dict], budget: Budget, args, data: Path, timings: di
     ax.set_xlim(min(r["test"] for r in rows) * 0.9, max(r["test"] for r in rows) * 1.02)
     ax.set_title(f"TRIME at small scale ({dataset})")
     fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=120)
+    with atomic_path(out.with_suffix(".png")) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     print("\n".join(lines))
     print(f"wrote {out.with_suffix('.md')}, .json and .png")
 
