@@ -12,13 +12,15 @@ TORCH_VERSION ?= 2.13.0
 
 .PHONY: venv install demo test reproduce reproduce-enwik8 bench lint clean
 
-$(DEPS_STAMP): requirements.txt
+$(DEPS_STAMP): requirements.txt requirements-hf.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q torch==$(TORCH_VERSION) numpy cython
 	# fairseq-fixed is built against the torch above and must not pull torchaudio/another torch
 	$(PIP) install -q --no-build-isolation --no-deps fairseq-fixed==0.12.3.1
 	$(PIP) install -q -r requirements.txt pytest ruff
+	# the [hf] extra (trime.hf, trime-hf-train), so that `make test` runs the Hugging Face tests too
+	$(PIP) install -q -r requirements-hf.txt
 	touch $@
 
 venv: $(DEPS_STAMP)

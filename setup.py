@@ -25,14 +25,14 @@ PACKAGE_DIR = {
     "trime.retrieval": "retrieval",
     "trime.eval": "eval",
 }
-PACKAGES = ["trime", "trime.criterions", "trime.models", "trime.tasks", "trime.data_prep", "trime.retrieval", "trime.eval"]
+PACKAGES = ["trime", "trime.criterions", "trime.models", "trime.tasks", "trime.hf", "trime.data_prep", "trime.retrieval", "trime.eval"]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def read_requirements() -> list:
-    """requirements.txt lists everything but torch and fairseq-fixed."""
-    with open(os.path.join(HERE, "requirements.txt")) as f:
+def read_requirements(name: str = "requirements.txt") -> list:
+    """requirements.txt lists everything but torch and fairseq-fixed; requirements-hf.txt the [hf] extra."""
+    with open(os.path.join(HERE, name)) as f:
         return [line.strip() for line in f if line.strip() and not line.startswith("#")]
 
 
@@ -65,6 +65,7 @@ setup(
     ],
     extras_require={
         "gpu": ["faiss-gpu-cu12"],
+        "hf": read_requirements("requirements-hf.txt"),
         "dev": ["pytest", "ruff"],
     },
     entry_points={
@@ -74,6 +75,7 @@ setup(
             "trime-eval=trime.eval.evaluate:cli_main",
             "trime-build-datastore=trime.retrieval.datastore:cli_main",
             "trime-bm25-batches=trime.retrieval.bm25_batches:cli_main",
+            "trime-hf-train=trime.hf.train:cli_main",
         ]
     },
 )

@@ -1,0 +1,86 @@
+"""Plain text under a Hugging Face tokenizer: one token stream per file, and the tokenizer's identity.
+
+Training (``trime-hf-train``), BM25 plans (``trime-bm25-batches --model``) and evaluation
+all read a text file the same way: the whole file is tokenized as **one string**,
+without special tokens (no BOS/EOS is added), so that a file's token stream does not
+depend on how it is later cut into blocks or windows.
+
+:func:`tokenizer_identity` is a hash of what maps text to ids (the fast tokenizer's
+serialised model, normaliser, pre-tokeniser and added tokens; the vocabulary for slow
+tokenizers). Plans and datastores record it, so that files made under another
+tokenizer are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+
+from trime.errors import fail
+
+# runtime settings of a fast tokenizer that do not change the ids of a plain encode
+_RUNTIME_KEYS = ("truncation", "padding")
+
+
+def read_text_file(path: Union[str, os.PathLike], option: str = "--train-file") -> str:
+    """The file's text (UTF-8); one-line errors for a missing, empty or non-UTF-8 file."""
+    path = Path(path)
+    if not path.is_file():
+        fail(f"{option} {path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        fail(f"{option} {path} is not UTF-8 text (byte {err.start}); convert it to UTF-8")
+    if not text.strip():
+        fail(f"{option} {path} is empty")
+    return text
+
+
+def tokenize_text(text: str, tokenizer: Any) -> np.ndarray:
+    """Token ids (int64) of ``text`` as one string, without special tokens."""
+    encoded = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)
+    return np.asarray(encoded["input_ids"], dtype=np.int64)
+
+
+def tokenize_text_file(path: Union[str, os.PathLike], tokenizer: Any, option: str = "--train-file") -> np.ndarray:
+    """Token ids (int64) of the whole file tokenized as one string, without special tokens."""
+    ids = tokenize_text(read_text_file(path, option), tokenizer)
+    if ids.size == 0:
+        fail(f"{option} {path} has no tokens under this tokenizer")
+    return ids
+
+
+def text_file_identity(path: Union[str, os.PathLike]) -> dict:
+    """Cheap identity of a text file: its size and sha256."""
+    from trime.io_utils import sha256_file
+
+    path = Path(path)
+    return {"text_bytes": path.stat().st_size, "text_sha256": sha256_file(path)}
+
+
+def tokenizer_identity(tokenizer: Any) -> str:
+    """Hex sha256 of what maps text to ids; equal for a tokenizer and its save_pretrained copy."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        for key in _RUNTIME_KEYS:
+            spec.pop(key, None)
+        body = {"kind": "fast", "spec": spec}
+    else:  # slow (python) tokenizer: its vocabulary and special tokens
+        body = {
+            "kind": type(tokenizer).__name__,
+            "vocab": sorted(tokenizer.get_vocab().items()),
+            "special": sorted(map(str, getattr(tokenizer, "all_special_tokens", []))),
+        }
+    text = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def special_token_ids(tokenizer: Any) -> list:
+    """Ids of the tokenizer's special tokens (BOS/EOS/PAD/UNK and added specials)."""
+    return sorted({int(i) for i in getattr(tokenizer, "all_special_ids", []) if i is not None and int(i) >= 0})
