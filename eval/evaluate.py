@@ -1,6 +1,7 @@
 """``trime-eval``: perplexity (or bits per character) with local, long-term and external memory.
 
-One tool produces every row of the paper's tables from a fairseq checkpoint:
+One tool produces every row of the paper's tables from a fairseq checkpoint or a Hugging
+Face model dir (any :mod:`trime.adapters` front-end):
 
 - ``--memory none``: the plain LM (equals ``fairseq-eval-lm`` with the same windows);
 - ``--memory local``: TrimeLM (context + earlier window tokens as memory);
@@ -26,20 +27,10 @@ from pathlib import Path
 import torch
 from trime.eval.memory import LEVELS, MemorySettings, ScoreState, score_batch
 from trime.eval.tuning import CachedRun, tune
-from trime.eval.windows import (
-    batch_size_for,
-    forward_batch,
-    identity_key,
-    iter_samples,
-    load_lm,
-    load_windows,
-    num_batches,
-    quiet_libraries,
-    window_settings,
-)
 
+from trime.adapters import batch_size_for, load_adapter
 from trime.errors import fail
-from trime.io_utils import atomic_path, write_json_atomic
+from trime.io_utils import atomic_path, identity_key, quiet_libraries, write_json_atomic
 
 SWEEPABLE = {
     "mem-size": ("mem_size", int),
@@ -70,8 +61,12 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="trime-eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("data", help="fairseq data-bin (written by trime-prepare or fairseq-preprocess)")
-    p.add_argument("--path", required=True, help="checkpoint to evaluate")
+    p.add_argument(
+        "data",
+        help="fairseq data-bin (trime-prepare, fairseq-preprocess), or for a Hugging Face --path a folder of "
+        "text splits (train.txt/valid.txt/test.txt or wiki.SPLIT.tokens)",
+    )
+    p.add_argument("--path", required=True, help="fairseq checkpoint, or Hugging Face model dir (with config.json)")
     p.add_argument("--memory", choices=LEVELS, default="none", help="memory level (cumulative; default none)")
     p.add_argument("--gen-subset", default=None, help="split to report (default valid, or test with --tune)")
     p.add_argument(
@@ -185,11 +180,11 @@ class Evaluator:
     def _batches(self, split: str, max_batches: int | None = None):
         from tqdm import tqdm
 
-        dataset = load_windows(self.lm, split, self.windows)
-        total = num_batches(dataset, self.batch_size)
+        windows = self.lm.windows(split, self.windows)
+        total = windows.num_batches(self.batch_size)
         if max_batches is not None:
             total = min(total, max_batches)
-        samples = iter_samples(dataset, self.batch_size, 0, total)
+        samples = windows.batches(self.batch_size, 0, total)
         return tqdm(
             samples, total=total, desc=f"trime-eval {split}", unit="batch", disable=not self.progress, file=sys.stderr
         )
@@ -201,7 +196,7 @@ class Evaluator:
         sync = torch.cuda.synchronize if self.lm.device.type == "cuda" else (lambda: None)
         started = time.perf_counter()
         for sample in self._batches(split):
-            batch = forward_batch(self.lm, sample)
+            batch = self.lm.forward(sample)
             log_probs = score_batch(batch, settings, state, self._search(batch), dim=self.lm.dim)
             nll -= float(log_probs.double().sum())
             count += log_probs.numel()
@@ -213,7 +208,7 @@ class Evaluator:
         batches, knn = [], []
         started = time.perf_counter()
         for sample in self._batches(split, max_batches):
-            batch = forward_batch(self.lm, sample)
+            batch = self.lm.forward(sample)
             result = self._search(batch)
             batches.append(batch.to(torch.device("cpu")))
             knn.append(result.to(torch.device("cpu")) if result is not None else None)
@@ -307,18 +302,19 @@ def main(argv: list | None = None) -> dict:
         args.gen_subset = "test" if args.tune else "valid"
     data_dir = Path(args.data)
     precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
-    lm = load_lm(args.path, data_dir, cpu=args.cpu, precision=precision)
-    windows = window_settings(lm, args.context_window, args.tokens_per_sample)
+    lm = load_adapter(args.path, data_dir, cpu=args.cpu, precision=precision)
+    windows = lm.window_settings(args.context_window, args.tokens_per_sample)
     batch_size = batch_size_for(windows, args.batch_size, args.max_tokens)
     store = None
     if args.datastore:
-        from trime.retrieval.datastore import Datastore
+        from trime.retrieval.datastore import Datastore, model_info
         from trime.retrieval.faiss_index import GPU_MAX_K
 
         store = Datastore.open(
             args.datastore,
             dim=lm.dim,
             dict_sha256=lm.dict_sha256,
+            model=model_info(lm),
             nprobe=args.nprobe,
             gpus="none" if args.cpu else args.faiss_gpus,
         )
@@ -388,6 +384,7 @@ def main(argv: list | None = None) -> dict:
         "trime_version": _version(),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "checkpoint": lm.identity,
+        "model": {"frontend": lm.frontend, "architecture": lm.architecture},
         "data": {"dir": str(data_dir), "dict_sha256": lm.dict_sha256, "byte_level": is_bytes},
         "datastore": store.identity() if store is not None else None,
         "settings": {

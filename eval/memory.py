@@ -28,15 +28,12 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
-from trime.eval.windows import WindowBatch
 
-from trime.loss import joint_nll, scored_memory_logsumexp
+from trime.adapters.base import WindowBatch
+from trime.knn import KnnResults
+from trime.loss import Rule, Visibility, joint_nll, memory_logsumexp, scored_memory_logsumexp
 
 LEVELS = ("none", "local", "long", "external")
-# Query rows per block of the long-term memory scores (memory O(rows x mem_size)).
-LONG_BLOCK_ROWS = 1024
-# Most local-memory scores (packed queries x window positions) held at once.
-LOCAL_SCORE_BUDGET = 1 << 24
 _NEG_INF = float("-inf")
 
 
@@ -62,23 +59,6 @@ class MemorySettings:
 
     def with_(self, **changes) -> "MemorySettings":
         return replace(self, **changes)
-
-
-@dataclass
-class KnnResults:
-    """FAISS results for the N scored rows of a batch: similarity scores (higher is closer)."""
-
-    scores: Tensor  # (N, k) fp32: inner product, or -squared L2 distance
-    labels: Tensor  # (N, k) int64 value (next token) of each neighbour
-    valid: Tensor  # (N, k) bool, False for FAISS's -1 padding
-
-    def top(self, k: int | None) -> "KnnResults":
-        if k is None or k >= self.scores.shape[1]:
-            return self
-        return KnnResults(self.scores[:, :k], self.labels[:, :k], self.valid[:, :k])
-
-    def to(self, device: torch.device) -> "KnnResults":
-        return KnnResults(self.scores.to(device), self.labels.to(device), self.valid.to(device))
 
 
 @dataclass
@@ -132,42 +112,39 @@ class ScoreState:
         return cls(long=LongMemory(settings.mem_size) if settings.uses_long else None)
 
 
+def _window_visibility(rule: Rule, query_position: Tensor, key_position: Tensor, key_valid: Tensor | None) -> Visibility:
+    """Visibility of one window's queries: a single segment, stream/window positions, optional key mask."""
+    return Visibility(
+        rule=rule,
+        query_segment=torch.zeros_like(query_position),
+        query_position=query_position,
+        key_segment=torch.zeros_like(key_position),
+        key_position=key_position,
+        key_valid=key_valid,
+    )
+
+
 def local_memory_terms(batch: WindowBatch, key_valid: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """(lse_all, lse_pos) over the local memory of every scored row.
 
-    A window's scored positions are contiguous (``starts[b]`` onwards), so queries are
-    packed per window, scored against all positions of their window with one batched
-    matrix product, and masked to strictly earlier valid positions. Windows are taken
-    in chunks so that at most ``LOCAL_SCORE_BUDGET`` scores are held at once.
+    Per window, ``Rule.LOCAL``: a scored position sees the strictly earlier valid
+    positions of its own window (context and new tokens). A window's scored positions
+    are contiguous (``starts[b]`` onwards) and their labels are their targets.
     """
     reps, labels = batch.reps, batch.key_labels
-    bsz, length, dim = reps.shape
-    device = reps.device
-    counts = batch.scored.sum(dim=1)
-    n_max = int(counts.max()) if bsz else 0
-    starts = torch.tensor(batch.starts, device=device)
-    slot = torch.arange(n_max, device=device)
-    rows = starts[:, None] + slot[None, :]  # (B, n_max) window position of each packed query
-    row_ok = slot[None, :] < counts[:, None]
-    rows_c = rows.clamp(max=length - 1)
-    cols = torch.arange(length, device=device)
-    per_chunk = max(1, LOCAL_SCORE_BUDGET // max(1, n_max * length))
+    positions = torch.arange(reps.shape[1], device=reps.device)
     lse_all, lse_pos = [], []
-    for b0 in range(0, bsz, per_chunk):
-        b1 = min(bsz, b0 + per_chunk)
-        q = reps[b0:b1].gather(1, rows_c[b0:b1, :, None].expand(-1, -1, dim))
-        scores = torch.bmm(q.float(), reps[b0:b1].float().transpose(1, 2)) * scale  # (b, n_max, T)
-        visible = (cols[None, None, :] < rows[b0:b1, :, None]) & key_valid[b0:b1, None, :] & row_ok[b0:b1, :, None]
-        targets = labels[b0:b1].gather(1, rows_c[b0:b1])  # a scored position's label is its target
-        a, p = scored_memory_logsumexp(
-            scores.reshape(-1, length),
-            labels[b0:b1, None, :].expand(-1, n_max, -1).reshape(-1, length),
-            targets.reshape(-1),
-            visible.reshape(-1, length),
-        )
-        keep = row_ok[b0:b1].reshape(-1)
-        lse_all.append(a[keep])
-        lse_pos.append(p[keep])
+    for b, (start, count) in enumerate(zip(batch.starts, batch.scored_per_window())):
+        if count == 0:
+            continue
+        rows = slice(start, start + count)
+        visibility = _window_visibility(Rule.LOCAL, positions[rows], positions, key_valid[b])
+        a, p = memory_logsumexp(reps[b, rows], reps[b], labels[b], labels[b, rows], visibility, scale=scale)
+        lse_all.append(a)
+        lse_pos.append(p)
+    if not lse_all:
+        empty = torch.zeros(0, device=reps.device)
+        return empty, empty
     return torch.cat(lse_all), torch.cat(lse_pos)
 
 
@@ -184,10 +161,11 @@ def long_memory_terms(
     """(lse_all, lse_pos) over the FIFO for every scored row; updates the FIFO and ``key_valid``.
 
     The FIFO as window b sees it is a contiguous slice [lo_b, hi_b) of the buffer
-    ``cache + this batch's scored tokens``, so the whole batch is scored with one masked
-    matrix product per block of rows instead of a loop over windows. Buffer entries
-    from the last reset on have consecutive stream positions, so entry i sits at
-    position ``first - cached + i``; context positions of window b at or after its
+    ``cache + this batch's scored tokens`` (the last ``capacity`` entries before the
+    window, none from before a reset). Each window's rows see their slice by
+    ``Rule.LONG`` on stream positions (every entry is earlier than the window). Buffer
+    entries from the last reset on have consecutive stream positions, so entry i sits
+    at position ``first - cached + i``; context positions of window b at or after its
     slice's first position are switched off in ``key_valid`` (they are counted once).
     """
     mem = state.long
@@ -200,21 +178,18 @@ def long_memory_terms(
         buf_labels = torch.cat([mem.labels, batch.targets])
     else:
         buf_keys, buf_labels = queries, batch.targets
+    buf_pos = torch.arange(first - cached, first + n, device=device)
     # per window: the visible slice of the buffer, and the first context position it holds
     floor = 0  # buffer entries before a reset are invisible
-    lows, highs, thresholds = [], [], []
+    slices, thresholds = [], []
     for b, window_id in enumerate(batch.ids):
         if mem.check_id(window_id):
             floor = cached + offsets[b]
         hi = cached + offsets[b]
         lo = max(floor, hi - mem.capacity)
-        lows.append(lo)
-        highs.append(hi)
+        slices.append((lo, hi))
         thresholds.append(first - cached + lo if hi > lo else math.inf)
-    counts = torch.tensor([offsets[b + 1] - offsets[b] for b in range(len(batch.ids))], device=device)
-    row_lo = torch.tensor(lows, device=device).repeat_interleave(counts)
-    row_hi = torch.tensor(highs, device=device).repeat_interleave(counts)
-    bsz, length = batch.scored.shape
+    length = batch.scored.shape[1]
     window_first = first + torch.tensor(offsets[:-1], device=device)
     starts = torch.tensor(batch.starts, device=device)
     positions = (window_first - starts)[:, None] + torch.arange(length, device=device)[None, :]
@@ -224,20 +199,15 @@ def long_memory_terms(
 
     lse_all = torch.full((n,), _NEG_INF, device=device)
     lse_pos = torch.full((n,), _NEG_INF, device=device)
-    # about max(capacity, one window) rows per block: the key span is then ~2x the visible part
-    rows = max(1, min(LONG_BLOCK_ROWS, max(int(counts.max()) if bsz else 1, mem.capacity)))
-    for r0 in range(0, n, rows):
-        r1 = min(n, r0 + rows)
-        k0, k1 = int(row_lo[r0:r1].min()), int(row_hi[r0:r1].max())
-        if k1 <= k0:
+    for b, (lo, hi) in enumerate(slices):
+        r0, r1 = offsets[b], offsets[b + 1]
+        if hi <= lo or r1 <= r0:
             continue
-        cols = torch.arange(k0, k1, device=device)
-        visible = (cols[None, :] >= row_lo[r0:r1, None]) & (cols[None, :] < row_hi[r0:r1, None])
-        scores = (queries[r0:r1].float() @ buf_keys[k0:k1].float().T) * scale
-        labels = buf_labels[None, k0:k1].expand(r1 - r0, -1)
-        lse_all[r0:r1], lse_pos[r0:r1] = scored_memory_logsumexp(scores, labels, batch.targets[r0:r1], visible)
+        visibility = _window_visibility(Rule.LONG, buf_pos[cached + r0 : cached + r1], buf_pos[lo:hi], None)
+        lse_all[r0:r1], lse_pos[r0:r1] = memory_logsumexp(
+            queries[r0:r1], buf_keys[lo:hi], buf_labels[lo:hi], batch.targets[r0:r1], visibility, scale=scale
+        )
     # the FIFO after this batch: the last `capacity` entries since the last reset
-    buf_pos = torch.arange(first - cached, first + n, device=device)
     mem.keep(buf_keys, buf_labels, buf_pos, start=floor)
     state.next_position = first + n
     return lse_all, lse_pos

@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 from trime.eval.memory import (
-    KnnResults,
     MemorySettings,
     ScoreState,
     interpolate,
     knn_log_prob,
     score_batch,
 )
+from trime.knn import KnnResults
 
 GOLDEN = (math.sqrt(5) - 1) / 2
 TEMP_GRID = tuple(2.0**e for e in range(-3, 4))  # 0.125 .. 8; golden-section search refines between neighbours
@@ -86,11 +86,7 @@ class CachedRun:
     def all_knn(self) -> KnnResults | None:
         if not self.knn or self.knn[0] is None:
             return None
-        return KnnResults(
-            torch.cat([r.scores for r in self.knn]),
-            torch.cat([r.labels for r in self.knn]),
-            torch.cat([r.valid for r in self.knn]),
-        )
+        return KnnResults.cat(self.knn)
 
     def log_probs(self, settings: MemorySettings) -> Tensor:
         """Per-token log P of every scored token (CPU, fp32) under ``settings``."""

@@ -2,17 +2,18 @@
 
 Layout of a datastore directory::
 
-    meta.json     count, dim, dtypes, key type, window settings, dictionary and checkpoint
-                  hashes, per-shard bookkeeping, and (once built) the index settings
+    meta.json     count, dim, dtypes, key type, window settings, dictionary (or tokenizer) and
+                  checkpoint hashes, model front-end and architecture, per-shard bookkeeping, and (once built) the index settings
     keys.npy      (count, dim) float16 or float32 last-FFN inputs of every scored token
     vals.npy      (count,) int32 next-token ids
     index.faiss   FAISS index over keys.npy (row i of keys.npy has FAISS id i)
     shards/shard-XXX-of-NNN/   per-shard keys/vals/meta of a sharded build (before --merge)
 
-Extraction runs the checkpoint over a split with the evaluation windowing
-(:mod:`trime.eval.windows`) and keeps every scored token: unlike the original, the first
-windows (with a short context) are not skipped. Shards are contiguous runs of whole
-batches, so a sharded build merged together is byte-identical to an unsharded one.
+Extraction runs the model (any :class:`trime.adapters.base.ModelAdapter`: a fairseq
+checkpoint or a Hugging Face model dir) over a split with the evaluation windowing and
+keeps every scored token: unlike the original, the first windows (with a short context)
+are not skipped. Shards are contiguous runs of whole batches, so a sharded build merged
+together is byte-identical to an unsharded one.
 Extraction is resumable: ``progress.json`` records the batches already written to the
 ``*.partial.npy`` files; a killed build re-run with the same flags continues and ends
 with byte-identical files. Final files appear atomically (rename), ``meta.json`` last.
@@ -26,12 +27,15 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from trime.errors import fail
 from trime.io_utils import (
     atomic_path,
+    identity_key,
+    quiet_libraries,
     read_json,
     require_free_disk,
     sha256_file,
@@ -48,6 +52,8 @@ FORMAT = 1
 KEY_TYPE = "last_ffn_input"
 KEY_DTYPES = {"fp16": np.float16, "fp32": np.float32}
 VAL_DTYPE = np.int32
+if TYPE_CHECKING:  # torch is imported only when a model is loaded (not for --merge/--build-index)
+    from trime.adapters import ModelAdapter, WindowSettings
 DEFAULT_PROGRESS_SECONDS = 30.0
 ADD_CHUNK = 500_000
 
@@ -126,14 +132,16 @@ class Datastore:
         directory: os.PathLike,
         dim: int | None = None,
         dict_sha256: str | None = None,
+        model: dict | None = None,
         need_index: bool = True,
         nprobe: int = 32,
         gpus: str = "none",
     ) -> "Datastore":
         """Open and validate a datastore; every mismatch is a one-line error naming the file and fix.
 
-        ``dim``/``dict_sha256`` are the model's key size and the dictionary's sha256;
-        ``gpus`` is ``none``, ``auto`` or ``all`` (see :func:`faiss_index.search_gpus`).
+        ``dim``/``dict_sha256`` are the model's key size and the dictionary's sha256,
+        ``model`` its ``{"frontend", "architecture"}`` (:func:`model_info`); ``gpus`` is
+        ``none``, ``auto`` or ``all`` (see :func:`faiss_index.search_gpus`).
         """
         directory = Path(directory)
         meta_path = directory / META_NAME
@@ -159,7 +167,15 @@ class Datastore:
         if dict_sha256 is not None and meta["dictionary"].get("sha256") != dict_sha256:
             fail(
                 f"--datastore {directory} was built with another dictionary (sha256 in {meta_path} differs "
-                "from the data-bin's dict.txt); build the datastore from a data-bin with this dictionary"
+                "from the data-bin's dict.txt or the model's tokenizer); build the datastore with this "
+                "dictionary or tokenizer"
+            )
+        built_by = meta.get("model")
+        if model is not None and built_by is not None and built_by != model:
+            fail(
+                f"--datastore {directory} was built with a {built_by.get('frontend')} "
+                f"{built_by.get('architecture')} model, not this {model['frontend']} {model['architecture']} "
+                "model; build a datastore with this model"
             )
         keys_path, vals_path = directory / KEYS_NAME, directory / VALS_NAME
         check_npy(keys_path, (count, ds_dim), meta["key_dtype"], "keys")
@@ -172,14 +188,15 @@ class Datastore:
         return cls(directory, meta, vals, keys, index, on_gpu=on_gpu)
 
     def search(self, queries: np.ndarray, k: int, exact: bool = False):
-        """Top-k neighbours as :class:`trime.eval.memory.KnnResults` (torch, CPU).
+        """Top-k neighbours as :class:`trime.knn.KnnResults` (torch, CPU).
 
         ``exact`` recomputes the scores from the stored keys (kNN-LM's exact distances)
         instead of using FAISS's (possibly PQ-approximated) ones.
         """
         import torch
-        from trime.eval.memory import KnnResults
         from trime.retrieval import faiss_index
+
+        from trime.knn import KnnResults
 
         scores, ids = faiss_index.search(self.index, queries, k, self.metric)
         valid = ids >= 0
@@ -263,6 +280,11 @@ def load_index(directory: Path, meta: dict, nprobe: int = 32, gpus: str = "none"
 # ----------------------------------------------------------------------------- extraction
 
 
+def model_info(lm: "ModelAdapter") -> dict:
+    """What a datastore records about the model family that built it (checked by :meth:`Datastore.open`)."""
+    return {"frontend": lm.frontend, "architecture": lm.architecture}
+
+
 def _config_sha(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
@@ -275,9 +297,9 @@ def _save_progress(path: Path, config_sha: str, keys, vals, batches: int, rows: 
 
 
 def extract(
-    lm,
+    lm: "ModelAdapter",
     split: str,
-    settings,
+    settings: "WindowSettings",
     batch_size: int,
     output: Path,
     key_dtype: str = "fp16",
@@ -293,20 +315,14 @@ def extract(
     process after that many batches of this run, leaving a partial build to resume.
     """
     from tqdm import tqdm
-    from trime.eval.windows import (
-        forward_batch,
-        iter_samples,
-        load_windows,
-        num_batches,
-    )
 
     if key_dtype not in KEY_DTYPES:
         fail(f"--key-dtype must be one of {', '.join(KEY_DTYPES)}, got {key_dtype!r}")
-    dataset = load_windows(lm, split, settings)
-    total_batches = num_batches(dataset, batch_size)
+    windows = lm.windows(split, settings)
+    total_batches = windows.num_batches(batch_size)
     b0, b1 = shard_range(total_batches, num_shards, shard_id)
-    w0, w1 = b0 * batch_size, min(len(dataset), b1 * batch_size)
-    sizes = np.asarray(getattr(dataset, "dataset", dataset).sizes, dtype=np.int64)
+    w0, w1 = b0 * batch_size, min(len(windows), b1 * batch_size)
+    sizes = windows.scored_counts()
     row0, rows = int(sizes[:w0].sum()), int(sizes[w0:w1].sum())
     out_dir = output if num_shards == 1 else output / "shards" / shard_dir_name(shard_id, num_shards)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -322,10 +338,11 @@ def extract(
         "key_dtype": np.dtype(dtype).name,
         "val_dtype": np.dtype(VAL_DTYPE).name,
         "split": split,
-        "windows": {**settings.as_dict(), "num_windows": len(dataset), "batch_size": batch_size},
+        "windows": {**settings.as_dict(), "num_windows": len(windows), "batch_size": batch_size},
         "skipped_tokens": 0,
-        "dictionary": {"sha256": lm.dict_sha256, "size": len(lm.dictionary)},
+        "dictionary": dict(lm.vocab),
         "checkpoint": ckpt,
+        "model": model_info(lm),
         "model_precision": str(lm.dtype).replace("torch.", ""),
         "shards": [
             {
@@ -385,10 +402,10 @@ def extract(
     )
     last_save = time.monotonic()
     row = done_rows
-    samples = iter_samples(dataset, batch_size, b0 + done_batches, b1)
+    samples = windows.batches(batch_size, b0 + done_batches, b1)
     for batches_this_run, sample in enumerate(samples, start=1):
         batch_no = done_batches + batches_this_run
-        batch = forward_batch(lm, sample, need_token_terms=False)
+        batch = lm.forward(sample, need_token_terms=False)
         q = batch.queries
         n = q.shape[0]
         keys[row : row + n] = q.float().cpu().numpy().astype(dtype)
@@ -433,9 +450,7 @@ def merge_shards(output: Path, delete_shards: bool = False) -> dict:
     if len(dirs) != num_shards:
         fail(f"{shard_root} mixes shards of different --num-shards; delete the stale ones")
     first = metas[0]
-    from trime.eval.windows import identity_key
-
-    same = ("dim", "key_dtype", "val_dtype", "split", "windows", "dictionary", "key_type", "model_precision")
+    same = ("dim", "key_dtype", "val_dtype", "split", "windows", "dictionary", "key_type", "model_precision", "model")
     for shard_id, m in enumerate(metas):
         differs = [key for key in same if m.get(key) != first.get(key)]
         if identity_key(m["checkpoint"]) != identity_key(first["checkpoint"]):
@@ -557,8 +572,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="trime-build-datastore",
         description="Build TRIME's external memory: extract keys/values, merge shards, build the FAISS index.",
     )
-    p.add_argument("data", nargs="?", help="fairseq data-bin (needed for extraction)")
-    p.add_argument("--path", help="checkpoint whose last-FFN inputs are the keys")
+    p.add_argument(
+        "data", nargs="?", help="fairseq data-bin, or a folder of text splits for a Hugging Face --path (extraction)"
+    )
+    p.add_argument(
+        "--path", help="fairseq checkpoint or Hugging Face model dir (config.json) whose last-FFN inputs are the keys"
+    )
     p.add_argument("--output", required=True, help="datastore directory")
     p.add_argument("--gen-subset", default="train", help="split to extract (default: train)")
     p.add_argument(
@@ -600,8 +619,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cli_main(argv: list | None = None) -> None:
-    from trime.eval.windows import quiet_libraries
-
     args = build_parser().parse_args(argv)
     quiet_libraries()
     output = Path(args.output)
@@ -623,11 +640,11 @@ def cli_main(argv: list | None = None) -> None:
         return
     if args.data is None or args.path is None:
         fail("extraction needs DATA and --path (or use --merge / --build-index on an existing --output)")
-    from trime.eval.windows import batch_size_for, load_lm, window_settings
+    from trime.adapters import batch_size_for, load_adapter
 
     precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
-    lm = load_lm(args.path, args.data, cpu=args.cpu, precision=precision)
-    settings = window_settings(lm, args.context_window, args.tokens_per_sample)
+    lm = load_adapter(args.path, args.data, cpu=args.cpu, precision=precision)
+    settings = lm.window_settings(args.context_window, args.tokens_per_sample)
     batch_size = batch_size_for(settings, args.batch_size, args.max_tokens)
     written = extract(
         lm,

@@ -1,17 +1,23 @@
-"""Small shared helpers for offline jobs: atomic writes, file hashes, shard ranges, JSON."""
+"""Small shared helpers for offline jobs: atomic writes, file hashes and identities, shard ranges, JSON,
+and the CLIs' quiet logging set-up."""
 
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Tuple, Union
 
 from trime.errors import fail
 
 PathLike = Union[str, os.PathLike]
+# Files at most this large are hashed whole; bigger ones get size + mtime + partial hashes.
+FULL_HASH_MAX_BYTES = 256 << 20
+PARTIAL_HASH_BYTES = 16 << 20
 
 
 @contextlib.contextmanager
@@ -65,6 +71,43 @@ def sha256_file(path: PathLike, chunk_bytes: int = 1 << 20) -> str:
         while chunk := f.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def file_identity(path: PathLike) -> dict:
+    """A stable identity for a file: sha256 for small files, else size/mtime/head+tail sha256."""
+    path = Path(path)
+    stat = path.stat()
+    if stat.st_size <= FULL_HASH_MAX_BYTES:
+        return {"path": str(path), "bytes": stat.st_size, "sha256": sha256_file(path)}
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(PARTIAL_HASH_BYTES))
+        f.seek(-PARTIAL_HASH_BYTES, os.SEEK_END)
+        digest.update(f.read(PARTIAL_HASH_BYTES))
+    return {
+        "path": str(path),
+        "bytes": stat.st_size,
+        "mtime": int(stat.st_mtime),
+        "partial_sha256": digest.hexdigest(),
+    }
+
+
+def identity_key(identity: dict) -> str:
+    """The hash part of :func:`file_identity` (what must match between two files)."""
+    return identity.get("sha256") or f"{identity['bytes']}:{identity['partial_sha256']}"
+
+
+def quiet_libraries() -> None:
+    """For the CLIs: warnings and errors only (importing fairseq sets the root logger to DEBUG).
+
+    Also keeps FAISS's loader chatter, matplotlib's font search and a known torch
+    warning about fairseq's padding masks off the output.
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(logging.WARNING)
+    for name in ("fairseq", "faiss", "matplotlib"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")
 
 
 def shard_range(num_items: int, num_shards: int, shard_id: int) -> Tuple[int, int]:

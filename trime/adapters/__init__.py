@@ -1,0 +1,31 @@
+"""Model adapters: one interface (:mod:`trime.adapters.base`) over fairseq and Hugging Face LMs.
+
+:func:`load_adapter` picks the front-end from ``--path``: a directory with ``config.json``
+is a Hugging Face model (:mod:`trime.adapters.hf_lm`, scoring raw text splits), anything
+else a fairseq checkpoint (:mod:`trime.adapters.fairseq_lm`, scoring a data-bin). Neither
+framework is imported until a model is loaded.
+"""
+
+import os
+
+from trime.adapters.base import (
+    ModelAdapter,
+    SplitWindows,
+    WindowBatch,
+    WindowSettings,
+    batch_size_for,
+)
+from trime.hf.model import is_hf_model_dir
+
+__all__ = ["ModelAdapter", "SplitWindows", "WindowBatch", "WindowSettings", "batch_size_for", "load_adapter"]
+
+
+def load_adapter(path: os.PathLike, data_dir: os.PathLike, cpu: bool = False, precision: str = "fp32") -> ModelAdapter:
+    """Load ``--path`` for scoring the splits in ``data_dir``; ``precision`` is fp32, fp16 or bf16."""
+    if is_hf_model_dir(path):
+        from trime.adapters.hf_lm import HFLM
+
+        return HFLM.load(path, data_dir, cpu=cpu, precision=precision)
+    from trime.adapters.fairseq_lm import FairseqLM
+
+    return FairseqLM.load(path, data_dir, cpu=cpu, precision=precision)
