@@ -140,7 +140,7 @@ DATASETS: dict[str, DatasetSpec] = {
         ),
         DatasetSpec(
             name="enwik8-prefix",
-            title="the 1,000,000-byte enwik8 prefix",
+            title="the enwik8 prefix",
             level=BYTE,
             files=(RawFile(name="enwik8.prefix", sha256=ENWIK8_PREFIX_SHA256, size=1_000_000),),
             standard_split=False,

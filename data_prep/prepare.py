@@ -217,7 +217,9 @@ def _mismatch_hint(spec: DatasetSpec, digest: _Digest) -> str:
         return f"it is {other.title}'s {known[1]}; use dataset {other.name}"
     if spec.is_sample:
         return "restore the shipped file from the repository, or pass the original file with --raw-dir"
-    return "pass the original, unmodified file (or fetch it with --download)"
+    if spec.download_urls:
+        return "pass the original, unmodified file (or fetch it with --download)"
+    return "pass the original, unmodified file"
 
 
 def _verify_digest(spec: DatasetSpec, raw: RawFile, path: Path, digest: _Digest) -> None:

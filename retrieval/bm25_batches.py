@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import sys
 import time
@@ -44,6 +45,7 @@ from trime.retrieval.bm25 import (
 )
 
 from trime import __version__
+from trime.databin import check_data_bin
 from trime.errors import fail
 from trime.io_utils import (
     atomic_path,
@@ -68,26 +70,9 @@ SPLIT = "train"
 # ----------------------------------------------------------------------------- dataset
 
 
-def _train_parts(data_dir: Path) -> list[str]:
-    """``train``, ``train1``, ... as fairseq's ``load_indexed_dataset(combine=True)`` finds them."""
-    parts = []
-    while True:
-        name = SPLIT + (str(len(parts)) if parts else "")
-        if not ((data_dir / f"{name}.idx").is_file() and (data_dir / f"{name}.bin").is_file()):
-            return parts
-        parts.append(name)
-
-
 def _check_data_dir(data_dir: Path) -> list[str]:
-    """Fail early (before importing fairseq) on a missing dir, dictionary or train split."""
-    if not data_dir.is_dir():
-        fail(f"data directory {data_dir} does not exist; pass a fairseq data-bin (see trime-prepare)")
-    if not (data_dir / "dict.txt").is_file():
-        fail(f"{data_dir} has no dict.txt; it is not a fairseq data-bin (run fairseq-preprocess or trime-prepare)")
-    parts = _train_parts(data_dir)
-    if not parts:
-        fail(f"{data_dir} has no train split ({SPLIT}.idx/{SPLIT}.bin); binarize the training text first")
-    return parts
+    """Fail early (before importing fairseq) on a missing dir, dictionary, or a missing or empty train split."""
+    return check_data_bin(data_dir, [SPLIT])[SPLIT]
 
 
 def dataset_identity(data_dir: str | Path) -> dict[str, object]:
@@ -492,8 +477,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", help="shard/chunk files (default: OUTPUT.work, removed after success)")
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="queries per resumable chunk file")
     p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="queries scored per matrix product")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress-bar", action="store_true", help="no progress bar and no progress lines")
+    # the old name, kept working for existing scripts (one name is documented: --no-progress-bar)
+    p.add_argument("--no-progress", dest="no_progress_bar", action="store_true", help=argparse.SUPPRESS)
     return p
+
+
+def quiet_fairseq_logging() -> None:
+    """Keep fairseq's INFO lines (importing it configures the root logger) off the output: warnings only."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("fairseq").setLevel(logging.WARNING)
 
 
 def _params_from_args(args: argparse.Namespace) -> BM25Params:
@@ -536,7 +530,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         fail(f"--output {args.output} is a directory; give a file name such as plan.json")
 
     dataset = dataset_identity(data_dir)
-    log = (lambda msg: None) if args.no_progress else (lambda msg: print(f"trime-bm25-batches: {msg}", file=sys.stderr))
+    quiet_fairseq_logging()
+    log = (lambda msg: None) if args.no_progress_bar else (lambda msg: print(f"trime-bm25-batches: {msg}", file=sys.stderr))
     if merge_only:
         num_segments = count_train_segments(data_dir, args.tokens_per_sample)
         segments = None
@@ -545,7 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         segments = load_train_segments(data_dir, args.tokens_per_sample)
         num_segments = len(segments)
     config = search_config(dataset, args.tokens_per_sample, num_segments, args.backend, params, args.k, args.num_shards)
-    run_kwargs = {"chunk_size": args.chunk_size, "block_size": args.block_size, "show_progress": not args.no_progress}
+    run_kwargs = {"chunk_size": args.chunk_size, "block_size": args.block_size, "show_progress": not args.no_progress_bar}
 
     if sharded_step:
         path = run_shard_search(segments, config, work_dir, args.shard_id, **run_kwargs)

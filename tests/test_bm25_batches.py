@@ -46,7 +46,7 @@ def wt2_plan(wt2_sample_bin, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("plan") / "plan.json"
     proc = subprocess.run(
         [sys.executable, "-m", "trime.retrieval.bm25_batches", str(wt2_sample_bin),
-         "--tokens-per-sample", str(TPS), "--output", str(out), "--no-progress"],
+         "--tokens-per-sample", str(TPS), "--output", str(out), "--no-progress-bar"],
         capture_output=True, text=True, check=False,
     )
     assert proc.returncode == 0, proc.stderr
@@ -266,7 +266,7 @@ def test_killed_shard_resumes_byte_identical(tmp_path):
 def test_cli_shards_then_merge_equals_one_go(wt2_sample_bin, wt2_plan, tmp_path):
     work = tmp_path / "work"
     out = tmp_path / "sharded.json"
-    common = [str(wt2_sample_bin), "--tokens-per-sample", str(TPS), "--no-progress"]
+    common = [str(wt2_sample_bin), "--tokens-per-sample", str(TPS), "--no-progress-bar"]
     with pytest.raises(TrimeError, match="shard 0 of 2 is missing"):
         main(common + ["--num-shards", "2", "--work-dir", str(work), "--output", str(out)])
     for shard in (1, 0):

@@ -144,7 +144,7 @@ def test_long_loss_refuses_world_not_divisible_by_group(dict_dir, monkeypatch):
 @pytest.mark.parametrize("ratio,training,local_on", [(0.0, True, True), (1.0, True, False), (1.0, False, True)])
 def test_ext_single_process_matches_dense(dict_dir, ratio, training, local_on):
     task, model, criterion = build(
-        dict_dir, "trime_ext_loss", ["--cross-sent-ratio", str(ratio)], task="language_modeling"
+        dict_dir, "trime_ext_loss", ["--allow-random-batches", "--cross-sent-ratio", str(ratio)], task="language_modeling"
     )
     sample = model_case_batch(task.source_dictionary)
     model.train(training)
@@ -159,13 +159,13 @@ def test_ext_single_process_matches_dense(dict_dir, ratio, training, local_on):
 def test_ext_coin_is_seeded_per_rank_and_logged(dict_dir, monkeypatch):
     from fairseq import metrics
 
-    _, _, first = build(dict_dir, "trime_ext_loss", ["--cross-sent-ratio", "0.3", "--seed", "5"])
-    _, _, again = build(dict_dir, "trime_ext_loss", ["--cross-sent-ratio", "0.3", "--seed", "5"])
+    _, _, first = build(dict_dir, "trime_ext_loss", ["--allow-random-batches", "--cross-sent-ratio", "0.3", "--seed", "5"])
+    _, _, again = build(dict_dir, "trime_ext_loss", ["--allow-random-batches", "--cross-sent-ratio", "0.3", "--seed", "5"])
     draws = [first.draw_local_off() for _ in range(400)]
     assert draws == [again.draw_local_off() for _ in range(400)]
     assert 0.22 < sum(draws) / len(draws) < 0.38
     monkeypatch.setattr("trime.criterions.trime_ext_loss.world_size_and_rank", lambda: (2, 1))
-    _, _, other_rank = build(dict_dir, "trime_ext_loss", ["--cross-sent-ratio", "0.3", "--seed", "5"])
+    _, _, other_rank = build(dict_dir, "trime_ext_loss", ["--allow-random-batches", "--cross-sent-ratio", "0.3", "--seed", "5"])
     assert [other_rank.draw_local_off() for _ in range(400)] != draws
     logs = [{"loss": 1.0, "sample_size": 1, "ntokens": 1, "local_off": off, "local_draws": 1} for off in (1, 0, 0, 1)]
     with metrics.aggregate() as agg:
@@ -175,13 +175,13 @@ def test_ext_coin_is_seeded_per_rank_and_logged(dict_dir, monkeypatch):
 
 def test_ext_ratio_out_of_range_is_refused(dict_dir):
     with pytest.raises(TrimeError, match="cross-sent-ratio"):
-        build(dict_dir, "trime_ext_loss", ["--cross-sent-ratio", "1.5"])
+        build(dict_dir, "trime_ext_loss", ["--allow-random-batches", "--cross-sent-ratio", "1.5"])
 
 
 def test_gathering_criteria_accept_a_marked_dummy_batch_alone(dict_dir):
     from trime.distributed import DUMMY_BATCH_KEY
 
-    task, model, criterion = build(dict_dir, "trime_ext_loss", ["--cross-sent-ratio", "0"])
+    task, model, criterion = build(dict_dir, "trime_ext_loss", ["--allow-random-batches", "--cross-sent-ratio", "0"])
     sample = dict(model_case_batch(task.source_dictionary), **{DUMMY_BATCH_KEY: True})
     loss, _, _ = criterion(model, sample)
     assert torch.isfinite(loss)  # no keys: plain cross-entropy, never NaN
@@ -281,7 +281,7 @@ def test_two_ranks_uneven_shapes_match_dense(two_rank_results, case, rule, local
     "case,criterion_name,rule,extra",
     [
         ("model_long", "trime_long_loss_same_device", "long", []),
-        ("model_ext", "trime_ext_loss", "external", ["--cross-sent-ratio", "0"]),
+        ("model_ext", "trime_ext_loss", "external", ["--allow-random-batches", "--cross-sent-ratio", "0"]),
     ],
 )
 def test_two_ranks_equal_one_process_on_concatenated_batch(
@@ -304,7 +304,8 @@ def test_two_ranks_equal_one_process_on_concatenated_batch(
 
 
 def test_two_ranks_dummy_batch_offers_no_keys(two_rank_results, dict_dir):
-    task, model, criterion = build(dict_dir, "trime_ext_loss", ["--cross-sent-ratio", "0"], task="language_modeling")
+    ext_args = ["--allow-random-batches", "--cross-sent-ratio", "0"]
+    task, model, criterion = build(dict_dir, "trime_ext_loss", ext_args, task="language_modeling")
     rank0_alone = criterion(model, slice_batch(model_case_batch(task.source_dictionary), MODEL_ROWS[0]))[0]
     torch.testing.assert_close(
         two_rank_results[0]["model_ext_dummy"]["loss"], rank0_alone.detach(), atol=1e-5, rtol=1e-5

@@ -2,16 +2,16 @@
 
 It adds ``--user-dir <trime package dir>`` (unless given) so that every process that
 fairseq spawns for distributed training imports and registers trime itself, and it
-checks the data directory up front so that a wrong path is a one-line error.
+checks the data directory and its train/valid splits up front so that a wrong path or an
+empty split is a one-line error.
 """
 
 import contextlib
 import logging
-import os
 import sys
 import warnings
 
-from trime.errors import fail
+from trime.fairseq_guard import check_training_inputs
 from trime.plugin import PLUGIN_DIR, register
 
 
@@ -20,15 +20,6 @@ def with_user_dir(argv: list) -> list:
     if any(arg == "--user-dir" or arg.startswith("--user-dir=") for arg in argv):
         return list(argv)
     return ["--user-dir", PLUGIN_DIR, *argv]
-
-
-def check_data_dirs(data: str) -> None:
-    """Fail with one line if a ``:``-separated data path is missing or is not a data-bin."""
-    for path in data.split(os.pathsep):
-        if not os.path.isdir(path):
-            fail(f"data directory {path} does not exist; create it with trime-prepare or fairseq-preprocess")
-        if not os.path.isfile(os.path.join(path, "dict.txt")):
-            fail(f"data directory {path} has no dict.txt; it is not a fairseq data-bin (run trime-prepare)")
 
 
 @contextlib.contextmanager
@@ -51,8 +42,7 @@ def cli_main() -> None:
 
         register()
         args, _ = options.parse_args_and_arch(options.get_training_parser(), sys.argv[1:], parse_known=True)
-        if getattr(args, "data", None):
-            check_data_dirs(args.data)
+        check_training_inputs(args)  # also for runs that use no trime component
     fairseq_train()
 
 

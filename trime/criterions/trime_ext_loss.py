@@ -4,21 +4,25 @@ A token sees every token of every *other* segment of the global batch (all ranks
 batches, gathered with ``torch.distributed``), future positions included, plus the
 strictly earlier tokens of its own segment (local memory). Train with ``--task
 trime_lm --predefined-batches PLAN`` so that a global batch holds BM25-similar
-segments.
+segments (``--keep-order``, consecutive segments, is accepted too). Without either,
+the batches are fairseq's random ones and the external memory holds unrelated
+segments: the criterion then refuses to start unless ``--allow-random-batches`` says
+that is meant, and warns when it does.
 
 In training the local memory is switched off for the whole batch with probability
-``--cross-sent-ratio`` (default 0.9), drawn once per forward from a generator seeded
-with ``--seed`` + rank (the original used Python's global ``random``); the fraction of
-forwards with local memory off is logged as ``local_off``. Validation always keeps the
-local memory on. Keys gathered from other ranks are constants; this rank's keys (all
-of its segments) receive gradient.
-
-The generator is not stored in checkpoints: a resumed run draws a fresh sequence.
+``--cross-sent-ratio`` (default 0.9). Each coin is a pure function of (``--seed``,
+rank, update number, index of the forward within the update), hashed with numpy's
+``SeedSequence`` (the original drew from Python's global ``random``): a run killed and
+resumed from a checkpoint draws exactly what an uninterrupted run draws, with no
+generator state to checkpoint. The fraction of forwards with local memory off is
+logged as ``local_off``. Validation always keeps the local memory on. Keys gathered
+from other ranks are constants; this rank's keys (all of its segments) receive gradient.
 """
 
+import logging
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 from fairseq import metrics
 from fairseq.criterions import register_criterion
 from omegaconf import II
@@ -36,7 +40,22 @@ class TrimeExtLossConfig(TrimeLossConfig):
         default=0.9,
         metadata={"help": "probability, per training forward, of switching off the local (own-segment) memory"},
     )
+    allow_random_batches: bool = field(
+        default=False,
+        metadata={
+            "help": "train without --predefined-batches: the external memory then holds random, unrelated "
+            "segments (without this flag, and without --predefined-batches or --keep-order, trime_ext_loss refuses to start)"
+        },
+    )
     seed: int = II("common.seed")
+
+
+logger = logging.getLogger(__name__)
+
+
+def local_off_coin(seed: int, rank: int, update: int, forward: int) -> float:
+    """A uniform [0, 1) number that depends only on its arguments (same value on every run and resume)."""
+    return float(np.random.default_rng([seed % 2**63, rank, update, forward]).random())
 
 
 @register_criterion("trime_ext_loss", dataclass=TrimeExtLossConfig)
@@ -51,26 +70,54 @@ class TrimeExtLoss(TrimeLoss):
         ce_warmup_epoch: int = 0,
         memory_block_size: int = DEFAULT_BLOCK_SIZE,
         cross_sent_ratio: float = 0.9,
+        allow_random_batches: bool = False,
         seed: int = 1,
     ) -> None:
         super().__init__(task, ce_warmup_epoch=ce_warmup_epoch, memory_block_size=memory_block_size)
         if not 0.0 <= cross_sent_ratio <= 1.0:
             fail(f"--cross-sent-ratio must be in [0, 1], got {cross_sent_ratio}")
         self.cross_sent_ratio = float(cross_sent_ratio)
+        self.allow_random_batches = bool(allow_random_batches)
         self.seed = int(seed)
-        self._generator: torch.Generator | None = None
+        self._update: int | None = None  # the trainer's update number (None: not driven by task.train_step)
+        self._forward_in_update = 0
+        self._untracked_draws = 0
         self._local_off: bool | None = None  # this forward's draw (None: no draw)
+        _follow_task_updates(task)
+        if not (getattr(task, "predefined_batches", None) or getattr(task, "keep_order", False)):
+            if not self.allow_random_batches:
+                fail(
+                    "trime_ext_loss trains on batches of similar segments: pass --task trime_lm --predefined-batches "
+                    "PLAN (make PLAN with trime-bm25-batches), or --allow-random-batches to train on random batches"
+                )
+            logger.warning(
+                "trime_ext_loss: no --predefined-batches, training on random batches (--allow-random-batches): "
+                "the external memory holds unrelated segments"
+            )
 
     @classmethod
     def criterion_name(cls) -> str:
         return "trime_ext_loss"
 
+    def start_update(self, update: int) -> None:
+        """Called with the trainer's update number before each training forward."""
+        if update != self._update:
+            self._update, self._forward_in_update = update, 0
+
     def draw_local_off(self) -> bool:
-        """One coin flip: True (local memory off) with probability ``cross_sent_ratio``."""
-        if self._generator is None:  # seeded lazily: the rank is known once distributed is up
-            _, rank = world_size_and_rank()
-            self._generator = torch.Generator().manual_seed(self.seed + rank)
-        return bool(torch.rand((), generator=self._generator) < self.cross_sent_ratio)
+        """One coin flip: True (local memory off) with probability ``cross_sent_ratio``.
+
+        The coin of forward j of update u on rank r is ``local_off_coin(seed, r, u, j)``; called
+        outside a fairseq trainer, successive calls number themselves 0, 1, 2 ... as updates.
+        """
+        _, rank = world_size_and_rank()
+        if self._update is None:
+            update, forward = self._untracked_draws, 0
+            self._untracked_draws += 1
+        else:
+            update, forward = self._update, self._forward_in_update
+            self._forward_in_update += 1
+        return local_off_coin(self.seed, rank, update, forward) < self.cross_sent_ratio
 
     def forward(self, model, sample, reduce: bool = True):
         self._local_off = None
@@ -99,3 +146,18 @@ class TrimeExtLoss(TrimeLoss):
         if draws:
             local_off = sum(log.get("local_off", 0) for log in logging_outputs)
             metrics.log_scalar("local_off", local_off / draws, draws, round=3)
+
+
+def _follow_task_updates(task) -> None:
+    """Wrap ``task.train_step`` once so that a ``TrimeExtLoss`` it is given learns the update number."""
+    if getattr(task, "_trime_tracks_updates", False):
+        return
+    train_step = task.train_step
+
+    def train_step_and_track(sample, model, criterion, optimizer, update_num, *args, **kwargs):
+        if isinstance(criterion, TrimeExtLoss):
+            criterion.start_update(int(update_num))
+        return train_step(sample, model, criterion, optimizer, update_num, *args, **kwargs)
+
+    task.train_step = train_step_and_track
+    task._trime_tracks_updates = True
