@@ -292,3 +292,160 @@ def dense_nll_logspace(reps, targets, token_score, token_logz, vis):
         den = torch.logsumexp(torch.cat([token_logz[i : i + 1], s[i][vis[i]]]), 0)
         out.append(den - num)
     return torch.stack(out)
+
+
+# ----------------------------------------------------------------------------- tile schedules and compiled kernels
+
+
+def dense_case(rule, external_local, batch, seq_len, dim, vocab, seed, pad_tail):
+    """(reps, targets, valid, token terms, dense NLL function of reps) for an in-batch memory."""
+    reps, targets, valid, logits = make_batch(batch, seq_len, dim, vocab, seed=seed, pad_tail=pad_tail)
+    tok_score, tok_logz = full_softmax_terms(logits, targets)
+    flat = list(range(batch * seq_len))
+    seg = [i // seq_len for i in flat]
+    vflat = valid.reshape(-1).tolist()
+    dvis = dense_visibility(rule, seg, flat, seg, flat, vflat, vflat, external_local)
+
+    def reference(r):
+        return dense_nll(r, r, targets, targets, tok_score.double(), tok_logz.double(), dvis, 1 / math.sqrt(dim), vflat)
+
+    return reps, targets, valid, (tok_score.detach(), tok_logz.detach()), reference
+
+
+def trime_nll(reps, targets, vis, token_terms, block_size):
+    lse_all, lse_pos = memory_logsumexp(reps, reps, targets, targets, vis, block_size=block_size)
+    return joint_nll(*token_terms, lse_all, lse_pos, valid=vis.query_valid)
+
+
+@pytest.fixture
+def compile_state():
+    """Restores trime.loss's compile mode (and a failure that switched compiling off) after the test."""
+    import trime.loss as loss_module
+
+    mode, broken = loss_module.compile_mode(), loss_module._compile_broken
+    yield loss_module
+    loss_module.set_compile(mode)
+    loss_module._compile_broken = broken
+
+
+@pytest.mark.parametrize(
+    "rule,external_local", [("long", True), ("external", True), ("external", False), ("local", True)]
+)
+@pytest.mark.parametrize("block_size", [5, 16, 64])
+def test_tile_schedules_match_dense(rule, external_local, block_size):
+    """Several tiles per call: the in-batch external memory uses each score for both sides (one or
+    more segments per tile), the long memory splits its rows finely; padding at the end of a row."""
+    from trime.loss import _Problem
+
+    batch, seq_len, dim, vocab = 5, 8, 6, 3
+    reps, targets, valid, terms, reference = dense_case(rule, external_local, batch, seq_len, dim, vocab, 11, 3)
+    vis = Visibility.for_batch(Rule(rule), batch, seq_len, valid=valid, external_local=external_local)
+    schedule = _Problem.build(reps, reps, targets, targets, vis, 1.0, block_size, True).schedule()
+    assert schedule == {"long": "general", "local": "local_batched", "external": "symmetric"}[rule]
+    a = reps.clone().requires_grad_(True)
+    nll = trime_nll(a, targets, vis, terms, block_size)
+    b = reps.double().requires_grad_(True)
+    ref = reference(b)
+    torch.testing.assert_close(nll.double(), ref, rtol=1e-5, atol=1e-5)
+    nll.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-5)
+    assert a.grad[~valid.reshape(-1)].abs().max() == 0
+
+
+@pytest.mark.parametrize("rule", ["long", "external"])
+def test_distinct_key_tensor_takes_the_general_path(rule):
+    """Keys equal to the queries but a different tensor (no symmetric reuse): same values, split gradients."""
+    batch, seq_len, dim, vocab = 3, 6, 5, 3
+    reps, targets, valid, terms, reference = dense_case(rule, True, batch, seq_len, dim, vocab, 12, 2)
+    vis = Visibility.for_batch(Rule(rule), batch, seq_len, valid=valid)
+    q = reps.clone().requires_grad_(True)
+    k = reps.clone().requires_grad_(True)
+    lse_all, lse_pos = memory_logsumexp(q, k, targets, targets, vis, block_size=4)
+    nll = joint_nll(*terms, lse_all, lse_pos, valid=vis.query_valid)
+    b = reps.double().requires_grad_(True)
+    ref = reference(b)
+    torch.testing.assert_close(nll.double(), ref, rtol=1e-5, atol=1e-5)
+    nll.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close((q.grad + k.grad).double(), b.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "rule,external_local", [("long", True), ("external", True), ("external", False), ("local", True)]
+)
+def test_compiled_kernels_equal_eager_and_dense(compile_state, rule, external_local):
+    """torch.compile'd tile kernels (inductor C++ here) give the eager results within fp32 round-off."""
+    batch, seq_len, dim, vocab = 6, 16, 8, 4
+    reps, targets, valid, terms, reference = dense_case(rule, external_local, batch, seq_len, dim, vocab, 13, 5)
+    vis = Visibility.for_batch(Rule(rule), batch, seq_len, valid=valid, external_local=external_local)
+    results = {}
+    for mode in ("never", "always"):
+        compile_state.set_compile(mode)
+        a = reps.clone().requires_grad_(True)
+        nll = trime_nll(a, targets, vis, terms, block_size=32)
+        nll.sum().backward()
+        results[mode] = (nll.detach(), a.grad)
+    assert compile_state._compile_broken is None, compile_state._compile_broken  # it really compiled
+    for x, y in zip(results["always"], results["never"]):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    b = reps.double().requires_grad_(True)
+    ref = reference(b)
+    ref.sum().backward()
+    torch.testing.assert_close(results["always"][0].double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results["always"][1].double(), b.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_general_path_with_groups_and_detached_keys(compile_state):
+    compile_state.set_compile("always")
+    test_grouped_and_gathered_keys_with_detached_block()
+    assert compile_state._compile_broken is None
+
+
+def test_missing_compiler_falls_back_to_eager_and_logs_once(compile_state, monkeypatch, caplog):
+    reps, targets, valid, terms, reference = dense_case("long", True, 3, 8, 4, 3, 14, 0)
+    vis = Visibility.for_batch(Rule.LONG, 3, 8, valid=valid)
+    compile_state.set_compile("always")
+    compile_state._compile_broken = None
+    monkeypatch.setattr(compile_state, "_compiler_missing", lambda device: "no C++ compiler found (g++)")
+    with caplog.at_level("WARNING", logger="trime.loss"):
+        first = trime_nll(reps, targets, vis, terms, 4)
+        second = trime_nll(reps, targets, vis, terms, 4)
+    assert [r.getMessage() for r in caplog.records].count(
+        "trime.loss: memory kernels run eagerly (not compiled): no C++ compiler found (g++)") == 1
+    torch.testing.assert_close(first.double(), reference(reps.double()), rtol=1e-5, atol=1e-5)
+    assert torch.equal(first, second)
+
+
+def test_failing_compile_falls_back_to_eager(compile_state, monkeypatch, caplog):
+    reps, targets, valid, terms, reference = dense_case("external", True, 3, 8, 4, 3, 15, 2)
+    vis = Visibility.for_batch(Rule.EXTERNAL, 3, 8, valid=valid)
+
+    def broken_compile(fn, **kwargs):
+        def call(*args):
+            raise RuntimeError("InductorError: C++ compile failed\nlong log")
+
+        return call
+
+    compile_state.set_compile("always")
+    compile_state._compile_broken = None
+    monkeypatch.setattr(compile_state, "_compiled", {})
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    a = reps.clone().requires_grad_(True)
+    with caplog.at_level("WARNING", logger="trime.loss"):
+        nll = trime_nll(a, targets, vis, terms, 8)
+    assert "InductorError: C++ compile failed" in caplog.text and "long log" not in caplog.text
+    b = reps.double().requires_grad_(True)
+    ref = reference(b)
+    torch.testing.assert_close(nll.double(), ref, rtol=1e-5, atol=1e-5)
+    nll.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_mode_values(compile_state):
+    for given, mode in (("1", "always"), ("off", "never"), ("AUTO", "auto")):
+        compile_state.set_compile(given)
+        assert compile_state.compile_mode() == mode
+    with pytest.raises(ValueError, match="auto, always or never"):
+        compile_state.set_compile("sometimes")

@@ -22,9 +22,13 @@ fairseq's ``AdaptiveSoftmax`` (``forward(input, target) -> (outputs, new_targets
 """
 
 import enum
+import importlib.util
+import logging
 import math
+import os
+import shutil
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -38,6 +42,8 @@ __all__ = [
     "full_softmax_terms",
     "adaptive_softmax_terms",
     "DEFAULT_BLOCK_SIZE",
+    "set_compile",
+    "compile_mode",
 ]
 
 DEFAULT_BLOCK_SIZE = 1024
@@ -171,8 +177,6 @@ class Visibility:
             mask &= self.query_valid[start:end, None]
         return mask
 
-    # ---- blockwise scores -------------------------------------------------------
-
     def row_blocks(self, block_size: int) -> Iterator[Tuple[int, int]]:
         """Query row ranges; whole segments per block on the in-batch local/external path."""
         step = max(1, block_size)
@@ -182,77 +186,493 @@ class Visibility:
         for start in range(0, self.num_queries, step):
             yield start, min(start + step, self.num_queries)
 
-    def block_scores(self, scaled_queries: Tensor, keys: Tensor, start: int, end: int) -> "_BlockScores":
-        """fp32 scores of queries [start, end) against their candidate keys, -inf where invisible."""
-        if self._batch_shape is None:
-            lo, hi = self.key_range(start, end)
-            if hi <= lo:
-                return _BlockScores(None, lo, hi, 1)
-            scores = scaled_queries @ keys[lo:hi].float().T
-            scores.masked_fill_(~self.block_mask(start, end, lo, hi), _NEG_INF)
-            return _BlockScores(scores[None], lo, hi, 1)
-        seq_len = self._batch_shape[1]
-        if self.rule is Rule.LOCAL:
-            groups = (end - start) // seq_len
-            q = scaled_queries.view(groups, seq_len, -1)
-            k = keys[start:end].float().view(groups, seq_len, -1)
-            scores = torch.baddbmm(_causal_bias(seq_len, q.device), q, k.transpose(1, 2))
-            lo, hi = start, end
-        elif self.rule is Rule.LONG:
-            lo, hi, groups = 0, end, 1
-            scores = (scaled_queries @ keys[:end].float().T)[None]
-            scores[0, :, start:end] += _causal_bias(end - start, scores.device)
-        else:
-            lo, hi, groups = 0, self.num_keys, 1
-            scores = (scaled_queries @ keys.float().T)[None]
-            for seg_start in range(start, end, seq_len):
-                own = scores[0, seg_start - start : seg_start - start + seq_len, seg_start : seg_start + seq_len]
-                if self.external_local:
-                    own += _causal_bias(seq_len, scores.device)
-                else:
-                    own.fill_(_NEG_INF)
-        if self.key_valid is not None:
-            key_valid = self.key_valid[lo:hi].view(groups, 1, -1)
-            if not bool(key_valid.all()):
-                scores.masked_fill_(~key_valid, _NEG_INF)
-        return _BlockScores(scores, lo, hi, groups)
+
+# ---- fused tile kernels ---------------------------------------------------------
+#
+# Every score tile S (rows = queries, cols = keys) is reduced or turned into its
+# gradient by one elementwise "kernel" below. They are plain torch functions; with
+# torch.compile (inductor: C++ on CPU, Triton on GPU) each becomes one fused loop
+# that never writes an intermediate tile to memory, and eagerly they run as ordinary
+# torch ops with the same results up to fp32 round-off.
+#
+# Visibility inside a tile comes from per-row and per-column vectors, never from a
+# materialised mask: ``col_bias`` is 0 for a usable key and -inf for padding; the
+# structure of the rule is a (2, 2) table ``rule[same_segment, earlier]`` of 0 / -inf
+# indexed by two compares of segment and position ids (ranks, exact in fp32).
+
+_RULE_TABLES = {
+    # (same segment & earlier, same & not earlier, other & earlier, other & not earlier)
+    "long": (0.0, _NEG_INF, 0.0, _NEG_INF),
+    "local": (0.0, _NEG_INF, _NEG_INF, _NEG_INF),
+    "external": (0.0, _NEG_INF, 0.0, 0.0),
+    "external_no_local": (_NEG_INF, _NEG_INF, 0.0, 0.0),
+    "all": (0.0, 0.0, 0.0, 0.0),
+}
+
+
+def _structure_bias(row_seg: Tensor, row_pos: Tensor, col_seg: Tensor, col_pos: Tensor, rule: Tensor) -> Tensor:
+    """0 where the rule lets the key be seen, -inf elsewhere (broadcast over the tile)."""
+    same = row_seg == col_seg
+    earlier = col_pos < row_pos
+    return torch.where(same, torch.where(earlier, rule[0], rule[1]), torch.where(earlier, rule[2], rule[3]))
+
+
+def _lse_pair(x: Tensor, positive: Tensor, dim: int) -> Tuple[Tensor, Tensor]:
+    """(logsumexp of x, logsumexp of x where positive) along ``dim``; -inf for empty sets.
+
+    Each log-sum-exp has its own maximum, so no positive can underflow.
+    """
+    x_pos = torch.where(positive, x, _NEG_INF)
+    top = x.amax(dim, keepdim=True)
+    top_pos = x_pos.amax(dim, keepdim=True)
+    top = torch.where(top > _NEG_INF, top, 0.0)
+    top_pos = torch.where(top_pos > _NEG_INF, top_pos, 0.0)
+    lse_all = (x - top).exp().sum(dim, keepdim=True).log() + top
+    lse_pos = torch.where(positive, (x - top_pos).exp(), 0.0).sum(dim, keepdim=True).log() + top_pos
+    return lse_all.squeeze(dim), lse_pos.squeeze(dim)
+
+
+def _rows_lse(scores, row_label, col_label, col_bias, row_seg, row_pos, col_seg, col_pos, rule):
+    """Per query row: (lse over visible keys, lse over visible positive keys) of one tile."""
+    x = scores + col_bias + _structure_bias(row_seg, row_pos, col_seg, col_pos, rule)
+    return _lse_pair(x, row_label == col_label, dim=-1)
+
+
+def _cols_lse(scores, row_label, col_label, row_bias):
+    """The same per column, with the tile's rows as the keys (symmetric in-batch scores)."""
+    return _lse_pair(scores + row_bias, row_label == col_label, dim=-2)
+
+
+def _grad_terms(x, positive, lse_all, lse_pos, grad_all, grad_pos):
+    """d(g_all lse_all + g_pos lse_pos)/dx; ``lse`` = +inf for empty sets (gives 0)."""
+    return (x - lse_all).exp() * grad_all + torch.where(positive, (x - lse_pos).exp() * grad_pos, 0.0)
+
+
+def _rows_grad_(scores, row_label, col_label, col_bias, row_seg, row_pos, col_seg, col_pos, rule, row_stats):
+    """Overwrite a tile's scores with the gradient of its rows' terms (row_stats: lse_all, lse_pos, g_all, g_pos)."""
+    x = scores + col_bias + _structure_bias(row_seg, row_pos, col_seg, col_pos, rule)
+    scores.copy_(_grad_terms(x, row_label == col_label, *row_stats))
+
+
+def _symmetric_grad_(scores, row_label, col_label, col_bias, row_bias, row_seg, row_pos, col_seg, col_pos, rule,
+                     row_stats, col_stats):
+    """Overwrite a symmetric tile's scores with the gradient of its rows' and its columns' terms."""
+    positive = row_label == col_label
+    x_rows = scores + col_bias + _structure_bias(row_seg, row_pos, col_seg, col_pos, rule)
+    grad = _grad_terms(x_rows, positive, *row_stats) + _grad_terms(scores + row_bias, positive, *col_stats)
+    scores.copy_(grad)
+
+
+# ---- compilation ----------------------------------------------------------------
+
+_log = logging.getLogger(__name__)
+_COMPILE_ENV = "TRIME_COMPILE"
+# "auto": compile when a call scores at least this many (query, key) pairs: below it
+# the compile time cannot pay off, and eager runs are fast anyway
+_AUTO_MIN_PAIRS = 1 << 22
+_compile_mode: Optional[str] = None  # None: read $TRIME_COMPILE on first use
+_compile_broken: Optional[str] = None  # why compiling failed (then eager for the process)
+_compiled: dict = {}
+
+
+def set_compile(mode: str) -> None:
+    """Choose how the memory kernels run: ``"auto"`` (default), ``"always"`` or ``"never"``.
+
+    ``auto`` compiles them with ``torch.compile`` (dynamic shapes, so no recompiles as N
+    varies) for calls that score at least 4M (query, key) pairs, when a compiler is
+    available (a C++ compiler on CPU, Triton on GPU). Without one, or if compiling
+    fails, the eager kernels run and one warning is logged. ``$TRIME_COMPILE`` sets the
+    initial mode (``auto``/``always``/``never``, also ``1``/``0``).
+    """
+    global _compile_mode
+    aliases = {"1": "always", "true": "always", "on": "always", "0": "never", "false": "never", "off": "never"}
+    mode = aliases.get(str(mode).strip().lower(), str(mode).strip().lower())
+    if mode not in ("auto", "always", "never"):
+        raise ValueError(f"compile mode must be auto, always or never, got {mode!r} (from ${_COMPILE_ENV}?)")
+    _compile_mode = mode
+
+
+def compile_mode() -> str:
+    """The current mode of :func:`set_compile`."""
+    if _compile_mode is None:
+        set_compile(os.environ.get(_COMPILE_ENV, "auto"))
+    return _compile_mode
+
+
+def _compiler_missing(device: torch.device) -> Optional[str]:
+    """Why torch.compile cannot build kernels for ``device`` here, or None."""
+    if not hasattr(torch, "compile"):
+        return "this torch has no torch.compile"
+    if device.type == "cuda":
+        return None if importlib.util.find_spec("triton") is not None else "Triton is not installed"
+    if device.type != "cpu":
+        return f"no compiled kernels for device {device.type}"
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None and shutil.which("c++") is None and shutil.which("clang++") is None:
+        return f"no C++ compiler found ({cxx})"
+    return None
+
+
+def _use_compiled(device: torch.device, pairs: int) -> bool:
+    mode = compile_mode()
+    if mode == "never" or _compile_broken is not None:
+        return False
+    if mode == "auto" and pairs < _AUTO_MIN_PAIRS:
+        return False
+    missing = _compiler_missing(device)
+    if missing is not None:
+        _disable_compile(missing)
+        return False
+    return True
+
+
+def _disable_compile(why: str) -> None:
+    global _compile_broken
+    if _compile_broken is None:
+        _compile_broken = why
+        _log.warning("trime.loss: memory kernels run eagerly (not compiled): %s", why)
+
+
+class _Kernels:
+    """The tile kernels of one :class:`_MemoryLogSumExp` call: compiled or eager."""
+
+    def __init__(self, compiled: bool) -> None:
+        self.compiled = compiled
+
+    def __getattr__(self, name: str):
+        fn = globals()[name]
+        if not self.compiled:
+            return fn
+        compiled = _compiled.get(name)
+        if compiled is None:
+            compiled = _compiled[name] = torch.compile(fn, dynamic=True)
+
+        def call(*args):
+            if _compile_broken is None:
+                try:
+                    return compiled(*args)
+                except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
+                    _disable_compile(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}")
+            return fn(*args)
+
+        return call
+
+
+# ---- blockwise memory log-sum-exp -------------------------------------------------
+
+
+def _dense_ids(*tensors: Tensor) -> List[Tensor]:
+    """Order-preserving ranks of the values of ``tensors`` (jointly), as fp32 (fp64 above 2^24)."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    _, ranks = torch.unique(flat, return_inverse=True)
+    dtype = torch.float32 if flat.numel() < (1 << 24) else torch.float64
+    return list(ranks.to(dtype).split([t.numel() for t in tensors]))
+
+
+def _bias(valid: Optional[Tensor], n: int, device: torch.device) -> Tensor:
+    """0 for usable tokens, -inf for padding."""
+    if valid is None:
+        return torch.zeros(n, device=device)
+    return torch.where(valid, 0.0, _NEG_INF).to(device=device, dtype=torch.float32)
+
+
+def _safe(lse: Tensor) -> Tensor:
+    """+inf for empty sets, so that exp(x - lse) is 0 there."""
+    return torch.where(lse > _NEG_INF, lse, float("inf"))
 
 
 @dataclass
-class _BlockScores:
-    """Scores (groups, rows, cols) of a block of queries against keys [lo, hi)."""
+class _Problem:
+    """Everything one memory_logsumexp call needs, in the form the tiles use (fp32)."""
 
-    scores: Optional[Tensor]
-    lo: int
-    hi: int
-    groups: int
+    visibility: Visibility
+    queries: Tensor  # fp32
+    keys: Tensor  # fp32
+    scale: float
+    block_size: int
+    same_tensor: bool  # in-batch: keys are the queries and key labels the query targets
+    q_label: Tensor
+    k_label: Tensor
+    q_seg: Tensor
+    k_seg: Tensor
+    q_pos: Tensor
+    k_pos: Tensor
+    k_bias: Tensor
+    q_bias: Tensor
+    rule: Tensor  # (4,) table of _RULE_TABLES
 
-    def labels_match(self, key_labels: Tensor, query_targets: Tensor) -> Tensor:
-        rows = query_targets.numel() // self.groups
-        return key_labels[self.lo : self.hi].view(self.groups, 1, -1) == query_targets.view(self.groups, rows, 1)
+    @classmethod
+    def build(cls, queries, keys, key_labels, query_targets, visibility, scale, block_size, same_tensor):
+        device = queries.device
+        v = visibility
+        q_label, k_label = _dense_ids(query_targets, key_labels)
+        q_seg, k_seg = _dense_ids(v.query_segment.to(device), v.key_segment.to(device))
+        q_pos, k_pos = _dense_ids(v.query_position.to(device), v.key_position.to(device))
+        name = v.rule.value
+        if v.rule is Rule.EXTERNAL and not v.external_local:
+            name = "external_no_local"
+        rule = torch.tensor(_RULE_TABLES[name], device=device)
+        return cls(v, queries.float(), keys.float(), scale, block_size, same_tensor, q_label, k_label, q_seg, k_seg,
+                   q_pos, k_pos, _bias(v.key_valid, v.num_keys, device), _bias(v.query_valid, v.num_queries, device),
+                   rule)
 
-    def key_grad(self, grad_scores: Tensor, scaled_queries: Tensor) -> Tensor:
-        q = scaled_queries.view(self.groups, -1, scaled_queries.shape[-1])
-        return torch.bmm(grad_scores.transpose(1, 2), q).reshape(self.hi - self.lo, -1)
+    def schedule(self) -> str:
+        v = self.visibility
+        if v._batch_shape is not None and v.query_group is None:
+            if v.rule is Rule.LOCAL:
+                return "local_batched"
+            if v.rule is Rule.EXTERNAL and self.same_tensor:
+                return "symmetric"
+        return "general"
 
-    def query_grad(self, grad_scores: Tensor, keys: Tensor) -> Tensor:
-        k = keys[self.lo : self.hi].float().view(self.groups, -1, keys.shape[-1])
-        return torch.bmm(grad_scores, k).reshape(-1, keys.shape[-1])
+    # -- tiles ------------------------------------------------------------------------
+
+    def general_tiles(self) -> Iterator[Tuple[int, int, int, int]]:
+        """(row start, row end, key lo, key hi) tiles holding at least one possibly visible key."""
+        v, n = self.visibility, self.visibility.num_queries
+        rows = max(1, self.block_size)
+        if v.rule is not Rule.EXTERNAL and v._keys_sorted:
+            # ordered keys: a tile's keys end at its last query, so fewer rows per tile
+            # leave fewer unused scores in the (triangular) diagonal part
+            rows = max(1, min(rows, _LONG_TILE_ROWS))
+        for start in range(0, n, rows):
+            end = min(start + rows, n)
+            if v.query_valid is not None and not bool(v.query_valid[start:end].any()):
+                continue
+            lo, hi = v.key_range(start, end)
+            if hi > lo:
+                yield start, end, lo, hi
+
+    def local_tiles(self) -> Iterator[Tuple[int, int]]:
+        yield from self.visibility.row_blocks(self.block_size)
+
+    def symmetric_tiles(self) -> Iterator[Tuple[int, int, int]]:
+        """(start, end, key start): rows [start, end) against keys [key start, N), whole segments.
+
+        The tile's keys after ``end`` are used twice: for the rows (as keys of the
+        queries) and for the columns (as queries, with the rows as their keys).
+        """
+        seq_len = self.visibility._batch_shape[1]
+        segments = max(1, min(self.block_size, _SYMMETRIC_TILE_ROWS) // seq_len)
+        own = self.visibility.external_local or segments > 1
+        n = self.visibility.num_queries
+        for start in range(0, n, segments * seq_len):
+            end = min(start + segments * seq_len, n)
+            yield start, end, start if own else end
+
+    def pairs(self) -> int:
+        """About how many (query, key) scores this call computes (for the compile decision)."""
+        n, m = self.visibility.num_queries, self.visibility.num_keys
+        schedule = self.schedule()
+        if schedule == "local_batched":
+            return n * self.visibility._batch_shape[1]
+        if schedule == "symmetric" or self.visibility.rule is not Rule.EXTERNAL:
+            return n * m // 2
+        return n * m
+
+    # Tile vectors are copies (own storage, offset 0): views at varying offsets would
+    # make torch.compile guard on, and recompile for, their storage offsets.
+
+    def rows(self, start: int, end: int) -> Tuple[Tensor, ...]:
+        """Row vectors (label, segment, position) as (R, 1)."""
+        return tuple(x[start:end, None].clone() for x in (self.q_label, self.q_seg, self.q_pos))
+
+    def cols(self, lo: int, hi: int) -> Tuple[Tensor, ...]:
+        """Column vectors (label, bias, segment, position) as (1, C)."""
+        return tuple(x[None, lo:hi].clone() for x in (self.k_label, self.k_bias, self.k_seg, self.k_pos))
 
 
-_causal_cache: dict = {}
+# query rows per tile where keys are ordered (long memory): the unused part of the
+# diagonal tiles is rows^2/2 scores per tile, i.e. rows/N of the work
+_LONG_TILE_ROWS = 256
+# query rows per tile of the symmetric (in-batch external) schedule
+_SYMMETRIC_TILE_ROWS = 512
 
 
-def _causal_bias(size: int, device: torch.device) -> Tensor:
-    """(size, size) additive mask: 0 strictly below the diagonal, -inf on and above it."""
-    key = (size, str(device))
-    bias = _causal_cache.get(key)
-    if bias is None:
-        bias = torch.triu(torch.full((size, size), _NEG_INF, device=device), diagonal=0)
-        if len(_causal_cache) > 16:
-            _causal_cache.clear()
-        _causal_cache[key] = bias
-    return bias
+def _workspace(problem: _Problem, largest: int) -> Tensor:
+    return torch.empty(max(1, largest), dtype=torch.float32, device=problem.queries.device)
+
+
+def _tile(workspace: Tensor, shape: Tuple[int, ...]) -> Tensor:
+    return workspace[: math.prod(shape)].view(shape)
+
+
+def _group_mask_(scores: Tensor, v: Visibility, start: int, end: int, lo: int, hi: int) -> None:
+    if v.query_group is not None:
+        scores.masked_fill_(v.key_group[None, lo:hi] != v.query_group[start:end, None], _NEG_INF)
+
+
+def _forward(p: _Problem, kernels: _Kernels) -> Tuple[Tensor, Tensor]:
+    n = p.visibility.num_queries
+    device = p.queries.device
+    lse_all = torch.full((n,), _NEG_INF, dtype=torch.float32, device=device)
+    lse_pos = torch.full_like(lse_all, _NEG_INF)
+    schedule = p.schedule()
+    if schedule == "general":
+        tiles = list(p.general_tiles())
+        ws = _workspace(p, max(((e - s) * (hi - lo) for s, e, lo, hi in tiles), default=0))
+        for start, end, lo, hi in tiles:
+            scores = torch.mm(p.queries[start:end] * p.scale, p.keys[lo:hi].T, out=_tile(ws, (end - start, hi - lo)))
+            _group_mask_(scores, p.visibility, start, end, lo, hi)
+            label, seg, pos = p.rows(start, end)
+            c_label, c_bias, c_seg, c_pos = p.cols(lo, hi)
+            a, b = kernels._rows_lse(scores, label, c_label, c_bias, seg, pos, c_seg, c_pos, p.rule)
+            # a query's keys may span several tiles (external memory over many ranks)
+            lse_all[start:end] = torch.logaddexp(lse_all[start:end], a)
+            lse_pos[start:end] = torch.logaddexp(lse_pos[start:end], b)
+    elif schedule == "local_batched":
+        seq_len = p.visibility._batch_shape[1]
+        blocks = list(p.local_tiles())
+        ws = _workspace(p, max(((e - s) * seq_len for s, e in blocks), default=0))
+        for start, end in blocks:
+            g = (end - start) // seq_len
+            q = (p.queries[start:end] * p.scale).view(g, seq_len, -1)
+            k = p.keys[start:end].view(g, seq_len, -1)
+            scores = torch.bmm(q, k.transpose(1, 2), out=_tile(ws, (g, seq_len, seq_len)))
+            a, b = kernels._rows_lse(scores, *_local_vectors(p, start, end, g, seq_len))
+            lse_all[start:end], lse_pos[start:end] = a.reshape(-1), b.reshape(-1)
+    else:
+        tiles = list(p.symmetric_tiles())
+        ws = _workspace(p, max(((e - s) * (n - k0) for s, e, k0 in tiles), default=0))
+        h = p.queries
+        for start, end, k0 in tiles:
+            if k0 == n:
+                continue
+            scores = torch.mm(h[start:end] * p.scale, h[k0:].T, out=_tile(ws, (end - start, n - k0)))
+            label, seg, pos = p.rows(start, end)
+            c_label, c_bias, c_seg, c_pos = p.cols(k0, n)
+            a, b = kernels._rows_lse(scores, label, c_label, c_bias, seg, pos, c_seg, c_pos, p.rule)
+            lse_all[start:end] = torch.logaddexp(lse_all[start:end], a)
+            lse_pos[start:end] = torch.logaddexp(lse_pos[start:end], b)
+            off = end - k0  # columns from here on are later segments: use the tile for them as well
+            if off < n - k0:
+                a, b = kernels._cols_lse(scores[:, off:], label, c_label[:, off:].clone(), p.q_bias[start:end, None].clone())
+                lse_all[end:] = torch.logaddexp(lse_all[end:], a)
+                lse_pos[end:] = torch.logaddexp(lse_pos[end:], b)
+    if p.visibility.query_valid is not None:  # pad queries see nothing
+        valid = p.visibility.query_valid.to(device)
+        lse_all.masked_fill_(~valid, _NEG_INF)
+        lse_pos.masked_fill_(~valid, _NEG_INF)
+    return lse_all, lse_pos
+
+
+def _local_vectors(p: _Problem, start: int, end: int, g: int, seq_len: int) -> Tuple[Tensor, ...]:
+    """Row/column vectors of a batched (g, L, L) local tile: label, label, bias, seg, pos, seg, pos, rule."""
+    pos = p.q_pos[start : start + seq_len] - p.q_pos[start]  # positions inside a segment
+    zero = p.q_seg[:1].view(1, 1, 1)
+    vectors = (
+        p.q_label[start:end].view(g, seq_len, 1),
+        p.k_label[start:end].view(g, 1, seq_len),
+        p.k_bias[start:end].view(g, 1, seq_len),
+        zero,
+        pos.view(1, seq_len, 1),
+        zero,
+        pos.view(1, 1, seq_len),
+    )
+    return tuple(x.clone() for x in vectors) + (p.rule,)
+
+
+def _backward(p: _Problem, kernels: _Kernels, lse_all, lse_pos, grad_all, grad_pos, need_q: bool, need_k: bool):
+    """(grad of queries, grad of keys) in fp32; in-batch symmetric: the total in the first."""
+    device = p.queries.device
+    n = p.visibility.num_queries
+    grad_q = torch.zeros(p.queries.shape, dtype=torch.float32, device=device) if need_q or p.same_tensor else None
+    grad_k = grad_q if p.same_tensor else (torch.zeros(p.keys.shape, dtype=torch.float32, device=device)
+                                           if need_k else None)
+    safe_all, safe_pos = _safe(lse_all), _safe(lse_pos)
+    grad_all, grad_pos = grad_all.float(), grad_pos.float()
+
+    def row_stats(start, end, shape=None):
+        stats = (safe_all[start:end], safe_pos[start:end], grad_all[start:end], grad_pos[start:end])
+        shape = shape or (end - start, 1)
+        return tuple(x.reshape(shape).clone() for x in stats)
+
+    schedule = p.schedule()
+    if schedule == "general":
+        tiles = list(p.general_tiles())
+        ws = _workspace(p, max(((e - s) * (hi - lo) for s, e, lo, hi in tiles), default=0))
+        for start, end, lo, hi in tiles:
+            q = p.queries[start:end] * p.scale
+            scores = torch.mm(q, p.keys[lo:hi].T, out=_tile(ws, (end - start, hi - lo)))
+            _group_mask_(scores, p.visibility, start, end, lo, hi)
+            label, seg, pos = p.rows(start, end)
+            c_label, c_bias, c_seg, c_pos = p.cols(lo, hi)
+            kernels._rows_grad_(scores, label, c_label, c_bias, seg, pos, c_seg, c_pos, p.rule, row_stats(start, end))
+            if grad_q is not None:
+                grad_q[start:end].addmm_(scores, p.keys[lo:hi], alpha=p.scale)
+            if grad_k is not None:
+                grad_k[lo:hi].addmm_(scores.T, q)
+    elif schedule == "local_batched":
+        seq_len = p.visibility._batch_shape[1]
+        blocks = list(p.local_tiles())
+        ws = _workspace(p, max(((e - s) * seq_len for s, e in blocks), default=0))
+        for start, end in blocks:
+            g = (end - start) // seq_len
+            q = (p.queries[start:end] * p.scale).view(g, seq_len, -1)
+            k = p.keys[start:end].view(g, seq_len, -1)
+            scores = torch.bmm(q, k.transpose(1, 2), out=_tile(ws, (g, seq_len, seq_len)))
+            vectors = _local_vectors(p, start, end, g, seq_len)
+            kernels._rows_grad_(scores, *vectors, row_stats(start, end, (g, seq_len, 1)))
+            if grad_q is not None:
+                grad_q[start:end].view(g, seq_len, -1).baddbmm_(scores, k, alpha=p.scale)
+            if grad_k is not None:
+                grad_k[start:end].view(g, seq_len, -1).baddbmm_(scores.transpose(1, 2), q)
+    else:
+        tiles = list(p.symmetric_tiles())
+        ws = _workspace(p, max(((e - s) * (n - k0) for s, e, k0 in tiles), default=0))
+        h = p.queries
+        inf = torch.full((1, 1), float("inf"), device=device)
+        for start, end, k0 in tiles:
+            if k0 == n:
+                continue
+            q = h[start:end] * p.scale
+            scores = torch.mm(q, h[k0:].T, out=_tile(ws, (end - start, n - k0)))
+            label, seg, pos = p.rows(start, end)
+            c_label, c_bias, c_seg, c_pos = p.cols(k0, n)
+            # the columns' own terms, for the later segments only (the own block is in the rows' terms)
+            col_stats = tuple(
+                torch.cat([inf.expand(1, end - k0) if i < 2 else inf.new_zeros(1, end - k0), x[None, end:]], dim=1)
+                for i, x in enumerate((safe_all, safe_pos, grad_all, grad_pos))
+            )
+            kernels._symmetric_grad_(scores, label, c_label, c_bias, p.q_bias[start:end, None].clone(), seg, pos, c_seg,
+                                     c_pos, p.rule, row_stats(start, end), col_stats)
+            grad_q[start:end].addmm_(scores, h[k0:], alpha=p.scale)
+            grad_q[k0:].addmm_(scores.T, q)
+    return grad_q, (None if p.same_tensor else grad_k)
+
+
+class _MemoryLogSumExp(torch.autograd.Function):
+    """Blockwise (lse over visible keys, lse over visible positive keys), recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, queries, keys, key_labels, query_targets, visibility, scale, block_size):
+        same = queries is keys and (key_labels is query_targets or torch.equal(key_labels, query_targets))
+        with torch.no_grad():
+            problem = _Problem.build(queries, keys, key_labels, query_targets, visibility, scale, block_size, same)
+            kernels = _Kernels(_use_compiled(queries.device, problem.pairs()))
+            lse_all, lse_pos = _forward(problem, kernels)
+        ctx.save_for_backward(queries, keys, key_labels, query_targets, lse_all, lse_pos)
+        ctx.visibility, ctx.scale, ctx.block_size, ctx.same = visibility, scale, block_size, same
+        return lse_all, lse_pos
+
+    @staticmethod
+    def backward(ctx, grad_all, grad_pos):
+        queries, keys, key_labels, query_targets, lse_all, lse_pos = ctx.saved_tensors
+        need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        with torch.no_grad():
+            problem = _Problem.build(queries, keys, key_labels, query_targets, ctx.visibility, ctx.scale,
+                                     ctx.block_size, ctx.same)
+            kernels = _Kernels(_use_compiled(queries.device, problem.pairs()))
+            grad_q, grad_k = _backward(problem, kernels, lse_all, lse_pos, grad_all, grad_pos, need_q, need_k)
+        return (
+            None if grad_q is None or not (need_q or need_k) else grad_q.to(queries.dtype),
+            None if grad_k is None else grad_k.to(keys.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def _masked_logsumexp(scores: Tensor, mask: Tensor) -> Tensor:
@@ -266,105 +686,6 @@ def _logsumexp_or_neginf(scores: Tensor) -> Tensor:
     row_max = scores.amax(dim=-1)
     shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     return (scores - shift[..., None]).exp().sum(dim=-1).log() + shift
-
-
-# A positive more than this many nats below the row maximum could underflow in the
-# shared exp; such (rare) rows are recomputed exactly.
-_UNDERFLOW_NATS = 60.0
-
-
-def _block_lse(scores: Tensor, positive: Tensor) -> Tuple[Tensor, Tensor]:
-    """(lse over finite scores, lse over positive finite scores), one exp pass."""
-    row_max = scores.amax(dim=-1)
-    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    weights = (scores - shift[..., None]).exp_()
-    lse_all = weights.sum(dim=-1).log_() + shift
-    pos_sum = (weights * positive).sum(dim=-1)
-    lse_pos = pos_sum.log_() + shift
-    pos_max = scores.masked_fill(~positive, _NEG_INF).amax(dim=-1)
-    risky = torch.isfinite(pos_max) & ((pos_max - shift) < -_UNDERFLOW_NATS)
-    if bool(risky.any()):
-        exact = _logsumexp_or_neginf(scores[risky].masked_fill(~positive[risky], _NEG_INF))
-        lse_pos[risky] = exact
-    return lse_all, lse_pos
-
-
-def _block_grad(scores: Tensor, positive: Tensor, lse_all, lse_pos, grad_all, grad_pos) -> Tensor:
-    """d(g_all . lse_all + g_pos . lse_pos)/d scores for one block, one exp pass."""
-    inf = torch.full_like(lse_all, float("inf"))
-    safe_all = torch.where(torch.isfinite(lse_all), lse_all, inf)  # empty rows -> all-zero weights
-    weights = (scores - safe_all[..., None]).exp_()
-    gap = lse_all - lse_pos  # >= 0; exp(gap) rescales the shared weights to the positive softmax
-    finite_pos = torch.isfinite(lse_pos)
-    exact_rows = finite_pos & (gap > _UNDERFLOW_NATS)
-    ratio = torch.where(finite_pos & ~exact_rows, grad_pos * torch.exp(torch.where(finite_pos, gap, 0.0)), 0.0)
-    grad = weights * (grad_all[..., None] + positive * ratio[..., None])
-    if bool(exact_rows.any()):
-        rows = scores[exact_rows]
-        pos_weights = torch.where(positive[exact_rows], (rows - lse_pos[exact_rows][..., None]).exp(), 0.0)
-        grad[exact_rows] += grad_pos[exact_rows][..., None] * pos_weights
-    return grad
-
-
-class _MemoryLogSumExp(torch.autograd.Function):
-    """Blockwise (lse over visible keys, lse over visible positive keys), recomputed in backward."""
-
-    @staticmethod
-    def forward(ctx, queries, keys, key_labels, query_targets, visibility, scale, block_size):
-        n = queries.shape[0]
-        lse_all = torch.full((n,), _NEG_INF, dtype=torch.float32, device=queries.device)
-        lse_pos = torch.full_like(lse_all, _NEG_INF)
-        for start, end in visibility.row_blocks(block_size):
-            scaled = queries[start:end].float() * scale
-            block = visibility.block_scores(scaled, keys, start, end)
-            if block.scores is None:
-                continue
-            positive = block.labels_match(key_labels, query_targets[start:end])
-            block_all, block_pos = _block_lse(block.scores, positive)
-            lse_all[start:end], lse_pos[start:end] = block_all.reshape(-1), block_pos.reshape(-1)
-        if visibility.query_valid is not None:  # pad queries see nothing
-            lse_all.masked_fill_(~visibility.query_valid, _NEG_INF)
-            lse_pos.masked_fill_(~visibility.query_valid, _NEG_INF)
-        ctx.save_for_backward(queries, keys, key_labels, query_targets, lse_all, lse_pos)
-        ctx.visibility, ctx.scale, ctx.block_size = visibility, scale, block_size
-        return lse_all, lse_pos
-
-    @staticmethod
-    def backward(ctx, grad_all, grad_pos):
-        queries, keys, key_labels, query_targets, lse_all, lse_pos = ctx.saved_tensors
-        visibility, scale = ctx.visibility, ctx.scale
-        need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_q = torch.zeros(queries.shape, dtype=torch.float32, device=queries.device) if need_q else None
-        grad_k = torch.zeros(keys.shape, dtype=torch.float32, device=keys.device) if need_k else None
-        grad_all, grad_pos = grad_all.float(), grad_pos.float()
-        for start, end in visibility.row_blocks(ctx.block_size):
-            scaled = queries[start:end].float() * scale
-            block = visibility.block_scores(scaled, keys, start, end)
-            if block.scores is None:
-                continue
-            shape = block.scores.shape[:2]
-            positive = block.labels_match(key_labels, query_targets[start:end])
-            grad_scores = _block_grad(
-                block.scores,
-                positive,
-                lse_all[start:end].view(shape),
-                lse_pos[start:end].view(shape),
-                grad_all[start:end].view(shape),
-                grad_pos[start:end].view(shape),
-            )
-            if need_q:
-                grad_q[start:end] += block.query_grad(grad_scores, keys) * scale
-            if need_k:
-                grad_k[block.lo : block.hi] += block.key_grad(grad_scores, scaled)
-        return (
-            None if grad_q is None else grad_q.to(queries.dtype),
-            None if grad_k is None else grad_k.to(keys.dtype),
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
 
 
 def memory_logsumexp(
