@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datastore", default=None, help="datastore directory from trime-build-datastore")
     p.add_argument("--k", type=int, default=1024, help="neighbours retrieved per scored token")
     p.add_argument("--nprobe", type=int, default=32, help="IVF lists probed per search")
+    p.add_argument(
+        "--key-module", default=None, help="HF models: module whose input are the keys (default: last layer's MLP)"
+    )
     p.add_argument("--knn-exact", action="store_true", help="score neighbours with exact distances from keys.npy")
     p.add_argument(
         "--faiss-gpus", choices=("auto", "all", "none"), default="auto", help="auto: GPUs 1..n-1 (GPU 0 if only one)"
@@ -302,7 +305,7 @@ def main(argv: list | None = None) -> dict:
         args.gen_subset = "test" if args.tune else "valid"
     data_dir = Path(args.data)
     precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
-    lm = load_adapter(args.path, data_dir, cpu=args.cpu, precision=precision)
+    lm = load_adapter(args.path, data_dir, cpu=args.cpu, precision=precision, key_module=args.key_module)
     windows = lm.window_settings(args.context_window, args.tokens_per_sample)
     batch_size = batch_size_for(windows, args.batch_size, args.max_tokens)
     store = None
@@ -384,7 +387,7 @@ def main(argv: list | None = None) -> dict:
         "trime_version": _version(),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "checkpoint": lm.identity,
-        "model": {"frontend": lm.frontend, "architecture": lm.architecture},
+        "model": {"frontend": lm.frontend, "architecture": lm.architecture, "key_source": lm.key_source},
         "data": {"dir": str(data_dir), "dict_sha256": lm.dict_sha256, "byte_level": is_bytes},
         "datastore": store.identity() if store is not None else None,
         "settings": {

@@ -173,9 +173,9 @@ class Datastore:
         built_by = meta.get("model")
         if model is not None and built_by is not None and built_by != model:
             fail(
-                f"--datastore {directory} was built with a {built_by.get('frontend')} "
-                f"{built_by.get('architecture')} model, not this {model['frontend']} {model['architecture']} "
-                "model; build a datastore with this model"
+                f"--datastore {directory} was built with a {built_by.get('frontend')} {built_by.get('architecture')} "
+                f"model (keys from {built_by.get('key_source')}), not this {model['frontend']} "
+                f"{model['architecture']} model (keys from {model['key_source']}); build a datastore with this model"
             )
         keys_path, vals_path = directory / KEYS_NAME, directory / VALS_NAME
         check_npy(keys_path, (count, ds_dim), meta["key_dtype"], "keys")
@@ -282,7 +282,7 @@ def load_index(directory: Path, meta: dict, nprobe: int = 32, gpus: str = "none"
 
 def model_info(lm: "ModelAdapter") -> dict:
     """What a datastore records about the model family that built it (checked by :meth:`Datastore.open`)."""
-    return {"frontend": lm.frontend, "architecture": lm.architecture}
+    return {"frontend": lm.frontend, "architecture": lm.architecture, "key_source": lm.key_source}
 
 
 def _config_sha(config: dict) -> str:
@@ -587,6 +587,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokens-per-sample", type=int, default=None, help="window length incl. context (default: the checkpoint's)"
     )
     p.add_argument("--key-dtype", choices=sorted(KEY_DTYPES), default="fp16")
+    p.add_argument(
+        "--key-module", default=None, help="HF models: module whose input are the keys (default: last layer's MLP)"
+    )
     p.add_argument("--num-shards", type=int, default=1)
     p.add_argument("--shard-id", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=None, help="windows per batch (must be equal for all shards)")
@@ -643,7 +646,7 @@ def cli_main(argv: list | None = None) -> None:
     from trime.adapters import batch_size_for, load_adapter
 
     precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
-    lm = load_adapter(args.path, args.data, cpu=args.cpu, precision=precision)
+    lm = load_adapter(args.path, args.data, cpu=args.cpu, precision=precision, key_module=args.key_module)
     settings = lm.window_settings(args.context_window, args.tokens_per_sample)
     batch_size = batch_size_for(settings, args.batch_size, args.max_tokens)
     written = extract(

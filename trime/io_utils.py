@@ -100,12 +100,13 @@ def identity_key(identity: dict) -> str:
 def quiet_libraries() -> None:
     """For the CLIs: warnings and errors only (importing fairseq sets the root logger to DEBUG).
 
-    Also keeps FAISS's loader chatter, matplotlib's font search and a known torch
-    warning about fairseq's padding masks off the output.
+    Also keeps FAISS's loader chatter, matplotlib's font search, transformers' weight-loading
+    bars and a known torch warning about fairseq's padding masks off the output.
     """
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers is imported
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(logging.WARNING)
-    for name in ("fairseq", "faiss", "matplotlib"):
+    for name in ("fairseq", "faiss", "matplotlib", "transformers"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")
 

@@ -15,17 +15,26 @@ from trime.adapters.base import (
     WindowSettings,
     batch_size_for,
 )
+from trime.errors import fail
 from trime.hf.model import is_hf_model_dir
 
 __all__ = ["ModelAdapter", "SplitWindows", "WindowBatch", "WindowSettings", "batch_size_for", "load_adapter"]
 
 
-def load_adapter(path: os.PathLike, data_dir: os.PathLike, cpu: bool = False, precision: str = "fp32") -> ModelAdapter:
-    """Load ``--path`` for scoring the splits in ``data_dir``; ``precision`` is fp32, fp16 or bf16."""
+def load_adapter(
+    path: os.PathLike, data_dir: os.PathLike, cpu: bool = False, precision: str = "fp32", key_module: str | None = None
+) -> ModelAdapter:
+    """Load ``--path`` for scoring the splits in ``data_dir``; ``precision`` is fp32, fp16 or bf16.
+
+    ``key_module`` (HF models only) names the module whose input are the keys (default:
+    the last decoder layer's MLP).
+    """
     if is_hf_model_dir(path):
         from trime.adapters.hf_lm import HFLM
 
-        return HFLM.load(path, data_dir, cpu=cpu, precision=precision)
+        return HFLM.load(path, data_dir, cpu=cpu, precision=precision, key_module=key_module)
+    if key_module:
+        fail(f"--key-module is for Hugging Face models; --path {path} is a fairseq checkpoint (keys: the last fc1 input)")
     from trime.adapters.fairseq_lm import FairseqLM
 
     return FairseqLM.load(path, data_dir, cpu=cpu, precision=precision)

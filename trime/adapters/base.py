@@ -121,7 +121,8 @@ class ModelAdapter(ABC):
             :func:`trime.io_utils.identity_key` compares two).
         vocab: ``{"sha256", "size"}`` of the vocabulary (fairseq ``dict.txt`` or HF tokenizer);
             a datastore's values are ids in it.
-        architecture: model type/arch name; a datastore from another architecture is refused.
+        architecture: model type/arch name; key_source: the module whose input are the keys.
+            A datastore from another architecture or key source is refused.
     """
 
     frontend: str
@@ -133,6 +134,7 @@ class ModelAdapter(ABC):
     identity: dict
     vocab: dict
     architecture: str
+    key_source: str
 
     @property
     def dict_sha256(self) -> str:

@@ -48,6 +48,7 @@ class FairseqLM(ModelAdapter):
         self.identity = identity  # file_identity of the checkpoint, taken when it was loaded
         self.vocab = {"sha256": dict_sha256, "size": len(task.source_dictionary)}
         self.architecture = str(getattr(cfg.model, "arch", None) or getattr(cfg.model, "_name", "") or "")
+        self.key_source = f"decoder.layers.{len(model.decoder.layers) - 1}.fc1"
 
     @property
     def dictionary(self):

@@ -1,0 +1,252 @@
+"""The Hugging Face adapter: an ``AutoModelForCausalLM`` dir scored over raw text splits.
+
+``DATA`` is a folder of text splits (``{split}.txt`` or ``wiki.{split}.tokens``). Pinned
+windowing (issue 10): the whole split file is tokenized as one string without special
+tokens (:func:`trime.hf.text.tokenize_text_file`); with S = tokens-per-sample -
+context-window, window b scores the new tokens [b*S, (b+1)*S) of the stream after up to
+context-window earlier tokens (at least one, so that its first new token is predicted);
+the stream's first token is not scored.
+
+A window's model input ends one token before its last new token (that token predicts
+nothing inside the window), so row position t holds the stream token ``lo + t`` and
+predicts ``lo + t + 1``; like fairseq's windows, every position is labelled with its
+next token and the context positions are memory keys. Keys are the input of the last
+decoder layer's MLP (:class:`trime.hf.model.KeyCapture`); token-head terms come from the
+output embeddings applied to the base model's last hidden state, for scored rows only.
+transformers is imported only when a model is loaded.
+"""
+
+import hashlib
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trime.adapters.base import (
+    ModelAdapter,
+    SplitWindows,
+    WindowBatch,
+    WindowSettings,
+    check_window_settings,
+    pick_device,
+    token_terms_in_blocks,
+)
+from trime.errors import fail
+from trime.io_utils import file_identity, identity_key, read_json
+from trime.loss import full_softmax_terms
+
+# the split files looked for in DATA, first match wins
+SPLIT_FILES = ("{split}.txt", "wiki.{split}.tokens")
+# files that make up a model dir's identity (weights and config)
+WEIGHT_PATTERNS = ("config.json", "*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+# the default window is the model's context unless it is longer than this (then --tokens-per-sample is needed)
+MAX_DEFAULT_WINDOW = 8192
+
+
+def split_file(data_dir: Path, split: str) -> Path:
+    """The text file of ``split`` in ``data_dir``; one-line error naming what was looked for."""
+    if not data_dir.is_dir():
+        fail(f"DATA {data_dir} is not a directory; pass a folder of text splits (train.txt, valid.txt, test.txt)")
+    names = [pattern.format(split=split) for pattern in SPLIT_FILES]
+    for name in names:
+        if (data_dir / name).is_file():
+            return data_dir / name
+    fail(
+        f"{data_dir} has no split '{split}' (looked for {' and '.join(names)}); "
+        "add the text file or pick another --gen-subset"
+    )
+
+
+def model_dir_identity(path: Path) -> dict:
+    """Identity of a model dir: one hash over its config and weight files (names and contents)."""
+    files = sorted({f for pattern in WEIGHT_PATTERNS for f in path.glob(pattern) if f.is_file()})
+    digest = hashlib.sha256()
+    total = 0
+    for f in files:
+        identity = file_identity(f)
+        total += identity["bytes"]
+        digest.update(f"{f.name}\0{identity_key(identity)}\n".encode())
+    return {"path": str(path), "bytes": total, "files": len(files), "sha256": digest.hexdigest()}
+
+
+class HFLM(ModelAdapter):
+    """A Hugging Face causal LM and its tokenizer, ready for scoring text splits."""
+
+    frontend = "hf"
+
+    def __init__(self, model, tokenizer, path: Path, data_dir: Path, device, dtype, key_module: str | None = None):
+        from trime.hf.model import find_key_module
+        from trime.hf.text import tokenizer_identity
+
+        self.model, self.tokenizer = model, tokenizer
+        self.path, self.data_dir = path, data_dir
+        self.device, self.dtype = device, dtype
+        self.key_module = key_module
+        self.key_source, _ = find_key_module(model, key_module)
+        if model.base_model is model:
+            fail(f"--path {path}: {type(model).__name__} has no base model under its LM head; use a decoder-only LM")
+        config = model.config
+        self.dim = int(config.hidden_size)
+        self.architecture = str(config.model_type)
+        self.identity = model_dir_identity(path)
+        self.vocab = {"sha256": tokenizer_identity(tokenizer), "size": len(tokenizer)}
+        self.max_positions = getattr(config, "max_position_embeddings", None)
+        self._streams: dict[str, np.ndarray] = {}
+
+    @classmethod
+    def load(
+        cls,
+        path: os.PathLike,
+        data_dir: os.PathLike,
+        cpu: bool = False,
+        precision: str = "fp32",
+        key_module: str | None = None,
+    ) -> "HFLM":
+        """Load a ``save_pretrained`` dir (model + tokenizer) for scoring the text splits in ``data_dir``."""
+        from trime.hf.model import load_model_and_tokenizer
+
+        path, data_dir = Path(path), Path(data_dir)
+        if not data_dir.is_dir():
+            fail(f"DATA {data_dir} is not a directory; pass a folder of text splits (train.txt, valid.txt, test.txt)")
+        device = pick_device(cpu)
+        model, tokenizer = load_model_and_tokenizer(
+            path, dtype=precision, device=device, key_module=key_module, option="--path"
+        )
+        model.eval()
+        dtype = next(model.parameters()).dtype
+        return cls(model, tokenizer, path, data_dir, device, dtype, key_module)
+
+    def trained_block_size(self) -> int | None:
+        """The ``--block-size`` the model was trained with, when ``trime-hf-train`` wrote it."""
+        from trime.hf.train import RECORD
+
+        record = self.path / RECORD
+        if not record.is_file():
+            return None
+        block_size = read_json(record, what="training record").get("block_size")
+        return int(block_size) if block_size else None
+
+    def window_settings(self, context_window: int, tokens_per_sample: int | None) -> WindowSettings:
+        """Default window: the training block size (trime-hf-train), else the model's positions."""
+        tps = tokens_per_sample if tokens_per_sample is not None else self.trained_block_size()
+        if tps is None:
+            if self.max_positions is None or self.max_positions > MAX_DEFAULT_WINDOW:
+                fail(
+                    f"--path {self.path} allows {self.max_positions or 'unbounded'} positions; pass "
+                    "--tokens-per-sample (the window length, e.g. the training --block-size)"
+                )
+            tps = int(self.max_positions)
+        return check_window_settings(context_window, tps, self.max_positions)
+
+    def stream(self, split: str) -> np.ndarray:
+        """The split's token ids, tokenized once per split."""
+        if split not in self._streams:
+            from trime.hf.text import tokenize_text_file
+
+            path = split_file(self.data_dir, split)
+            ids = tokenize_text_file(path, self.tokenizer, option="DATA")
+            if len(ids) < 2:
+                fail(f"DATA {path} has {len(ids)} token(s); at least 2 are needed to score one")
+            vocab = int(self.model.get_output_embeddings().weight.shape[0])
+            if int(ids.max()) >= vocab:
+                fail(
+                    f"the tokenizer of --path {self.path} gives id {int(ids.max())} on {path}, beyond the model's "
+                    f"{vocab} output embeddings; save the tokenizer the model was trained with beside it"
+                )
+            self._streams[split] = ids
+        return self._streams[split]
+
+    def windows(self, split: str, settings: WindowSettings) -> "TextWindows":
+        return TextWindows(self.stream(split), settings)
+
+    @torch.no_grad()
+    def forward(self, batch: dict, need_token_terms: bool = True) -> WindowBatch:
+        """Run the model on one batch of :class:`TextWindows`; keys of every position, head terms of scored ones."""
+        from trime.hf.model import KeyCapture
+
+        input_ids = batch["input_ids"].to(self.device)
+        attention_mask = batch["attention_mask"].to(self.device)
+        with KeyCapture(self.model, self.key_module) as capture:
+            hidden = self.model.base_model(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).last_hidden_state
+        reps = capture.keys(tuple(input_ids.shape)).detach()
+        key_labels = batch["labels"].to(self.device)
+        key_valid = batch["label_valid"].to(self.device)
+        positions = torch.arange(input_ids.shape[1], device=self.device)
+        scored = key_valid & (positions[None, :] >= torch.tensor(batch["starts"], device=self.device)[:, None])
+        targets = key_labels[scored]
+        if need_token_terms:
+            head = self.model.get_output_embeddings()
+
+            def terms(feats, tgt):
+                return full_softmax_terms(head(feats), tgt)
+
+            token_score, token_logz = token_terms_in_blocks(terms, hidden[scored], targets, int(head.weight.shape[0]))
+        else:
+            token_score = token_logz = torch.zeros(0)
+        return WindowBatch(
+            ids=list(batch["ids"]),
+            reps=reps,
+            key_labels=key_labels,
+            key_valid=key_valid,
+            scored=scored,
+            starts=list(batch["starts"]),
+            targets=targets,
+            token_score=token_score,
+            token_logz=token_logz,
+        )
+
+
+class TextWindows(SplitWindows):
+    """The pinned windows of one token stream (see the module docstring)."""
+
+    def __init__(self, stream: np.ndarray, settings: WindowSettings) -> None:
+        self.stream, self.settings = stream, settings
+        self.new = settings.new_tokens
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.stream) / self.new)
+
+    def span(self, b: int) -> tuple[int, int, int]:
+        """(lo, first, hi) of window b: input from stream token lo, scored tokens [first, hi)."""
+        first, hi = b * self.new, min((b + 1) * self.new, len(self.stream))
+        if b == 0:
+            return 0, 1, hi  # the stream's first token is not scored
+        return first - max(1, min(self.settings.context_window, first)), first, hi
+
+    def scored_counts(self) -> np.ndarray:
+        return np.asarray([hi - first for _, first, hi in map(self.span, range(len(self)))], dtype=np.int64)
+
+    def batches(self, batch_size: int, first_batch: int = 0, end_batch: int | None = None) -> Iterator[dict]:
+        """Padded (B, T) batches: ``input_ids``/``attention_mask``, next-token ``labels``/``label_valid``, ``starts``."""
+        end_batch = self.num_batches(batch_size) if end_batch is None else end_batch
+        for b in range(first_batch, end_batch):
+            ids = list(range(b * batch_size, min(len(self), (b + 1) * batch_size)))
+            if not ids:
+                break
+            spans = [self.span(w) for w in ids]
+            # row = stream[lo : hi - 1] (at least one token); position t predicts stream[lo + t + 1]
+            lengths = [max(hi - 1 - lo, 1) for lo, _, hi in spans]
+            length = max(lengths)
+            input_ids = torch.zeros(len(ids), length, dtype=torch.long)
+            labels = torch.zeros(len(ids), length, dtype=torch.long)
+            attention_mask = torch.zeros(len(ids), length, dtype=torch.long)
+            label_valid = torch.zeros(len(ids), length, dtype=torch.bool)
+            for row, ((lo, _, hi), n) in enumerate(zip(spans, lengths)):
+                input_ids[row, :n] = torch.from_numpy(self.stream[lo : lo + n])
+                attention_mask[row, :n] = 1
+                predicted = self.stream[lo + 1 : hi]
+                labels[row, : len(predicted)] = torch.from_numpy(predicted)
+                label_valid[row, : len(predicted)] = True
+            yield {
+                "ids": ids,
+                "input_ids": input_ids,
+                "attention_mask": attention_mask,
+                "labels": labels,
+                "label_valid": label_valid,
+                "starts": [first - 1 - lo for lo, first, _ in spans],
+            }
