@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--knn-exact", action="store_true", help="score neighbours with exact distances from keys.npy")
     p.add_argument(
+        "--knn-search",
+        choices=("faiss", "torch"),
+        default="faiss",
+        help="faiss: index.faiss (IVF-PQ, --nprobe, --faiss-gpus); torch: exact search over all keys with torch on "
+        "the model's device, no index needed (device memory: count x dim x 2 bytes for fp16 keys)",
+    )
+    p.add_argument(
         "--faiss-gpus", choices=("auto", "all", "none"), default="auto", help="auto: GPUs 1..n-1 (GPU 0 if only one)"
     )
     p.add_argument(
@@ -146,6 +153,8 @@ def check_args(args) -> None:
         fail("--lmbda interpolates with a datastore: add --knnlm or --memory external and --datastore")
     if args.k < 1 or args.nprobe < 1:
         fail("--k and --nprobe must be >= 1")
+    if args.knn_search != "faiss" and not args.datastore:
+        fail(f"--knn-search {args.knn_search} searches a datastore: add --datastore DIR or drop --knn-search")
 
 
 def memory_settings(args) -> MemorySettings:
@@ -177,8 +186,7 @@ class Evaluator:
     def _search(self, batch):
         if self.store is None:
             return None
-        queries = batch.queries.float().cpu().numpy()
-        return self.store.search(queries, self.k, exact=self.exact).to(batch.targets.device)
+        return self.store.search(batch.queries, self.k, exact=self.exact).to(batch.targets.device)
 
     def _batches(self, split: str, max_batches: int | None = None):
         from tqdm import tqdm
@@ -320,6 +328,8 @@ def main(argv: list | None = None) -> dict:
             model=model_info(lm),
             nprobe=args.nprobe,
             gpus="none" if args.cpu else args.faiss_gpus,
+            search=args.knn_search,
+            device=lm.device,
         )
         if store.on_gpu and args.k > GPU_MAX_K:
             fail(f"--k {args.k} exceeds FAISS's GPU limit of {GPU_MAX_K}; use a smaller --k or --faiss-gpus none")
@@ -398,6 +408,7 @@ def main(argv: list | None = None) -> dict:
             "k": args.k if store else None,
             "nprobe": args.nprobe if store else None,
             "knn_exact": args.knn_exact,
+            "knn_search": args.knn_search if store else None,
             "lmbda": settings.lmbda,
             "interp_temp": settings.interp_temp,
             **windows.as_dict(),

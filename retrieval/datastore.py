@@ -51,6 +51,7 @@ PROGRESS_NAME = "progress.json"
 FORMAT = 1
 KEY_TYPE = "last_ffn_input"
 KEY_DTYPES = {"fp16": np.float16, "fp32": np.float32}
+SEARCH_BACKENDS = ("faiss", "torch")  # trime-eval --knn-search
 VAL_DTYPE = np.int32
 if TYPE_CHECKING:  # torch is imported only when a model is loaded (not for --merge/--build-index)
     from trime.adapters import ModelAdapter, WindowSettings
@@ -108,7 +109,14 @@ class Datastore:
     """A finished datastore: values in RAM, keys memory-mapped, and (optionally) the FAISS index."""
 
     def __init__(
-        self, directory: Path, meta: dict, vals: np.ndarray, keys: np.ndarray, index=None, on_gpu: bool = False
+        self,
+        directory: Path,
+        meta: dict,
+        vals: np.ndarray,
+        keys: np.ndarray,
+        index=None,
+        on_gpu: bool = False,
+        torch_search=None,
     ) -> None:
         self.directory = directory
         self.on_gpu = on_gpu
@@ -117,6 +125,9 @@ class Datastore:
         self.keys = keys
         self.index = index
         self.metric = (meta.get("index") or {}).get("metric", "ip")
+        # --knn-search torch: a TorchExactSearch over all keys on the model's device (no FAISS index)
+        self.torch_search = torch_search
+        self._device_vals = None
 
     @property
     def count(self) -> int:
@@ -136,13 +147,19 @@ class Datastore:
         need_index: bool = True,
         nprobe: int = 32,
         gpus: str = "none",
+        search: str = "faiss",
+        device=None,
     ) -> "Datastore":
         """Open and validate a datastore; every mismatch is a one-line error naming the file and fix.
 
         ``dim``/``dict_sha256`` are the model's key size and the dictionary's sha256,
         ``model`` its ``{"frontend", "architecture"}`` (:func:`model_info`); ``gpus`` is
-        ``none``, ``auto`` or ``all`` (see :func:`faiss_index.search_gpus`).
+        ``none``, ``auto`` or ``all`` (see :func:`faiss_index.search_gpus`). ``search``
+        is ``faiss`` (``index.faiss``) or ``torch``: exact search over all keys, copied to
+        ``device`` (:mod:`trime.retrieval.torch_knn`); it needs no index.
         """
+        if search not in SEARCH_BACKENDS:
+            fail(f"--knn-search must be one of {', '.join(SEARCH_BACKENDS)}, got {search!r}")
         directory = Path(directory)
         meta_path = directory / META_NAME
         if not directory.is_dir():
@@ -182,22 +199,32 @@ class Datastore:
         check_npy(vals_path, (count,), meta["val_dtype"], "values")
         keys = np.load(keys_path, mmap_mode="r")
         vals = np.load(vals_path)
-        index, on_gpu = None, False
-        if need_index:
+        index, on_gpu, torch_search = None, False, None
+        if search == "torch":
+            from trime.retrieval.torch_knn import TorchExactSearch
+
+            metric = (meta.get("index") or {}).get("metric", "ip")
+            torch_search = TorchExactSearch(keys, metric=metric, device=device if device is not None else "cpu")
+        elif need_index:
             index, on_gpu = load_index(directory, meta, nprobe=nprobe, gpus=gpus)
-        return cls(directory, meta, vals, keys, index, on_gpu=on_gpu)
+        return cls(directory, meta, vals, keys, index, on_gpu=on_gpu, torch_search=torch_search)
 
     def search(self, queries: np.ndarray, k: int, exact: bool = False):
         """Top-k neighbours as :class:`trime.knn.KnnResults` (torch, CPU).
 
         ``exact`` recomputes the scores from the stored keys (kNN-LM's exact distances)
-        instead of using FAISS's (possibly PQ-approximated) ones.
+        instead of using FAISS's (possibly PQ-approximated) ones. ``queries`` is an array or
+        a tensor; with ``--knn-search torch`` the results stay on the search device.
         """
         import torch
         from trime.retrieval import faiss_index
 
         from trime.knn import KnnResults
 
+        if self.torch_search is not None:
+            return self._search_torch(queries, k, exact)
+        if torch.is_tensor(queries):
+            queries = queries.detach().float().cpu().numpy()
         scores, ids = faiss_index.search(self.index, queries, k, self.metric)
         valid = ids >= 0
         safe = np.where(valid, ids, 0)
@@ -209,6 +236,20 @@ class Datastore:
             labels=torch.from_numpy(labels),
             valid=torch.from_numpy(valid),
         )
+
+    def _search_torch(self, queries, k: int, exact: bool):
+        import torch
+
+        from trime.knn import KnnResults
+
+        scores, ids = self.torch_search.search(queries, k)
+        valid = ids >= 0
+        safe = ids.clamp(min=0)
+        if exact and self.torch_search.dtype != torch.float32:  # fp32 query . stored key, as FAISS's exact path
+            scores = self.torch_search.rescore(queries, safe)
+        if self._device_vals is None:
+            self._device_vals = torch.from_numpy(self.vals.astype(np.int64)).to(self.torch_search.device)
+        return KnnResults(scores=torch.where(valid, scores, 0.0), labels=self._device_vals[safe], valid=valid)
 
     def exact_scores(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Inner products or -squared L2 distances between each query and its neighbours' stored keys."""

@@ -37,6 +37,26 @@ def default_compute_dtype(device: torch.device, key_dtype: np.dtype) -> torch.dt
     return torch.float16 if np.dtype(key_dtype) == np.float16 else torch.float32
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` are the same device when the current device is 0."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    current = torch.cuda.current_device()
+    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+
+
+def _check_device_memory(device: torch.device, needed: int) -> None:
+    """One-line error if the keys cannot fit on the GPU (before anything is allocated)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    if needed > free:
+        fail(
+            f"--knn-search torch needs {needed / 2**30:.1f} GiB on {device} for the datastore's keys but "
+            f"{free / 2**30:.1f} GiB are free; use --knn-search faiss (an IVF-PQ index) or a smaller datastore"
+        )
+
+
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """a @ b with fp32 output; (result, True) if the product itself was returned in fp32."""
     if a.dtype == torch.float32:
@@ -74,10 +94,19 @@ class TorchExactSearch:
         self.count, self.dim = int(keys.shape[0]), int(keys.shape[1])
         self.key_chunk = key_chunk
         self.score_bytes = int(score_bytes)
-        self.keys = torch.empty((self.count, self.dim), dtype=self.dtype, device=self.device)
+        if self.device.type == "cuda" and not isinstance(keys, torch.Tensor):
+            _check_device_memory(self.device, self.count * self.dim * torch.tensor([], dtype=self.dtype).element_size())
+        # a tensor already on the device in the compute dtype is used as is (no second copy)
+        adopt = isinstance(keys, torch.Tensor) and _same_device(keys.device, self.device)
+        adopt = adopt and keys.dtype == self.dtype and keys.is_contiguous()
+        self.keys = keys if adopt else torch.empty((self.count, self.dim), dtype=self.dtype, device=self.device)
         # squared norms in fp32 for l2 (of the keys as stored on the device, so scores are consistent)
         self.sq_norms = torch.empty(self.count, dtype=torch.float32, device=self.device) if metric == "l2" else None
         for lo in range(0, self.count, LOAD_ROWS):
+            if adopt:
+                if self.sq_norms is not None:
+                    self.sq_norms[lo : lo + LOAD_ROWS] = keys[lo : lo + LOAD_ROWS].float().pow(2).sum(-1)
+                continue
             block = keys[lo : lo + LOAD_ROWS]
             if isinstance(block, np.ndarray):  # a memmap slice is read-only: copy it (one block at a time)
                 block = torch.from_numpy(np.require(block, requirements=["C", "W"]))
@@ -132,3 +161,19 @@ class TorchExactSearch:
             best_scores = torch.cat([best_scores, best_scores.new_full((nq, pad), float("-inf"))], dim=1)
             best_ids = torch.cat([best_ids, best_ids.new_full((nq, pad), -1)], dim=1)
         return best_scores, best_ids
+
+    @torch.no_grad()
+    def rescore(self, queries, ids: torch.Tensor, query_chunk: int = 256) -> torch.Tensor:
+        """fp32 scores of each query against the keys ``ids`` (q, k) as stored on the device (``--knn-exact``)."""
+        q = torch.from_numpy(np.require(queries, requirements=["C", "W"])) if isinstance(queries, np.ndarray) else queries
+        q = q.to(device=self.device, dtype=torch.float32)
+        ids = ids.to(self.device).clamp(min=0)
+        out = torch.empty(ids.shape, dtype=torch.float32, device=self.device)
+        for lo in range(0, ids.shape[0], query_chunk):
+            neighbours = self.keys[ids[lo : lo + query_chunk]].float()  # (c, k, d)
+            rows = q[lo : lo + query_chunk, None, :]
+            if self.metric == "ip":
+                out[lo : lo + query_chunk] = (neighbours * rows).sum(-1)
+            else:
+                out[lo : lo + query_chunk] = -(neighbours - rows).pow(2).sum(-1)
+        return out

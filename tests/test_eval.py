@@ -282,8 +282,8 @@ def flat_store(ckpts, wt2_sample_bin, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("name,mem_size", [("ce", 20), ("trime", 80)])
-def test_external_memory_matches_brute_force(ckpts, wt2_sample_bin, flat_store, name, mem_size):
+@pytest.mark.parametrize("name,mem_size,search", [("ce", 20, "faiss"), ("trime", 80, "faiss"), ("trime", 80, "torch")])
+def test_external_memory_matches_brute_force(ckpts, wt2_sample_bin, flat_store, name, mem_size, search):
     from trime.eval.evaluate import Evaluator
     from trime.eval.memory import MemorySettings
     from trime.eval.windows import load_lm, window_settings
@@ -291,7 +291,9 @@ def test_external_memory_matches_brute_force(ckpts, wt2_sample_bin, flat_store, 
 
     lm = load_lm(ckpts[name], wt2_sample_bin, cpu=True)
     windows = window_settings(lm, CONTEXT, None)
-    store = Datastore.open(flat_store[name], dim=lm.dim, dict_sha256=lm.dict_sha256)
+    # search "torch" (--knn-search torch): exact search over keys.npy without the FAISS index
+    store = Datastore.open(flat_store[name], dim=lm.dim, dict_sha256=lm.dict_sha256, search=search, device=lm.device)
+    assert (store.index is None) == (search == "torch")
     k, temp, lmbda, interp_temp = 16, 1.3, 0.3, 2.5
     evaluator = Evaluator(lm, windows, batch_size=2, store=store, k=k, progress=False)
     cached = evaluator.collect("test", max_batches=3)  # 6 windows: FIFO carried inside and across batches

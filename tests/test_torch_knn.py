@@ -76,6 +76,15 @@ def test_bf16_compute_recall(metric):
     assert torch.all(scores[:, :-1] >= scores[:, 1:])  # best first
 
 
+def test_device_tensor_is_used_without_a_copy():
+    keys, q = _data(count=500, dim=16, queries=4)
+    tensor = torch.from_numpy(keys)
+    search = TorchExactSearch(tensor, metric="l2", key_chunk=100)
+    assert search.keys.data_ptr() == tensor.data_ptr()
+    _, ref_ids = _faiss_flat(keys, "l2").search(q, 10)
+    assert (search.search(torch.from_numpy(q), 10)[1].numpy() == ref_ids).all()
+
+
 def test_bad_input_is_one_line_error():
     keys, q = _data(count=10, dim=8, queries=2)
     with pytest.raises(TrimeError, match="metric"):
@@ -83,3 +92,32 @@ def test_bad_input_is_one_line_error():
     search = TorchExactSearch(keys)
     with pytest.raises(TrimeError, match=r"queries must be \(n, 8\)"):
         search.search(q[:, :4], 3)
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_datastore_search_torch_matches_faiss_flat(metric):
+    """Datastore.search with --knn-search torch returns what the FAISS Flat index gives (labels, padding, exact)."""
+    from trime.retrieval.datastore import Datastore
+
+    keys, q = _data(count=300, dim=16, queries=9, seed=3)
+    vals = np.random.default_rng(3).integers(0, 50, size=300).astype(np.int32)
+    meta = {"count": 300, "dim": 16, "index": {"metric": metric}}
+    with_faiss = Datastore(None, meta, vals, keys, index=_faiss_flat(keys, metric))
+    with_torch = Datastore(None, meta, vals, keys, torch_search=TorchExactSearch(keys, metric=metric, key_chunk=64))
+    for k, exact in ((20, False), (20, True), (310, False)):  # 310 > count: FAISS pads
+        a = with_faiss.search(q, k, exact=exact)
+        b = with_torch.search(torch.from_numpy(q), k, exact=exact)
+        assert torch.equal(a.valid, b.valid) and int(a.valid.sum()) == 9 * min(k, 300)
+        if k <= 300:
+            assert torch.equal(a.labels, b.labels)
+        else:  # all 300 keys come back; near ties may order them differently
+            assert torch.equal(a.labels[a.valid].view(9, -1).sort(1).values, b.labels[b.valid].view(9, -1).sort(1).values)
+        torch.testing.assert_close(a.scores, b.scores, rtol=1e-4, atol=1e-3)
+        assert (b.scores[~b.valid] == 0).all()
+
+
+def test_trime_eval_knn_search_needs_a_datastore():
+    from trime.eval.evaluate import main
+
+    with pytest.raises(TrimeError, match="--knn-search torch searches a datastore"):
+        main(["data-bin", "--path", "ckpt.pt", "--knn-search", "torch"])
