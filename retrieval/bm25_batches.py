@@ -17,14 +17,20 @@ bugs fixed, see docs §2.3):
    repeatedly move to the best-ranked unused neighbour; if none, jump to the next unused
    id in the shuffled order. Integer ids throughout.
 4. **Plan.** ``{"format": "trime-batch-plan", "version": 1, "ids": [...], "meta": {...}}``,
-   written atomically. The training task reads it with :func:`load_batch_plan` and
-   checks it with :func:`check_plan_matches`.
+   written atomically. The file format and its checks live in :mod:`trime.batch_plans`,
+   which the fairseq task and ``trime-hf-train`` read plans with.
+
+With ``--model M`` the plan is built over a Hugging Face tokenizer's blocks of a text
+file instead (``trime-hf-train --bm25-plan``): DATA is the training text, tokenized as one
+string without special tokens and cut into blocks of ``--tokens-per-sample`` tokens
+(block ``i`` is segment ``i``); the BM25 terms are the token ids except the tokenizer's
+special ones. The plan records the text file's and the tokenizer's identity, so a plan
+for another tokenizer or file is refused with one line.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import sys
@@ -45,7 +51,16 @@ from trime.retrieval.bm25 import (
 )
 
 from trime import __version__
-from trime.databin import check_data_bin
+from trime.batch_plans import (
+    TEXT_PLAN_KIND,
+    check_plan,
+    data_bin_plan_target,
+    first_difference,
+    permutation_problem,
+    read_batch_plan,
+    write_batch_plan,
+)
+from trime.databin import check_data_bin, dataset_identity
 from trime.errors import fail
 from trime.io_utils import (
     atomic_path,
@@ -55,8 +70,6 @@ from trime.io_utils import (
     write_json_atomic,
 )
 
-PLAN_FORMAT = "trime-batch-plan"
-PLAN_VERSION = 1
 SEARCH_FORMAT = "trime-bm25-search"
 SEARCH_VERSION = 1
 CHAIN_ALGORITHM = "greedy-bm25-chain-v1"
@@ -73,17 +86,6 @@ SPLIT = "train"
 def _check_data_dir(data_dir: Path) -> list[str]:
     """Fail early (before importing fairseq) on a missing dir, dictionary, or a missing or empty train split."""
     return check_data_bin(data_dir, [SPLIT])[SPLIT]
-
-
-def dataset_identity(data_dir: str | Path) -> dict[str, object]:
-    """Cheap identity of a data-bin's training data: sha256 of dict.txt and of each ``train*.idx``, and ``.bin`` sizes."""
-    data_dir = Path(data_dir)
-    parts = _check_data_dir(data_dir)
-    ident: dict[str, object] = {"dict_sha256": sha256_file(data_dir / "dict.txt")}
-    for name in parts:
-        ident[f"{name}_idx_sha256"] = sha256_file(data_dir / f"{name}.idx")
-        ident[f"{name}_bin_bytes"] = (data_dir / f"{name}.bin").stat().st_size
-    return ident
 
 
 def _load_token_blocks(data_dir: Path, tokens_per_sample: int):
@@ -160,13 +162,6 @@ def _shard_prefix(num_shards: int, shard_id: int) -> str:
     return f"shard{shard_id:03d}-of-{num_shards:03d}"
 
 
-def _first_difference(old: dict[str, object], new: dict[str, object]) -> str:
-    for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
-            return f"{key}: {json.dumps(old.get(key))} there vs {json.dumps(new.get(key))} now"
-    return "none"
-
-
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array, allow_pickle=False)
@@ -218,7 +213,7 @@ def run_shard_search(
         if record.get("config") != config:
             fail(
                 f"work dir {work_dir} already holds shard {shard_id} of {num_shards} for other settings "
-                f"({_first_difference(record.get('config', {}), config)}); use another --work-dir or delete it"
+                f"({first_difference(record.get('config', {}), config)}); use another --work-dir or delete it"
             )
         return result_path
     if progress_path.is_file():
@@ -227,7 +222,7 @@ def run_shard_search(
             old = {**progress.get("config", {}), **progress.get("run", {})}
             fail(
                 f"work dir {work_dir} holds a partial shard {shard_id} of {num_shards} for other settings "
-                f"({_first_difference(old, {**config, **run_settings})}); use another --work-dir or delete it"
+                f"({first_difference(old, {**config, **run_settings})}); use another --work-dir or delete it"
             )
 
     chunk_starts = list(range(start, end, chunk_size))
@@ -309,7 +304,7 @@ def merge_shard_results(work_dir: str | Path, config: dict[str, object], rerun_h
         if record.get("config") != config:
             fail(
                 f"shard {shard_id} of {num_shards} in {work_dir} was searched with other settings "
-                f"({_first_difference(record.get('config', {}), config)}); re-run it or pass the same options"
+                f"({first_difference(record.get('config', {}), config)}); re-run it or pass the same options"
             )
         if sha256_file(result_path) != record.get("sha256"):
             fail(f"{result_path} does not match its record {record_path.name} (sha256); delete both and re-run shard {shard_id}")
@@ -381,40 +376,19 @@ def greedy_chain(neighbours: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
 # ----------------------------------------------------------------------------- plan file
 
 
-def write_batch_plan(path: str | Path, ids: np.ndarray, meta: dict[str, object]) -> None:
-    """Write ``{"format", "version", "ids", "meta"}`` atomically (compact ids, indented meta)."""
-    body = {"format": PLAN_FORMAT, "version": PLAN_VERSION, "meta": meta}
-    text = json.dumps(body, indent=2, sort_keys=True)
-    # ids on one line: 33k ids stay ~200 KB instead of one line each
-    text = text[:-2] + ',\n  "ids": ' + json.dumps([int(i) for i in ids]) + "\n}\n"
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
 def load_batch_plan(path: str | Path) -> tuple[np.ndarray, dict[str, object]]:
-    """Read and validate a batch plan; returns ``(ids, meta)``.
+    """Read a batch plan and check that its ids are a permutation of ``0..N-1`` (N = its own length).
 
-    ``ids`` is an int64 permutation of ``0..N-1``. ``meta`` is the file's meta plus
-    ``meta["path"]`` (the plan file, for error messages).
+    Returns ``(ids, meta)``; ``meta["path"]`` is the plan file. Training checks a plan
+    against its data with :func:`trime.batch_plans.check_plan` instead.
     """
-    path = Path(path)
-    body = read_json(path, "batch plan")
-    if not isinstance(body, dict) or body.get("format") != PLAN_FORMAT:
-        fail(f"batch plan {path} is not a {PLAN_FORMAT} file; make one with trime-bm25-batches")
-    if body.get("version") != PLAN_VERSION:
-        fail(f"batch plan {path} has version {body.get('version')!r}; this trime reads version {PLAN_VERSION}")
-    meta, raw_ids = body.get("meta"), body.get("ids")
-    if not isinstance(meta, dict) or not isinstance(raw_ids, list):
-        fail(f"batch plan {path} lacks 'meta' or 'ids'; re-create it with trime-bm25-batches")
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in raw_ids):
-        fail(f"batch plan {path}: 'ids' must be integers")
-    ids = np.asarray(raw_ids, dtype=np.int64)
-    n = len(ids)
-    if n and (ids.min() < 0 or ids.max() >= n or np.bincount(ids, minlength=n).max() != 1):
-        fail(f"batch plan {path}: 'ids' is not a permutation of 0..{n - 1}")
-    if meta.get("num_segments") != n:
-        fail(f"batch plan {path}: meta.num_segments is {meta.get('num_segments')} but it lists {n} ids")
-    return ids, {**meta, "path": str(path)}
+    ids, meta = read_batch_plan(path)
+    problem = permutation_problem(ids, len(ids))
+    if problem:
+        fail(f"batch plan {path}: 'ids' is not a permutation of 0..{len(ids) - 1:,} ({problem}); the file is damaged")
+    if meta.get("num_segments") != len(ids):
+        fail(f"batch plan {path}: meta.num_segments is {meta.get('num_segments')} but it lists {len(ids):,} ids")
+    return ids, meta
 
 
 def check_plan_matches(
@@ -424,28 +398,45 @@ def check_plan_matches(
     num_segments: int,
     plan_path: str | Path | None = None,
 ) -> None:
-    """Fail with one line naming the plan file unless it was built for this data and blocking.
+    """Fail with one line naming the plan file unless it was built for this data-bin and blocking.
 
     ``num_segments`` is the training dataset's length; ``plan_path`` defaults to
     ``meta["path"]`` as set by :func:`load_batch_plan`.
     """
-    name = str(plan_path or meta.get("path", "<batch plan>"))
-    rebuild = f"rebuild it with: trime-bm25-batches {data_dir} --tokens-per-sample {tokens_per_sample} --output {name}"
-    if meta.get("tokens_per_sample") != tokens_per_sample:
+    if plan_path is not None:
+        meta = {**meta, "path": str(plan_path)}
+    check_plan(None, meta, data_bin_plan_target(data_dir, tokens_per_sample, num_segments))
+
+
+# ----------------------------------------------------------------------------- text under a HF tokenizer
+
+
+def load_text_segments(text_file: Path, model: str, tokens_per_sample: int) -> tuple[Segments, dict[str, object]]:
+    """(segments, plan meta identity) of a text file's blocks under ``model``'s tokenizer."""
+    from trime.hf.data import text_blocks
+    from trime.hf.model import load_tokenizer
+    from trime.hf.text import special_token_ids, text_file_identity, tokenizer_identity
+
+    if text_file.is_dir():
+        fail(f"with --model, DATA {text_file} must be the training text file (as trime-hf-train --train-file)")
+    tokenizer = load_tokenizer(model)
+    blocks = text_blocks(str(text_file), tokenizer, tokens_per_sample, "DATA", model)
+    if len(blocks) < 2:
         fail(
-            f"batch plan {name} was built with --tokens-per-sample {meta.get('tokens_per_sample')} "
-            f"but training uses {tokens_per_sample}; {rebuild}"
+            f"--tokens-per-sample {tokens_per_sample} leaves {len(blocks)} block of {text_file} under the tokenizer "
+            f"of {model}; BM25 batching needs at least 2"
         )
-    if meta.get("num_segments") != num_segments:
-        fail(
-            f"batch plan {name} has {meta.get('num_segments')} segments but the train split of {data_dir} "
-            f"has {num_segments} at --tokens-per-sample {tokens_per_sample}; {rebuild}"
-        )
-    expected = dataset_identity(data_dir)
-    recorded = meta.get("dataset")
-    if recorded != expected:
-        what = _first_difference(recorded if isinstance(recorded, dict) else {}, expected)
-        fail(f"batch plan {name} was built from different data than {data_dir} ({what}); {rebuild}")
+    special = np.asarray(special_token_ids(tokenizer), dtype=np.int64)
+    arrays = [block[~np.isin(block, special)] for block in blocks]
+    vocab_size = max(len(tokenizer), int(blocks.max()) + 1)
+    identity = {
+        "kind": TEXT_PLAN_KIND,
+        "tokenizer": tokenizer_identity(tokenizer),
+        "tokenizer_name": str(model),
+        "dataset": text_file_identity(text_file),
+        "segment_terms": "token ids except the tokenizer's special ids",
+    }
+    return Segments.from_arrays(arrays, vocab_size=vocab_size), identity
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -460,7 +451,9 @@ def _parser() -> argparse.ArgumentParser:
             "--shard-id separately (same --work-dir), then once more without --shard-id to merge."
         ),
     )
-    p.add_argument("data", help="fairseq data-bin with dict.txt and train.{idx,bin}")
+    p.add_argument("data", help="fairseq data-bin with dict.txt and train.{idx,bin}; with --model, the training text file")
+    p.add_argument("--model", help="build the plan over this Hugging Face tokenizer's blocks of the text file DATA "
+                   "(a save_pretrained dir or hub name; for trime-hf-train --bm25-plan)")
     p.add_argument("--tokens-per-sample", type=int, required=True, help="as in training (--sample-break-mode none)")
     p.add_argument("--output", help="batch plan JSON to write (not needed with --shard-id)")
     p.add_argument("--k", type=int, default=DEFAULT_K, help=f"BM25 hits kept per segment (default {DEFAULT_K})")
@@ -529,10 +522,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.output and Path(args.output).is_dir():
         fail(f"--output {args.output} is a directory; give a file name such as plan.json")
 
-    dataset = dataset_identity(data_dir)
+    text_identity = None
+    if args.model:  # a text file under a HF tokenizer: segments are its blocks
+        if merge_only or sharded_step:
+            fail("--model plans are built in one go: drop --num-shards/--shard-id/--merge")
+        segments, text_identity = load_text_segments(data_dir, args.model, args.tokens_per_sample)
+        dataset = {**text_identity["dataset"], "tokenizer": text_identity["tokenizer"]}  # the search's config
+    else:
+        dataset = dataset_identity(data_dir)
     quiet_fairseq_logging()
     log = (lambda msg: None) if args.no_progress_bar else (lambda msg: print(f"trime-bm25-batches: {msg}", file=sys.stderr))
-    if merge_only:
+    if text_identity is not None:
+        num_segments = len(segments)
+    elif merge_only:
         num_segments = count_train_segments(data_dir, args.tokens_per_sample)
         segments = None
     else:
@@ -570,6 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "idf": params.idf,
         **({"epsilon": params.epsilon} if params.idf == "okapi" else {}),
         "segment_terms": "dictionary ids except special symbols (<s> <pad> </s> <unk>)",
+        **(text_identity or {}),
         "chain": CHAIN_ALGORITHM,
         "followed_fraction": round(followed, 6),
         "created_by": f"trime-bm25-batches {__version__}",

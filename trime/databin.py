@@ -61,3 +61,16 @@ def check_data_paths(data: str, splits: Iterable[str] = (), first_dir_splits: It
     splits = list(splits)
     for i, path in enumerate(str(data).split(os.pathsep)):
         check_data_bin(path, splits + (first_dir_splits if i == 0 else []))
+
+
+def dataset_identity(data_dir: os.PathLike) -> dict[str, object]:
+    """Cheap identity of a data-bin's training data: sha256 of dict.txt and of each ``train*.idx``, and ``.bin`` sizes."""
+    from trime.io_utils import sha256_file
+
+    data_dir = Path(data_dir)
+    parts = check_data_bin(data_dir, ["train"])["train"]
+    ident: dict[str, object] = {"dict_sha256": sha256_file(data_dir / "dict.txt")}
+    for name in parts:
+        ident[f"{name}_idx_sha256"] = sha256_file(data_dir / f"{name}.idx")
+        ident[f"{name}_bin_bytes"] = (data_dir / f"{name}.bin").stat().st_size
+    return ident

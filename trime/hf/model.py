@@ -35,6 +35,9 @@ from trime.errors import fail
 LAYER_LISTS = ("transformer.h", "model.layers", "gpt_neox.layers", "model.decoder.layers", "transformer.layers")
 # the feed-forward block inside a decoder layer, in order of preference
 FFN_NAMES = ("mlp", "fc1")
+# files of which a saved tokenizer has at least one
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "merges.txt")
 KEY_MODULE_FLAG = "key_module='NAME' (trime-hf-train / trime-eval --key-module NAME)"
 
 DTYPES = {
@@ -175,6 +178,11 @@ def load_tokenizer(name_or_path: Union[str, os.PathLike], option: str = "--model
     from transformers import AutoTokenizer
 
     path = check_model_dir(name_or_path, option)
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
+        fail(
+            f"{option} {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}, ...); save it beside the "
+            f"model with tokenizer.save_pretrained({path!r})"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError, KeyError) as err:

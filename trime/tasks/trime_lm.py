@@ -18,7 +18,8 @@
     batches are shuffled (seed + epoch) and rank r takes batch r of every group, so the
     ranks at one step hold consecutive plan entries. The plan must have been built for
     this data-bin and ``--tokens-per-sample`` (the original silently ignored a mismatch;
-    here it is an error naming the plan file).
+    here it is an error naming the plan file). Plan reading and checking, and both
+    shardings, are :mod:`trime.batch_plans`, shared with ``trime-hf-train``.
 
 With either layout ``--required-batch-size-multiple`` is ignored (set to 1): rounding
 the batch size down (default 8) would break the "one batch = max-tokens of consecutive
@@ -32,7 +33,6 @@ run out) is marked, so that ``trime_long_loss``/``trime_ext_loss`` take no keys 
 import logging
 import math
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -44,6 +44,13 @@ from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageMode
 from omegaconf import II
 from omegaconf.errors import OmegaConfBaseException
 
+from trime.batch_plans import (
+    check_group_size,
+    data_bin_plan_target,
+    grouped_shuffle_shard,
+    keep_order_shard,
+    load_plan_for,
+)
 from trime.distributed import DUMMY_BATCH_KEY
 from trime.errors import fail
 
@@ -51,43 +58,6 @@ logger = logging.getLogger(__name__)
 
 KEEP_ORDER = "keep_order"
 PREDEFINED = "predefined"
-
-
-def check_group_size(num_shards: int, group_size: int) -> None:
-    """Fail unless groups of ``group_size`` ranks tile the ``num_shards`` ranks."""
-    if group_size < 1 or num_shards % group_size:
-        fail(
-            f"--train-mem-size makes groups of {group_size} ranks, which does not divide the world size "
-            f"{num_shards}; use a world size that is a multiple of {group_size} or change --train-mem-size"
-        )
-
-
-def keep_order_shard(batches: Sequence, num_shards: int, shard_id: int, group_size: int = 1) -> list:
-    """This rank's batches under ``--keep-order``, padded with ``[]`` to the same length on every rank.
-
-    The ``num_shards // group_size`` groups each take a contiguous chunk of ``batches``;
-    rank ``g*group_size + c`` takes items c, c+group_size, ... of chunk g.
-    """
-    check_group_size(num_shards, group_size)
-    num_groups = num_shards // group_size
-    chunk = math.ceil(len(batches) / num_groups)
-    group, member = divmod(shard_id, group_size)
-    mine = list(batches[group * chunk : (group + 1) * chunk][member::group_size])
-    steps = math.ceil(chunk / group_size)
-    return mine + [[] for _ in range(steps - len(mine))]
-
-
-def grouped_shuffle_shard(batches: Sequence, num_shards: int, shard_id: int, seed: int | None) -> list:
-    """This rank's batches under ``--predefined-batches``: batch ``shard_id`` of every group of ``num_shards``.
-
-    With a ``seed`` the order of the groups is shuffled (never their contents); the last
-    group may be short, and ranks without a batch there get ``[]``.
-    """
-    groups = [batches[i : i + num_shards] for i in range(0, len(batches), num_shards)]
-    if seed is not None:
-        order = np.random.RandomState(seed % 2**32).permutation(len(groups))
-        groups = [groups[i] for i in order]
-    return [group[shard_id] if shard_id < len(group) else [] for group in groups]
 
 
 class TrimeEpochBatchIterator(iterators.EpochBatchIterator):
@@ -216,16 +186,13 @@ class TrimeLMTask(LanguageModelingTask):
     def _plan_indices(self, dataset) -> np.ndarray:
         """The plan's ids, after checking that the plan was built for this dataset."""
         if self._plan_ids is None:
-            from trime.retrieval.bm25_batches import check_plan_matches, load_batch_plan
-
             path = self.predefined_batches
             if not os.path.isfile(path):
                 fail(f"--predefined-batches {path}: no such file; build one with trime-bm25-batches")
-            ids, meta = load_batch_plan(path)
             train_subset = _resolved(self.args, "train_subset", "train")
             data_dir = self._data_paths.get(train_subset, utils.split_paths(self.args.data)[0])
-            check_plan_matches(meta, data_dir, self.args.tokens_per_sample, len(dataset), plan_path=path)
-            self._plan_ids = np.asarray(ids, dtype=np.int64)
+            target = data_bin_plan_target(data_dir, self.args.tokens_per_sample, len(dataset))
+            self._plan_ids = np.asarray(load_plan_for(path, target), dtype=np.int64)
         return self._plan_ids
 
     def get_batch_iterator(
