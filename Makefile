@@ -10,7 +10,7 @@ DEPS_STAMP := $(VENV)/.trime-deps
 INSTALL_STAMP := $(VENV)/.trime-installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: venv install demo test reproduce reproduce-enwik8 bench lint clean
+.PHONY: venv install demo test reproduce reproduce-enwik8 bench lint clean gpu-bringalong gpu-check
 
 $(DEPS_STAMP): requirements.txt requirements-hf.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,15 @@ bench: $(INSTALL_STAMP)
 	$(PY) bench/loss.py
 	$(PY) bench/train.py --data enwik8 --tag enwik8-small
 	$(PY) bench/train.py --data wikitext-2 --tag wikitext-2-reproduce --layers 3
+
+# GPU check (issue 13; bench/README.md): fill the bring-along folder here, where pip reaches the
+# package index; on the device machine (no index, no .venv) `make gpu-check` installs it and runs the check.
+GPU_BRINGALONG ?= .gpu-bringalong
+gpu-bringalong:
+	PY=$(if $(wildcard $(PY)),$(PY),$(PYTHON)) bash bench/gpu_bringalong.sh $(GPU_BRINGALONG)
+
+gpu-check:
+	GPU_BRINGALONG=$(GPU_BRINGALONG) bash bench/gpu_check.sh
 
 lint: $(INSTALL_STAMP)
 	$(VENV)/bin/ruff check .
