@@ -341,7 +341,9 @@ def section_loss(cfg: dict, rec: Recorder) -> None:
                     targets = torch.randint(0, vocab, (n,), device=device, generator=gen)
                 except Exception as exc:  # noqa: BLE001 - recorded, not fatal
                     entry["error"] = _short(exc)
-                    _free(device)
+                if "error" in entry:
+                    h = weight = targets = None
+                    _free(device)  # outside the except block: the traceback no longer holds the tensors
                     continue
                 calls = {}
                 for method in p["methods"]:
@@ -369,8 +371,9 @@ def section_loss(cfg: dict, rec: Recorder) -> None:
                         entry["methods"][method] = {"ok": False, "oom": oom, "error": _short(exc)}
                         if oom:
                             oom_at[(dtype_name, vocab, method)] = n
+                    if not entry["methods"][method]["ok"]:
                         h.grad = weight.grad = None
-                        _free(device)
+                        _free(device)  # outside the except block, so the failed call's tensors are released
                 times: dict[str, list[float]] = {m: [] for m in calls}
                 names = list(calls)
                 for r in range(p["repeats"]):
@@ -380,7 +383,9 @@ def section_loss(cfg: dict, rec: Recorder) -> None:
                         except Exception as exc:  # noqa: BLE001 - e.g. OOM from fragmentation
                             entry["methods"][method].update(ok=False, oom=_is_oom(exc), error=_short(exc))
                             calls.pop(method, None)
-                            _free(device)
+                    if len(calls) < len(names):
+                        h.grad = weight.grad = None
+                        _free(device)
                     names = [m for m in names if m in calls]
                 for method, ts in times.items():
                     if ts and entry["methods"][method].get("ok"):
@@ -453,7 +458,7 @@ def train_argv(cfg: dict, data: Path, criterion: str) -> list[str]:
         "--tokens-per-sample", str(t["tokens_per_sample"]), "--max-tokens", str(t["segments"] * t["tokens_per_sample"]),
         *t["arch"], "--criterion", criterion, "--optimizer", "adam", "--lr", "0.0001", "--seed", "1",
         "--num-workers", "0", "--ddp-backend", "legacy_ddp", "--save-dir", str(Path(cfg["work"]) / "ckpt"),
-        "--no-progress-bar", "--log-format", "none",
+        "--no-progress-bar", "--log-format", "none", "--no-save-optimizer-state",
     ]
     if cfg["device"] == "cpu":
         argv.append("--cpu")
@@ -570,14 +575,6 @@ def section_train(cfg: dict, rec: Recorder) -> None:
     flop_batch = batches[-1]
     analytic = analytic_model_flops(model, flop_batch, t["tokens_per_sample"])
     rec["flops"] = {"analytic": analytic, "counted_per_step": {}}
-    for name, trainer in trainers.items():
-        if rec.left() < 10:
-            rec.skip(f"flop count {name}")
-            continue
-        with FlopCounterMode(display=False) as counter:
-            trainer.train_step([flop_batch])
-        rec["flops"]["counted_per_step"][name] = int(counter.get_total_flops())
-        rec.save()
     peak = cfg.get("peak_tflops") or H200_BF16_DENSE_TFLOPS
     model_flops_per_token = analytic["step_flops"] / analytic["tokens"]
     mfu = {}
@@ -589,17 +586,33 @@ def section_train(cfg: dict, rec: Recorder) -> None:
             "mfu_vs_documented_790": achieved / (H200_BF16_DENSE_TFLOPS * 1e12),
             "mfu_vs_datasheet_989": achieved / (H200_BF16_DATASHEET_TFLOPS * 1e12),
         }
-        counted = rec["flops"]["counted_per_step"].get(name)
-        if counted:
-            mfu[name]["counted_flops_per_s"] = counted / res["median_step_s"]
     rec["mfu"] = {"peak_tflops_used": peak, "peak_source": "measured (device section)" if cfg.get("peak_tflops")
                   else "documented constant", "per_criterion": mfu}
     if device == "cuda":
         rec["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    if "trime_ext_loss" in trainers and rec.left() > 5:
+    if "trime_ext_loss" in trainers and rec.left() > 5:  # the eval section's model (else it builds one)
         t0 = time.time()
         ensure_checkpoint(cfg, data, trainers["trime_ext_loss"])
         rec["checkpoint_seconds"] = time.time() - t0
+    # FLOPs as executed, counted by torch (matrix products), one step per criterion; the memory kernels
+    # run eagerly here so that the counter sees plain torch ops (not a torch.compile'd graph)
+    import trime.loss
+
+    mode = trime.loss.compile_mode()
+    trime.loss.set_compile("never")
+    try:
+        for name, trainer in trainers.items():
+            if rec.left() < 10:
+                rec.skip(f"flop count {name}")
+                continue
+            with FlopCounterMode(display=False) as counter:
+                trainer.train_step([flop_batch])
+            counted = int(counter.get_total_flops())
+            rec["flops"]["counted_per_step"][name] = counted
+            mfu[name]["counted_flops_per_s"] = counted / summary[name]["median_step_s"]
+            rec.save()
+    finally:
+        trime.loss.set_compile(mode)
 
 
 # ----------------------------------------------------------------------------- section: knn
@@ -795,6 +808,7 @@ def section_hf(cfg: dict, rec: Recorder) -> None:
         except Exception as exc:  # noqa: BLE001
             methods[name] = {"ok": False, "oom": _is_oom(exc), "error": _short(exc)}
             calls.pop(name)
+        if not methods[name]["ok"]:
             _free(device)
     times: dict[str, list[float]] = {n: [] for n in calls}
     names = list(calls)
@@ -1069,6 +1083,19 @@ def _md_hf(r: dict) -> list[str]:
     return lines
 
 
+def merge_reports(paths: list[str]) -> dict[str, Any]:
+    """One report from a run and its reruns (e.g. ``--sections train`` after a failure)."""
+    merged: dict[str, Any] = {}
+    for path in paths:
+        with open(path) as fh:
+            report = json.load(fh)
+        sections = {**merged.get("sections", {}), **report["sections"]}
+        runs = merged.get("merged_runs", []) + [{k: report.get(k) for k in ("started_utc", "command", "setup_s")}]
+        merged = {**merged, **report, "sections": sections, "merged_runs": runs}
+    merged["total_s"] = sum(s.get("seconds") or 0 for s in merged["sections"].values())
+    return merged
+
+
 def write_report(report: dict[str, Any], out: str) -> None:
     write_json(out + ".json", report)
     tmp = f"{out}.md.tmp.{os.getpid()}"
@@ -1087,6 +1114,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--setup-seconds", type=float, default=None, help="set-up time to record (from gpu_check.sh)")
     p.add_argument("--compile", default=os.environ.get("TRIME_COMPILE", "auto"), choices=["auto", "always", "never"],
                    help="trime.loss memory kernels: torch.compile (auto: for large calls) or eager ($TRIME_COMPILE)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="measure nothing: merge earlier reports (a later file's sections replace an earlier's) into --out")
     p.add_argument("--grace-s", type=float, default=15.0, help="seconds a section may run over its box before it is killed")
     p.add_argument("--simulate-hang", default=None, help=argparse.SUPPRESS)  # tests: this section hangs
     p.add_argument("--_section", default=None, help=argparse.SUPPRESS)
@@ -1100,7 +1129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--sections: unknown {unknown}; choose from {', '.join(SECTIONS)}")
         if args.out is None:
             args.out = str(_REPO / "bench" / "results" / "gpu-check")
-        if not args.dry_run:
+        if not args.dry_run and args.merge is None:
             import torch
 
             if not torch.cuda.is_available():
@@ -1112,7 +1141,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args._section is not None:
         return run_section_child(args._section, args._cfg, args._partial)
-    report = run_check(args)
+    report = merge_reports(args.merge) if args.merge else run_check(args)
+    if args.merge:
+        write_report(report, args.out)
     print(render_markdown(report))
     print(f"wrote {args.out}.json and {args.out}.md", flush=True)
     failed = [n for n, s in report["sections"].items() if not (s["status"].startswith("ok") or "skipped" in s["status"])]

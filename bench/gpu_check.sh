@@ -11,6 +11,7 @@
 # come back from the machine; a fresh machine builds again.)
 # Extra arguments go to bench/gpu_check.py (e.g. --sections train,eval).
 set -euo pipefail
+export PYTHONUNBUFFERED=1  # the device tool returns the output's tail: print as it happens
 BA=${GPU_BRINGALONG:-.gpu-bringalong}
 PY=${PYTHON:-python3}
 t0=$(date +%s)

@@ -31,11 +31,11 @@ def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
     proc = _run("--dry-run", "--out", out / "gpu-check", "--work", out / "work")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads((out / "gpu-check.json").read_text()), (out / "gpu-check.md").read_text()
+    return json.loads((out / "gpu-check.json").read_text()), (out / "gpu-check.md").read_text(), out / "gpu-check.json"
 
 
 def test_every_section_ran(dry_run):
-    report, md = dry_run
+    report, md, _ = dry_run
     sections = report["sections"]
     assert list(sections) == ["device", "loss", "train", "knn", "eval", "hf"]
     for name, sec in sections.items():
@@ -47,7 +47,7 @@ def test_every_section_ran(dry_run):
 
 
 def test_loss_section_measures_every_method_and_records_oom(dry_run):
-    report, md = dry_run
+    report, md, _ = dry_run
     loss = report["sections"]["loss"]["result"]
     cells = {(e["dtype"], e["vocab"], e["n"]): e["methods"] for e in loss["results"]}
     assert set(cells) == {(d, v, n) for d in ("bf16", "fp16") for v in (300, 500) for n in (128, 256)}
@@ -66,7 +66,7 @@ def test_loss_section_measures_every_method_and_records_oom(dry_run):
 
 
 def test_train_section_ratios_flops_and_checkpoint(dry_run):
-    report, _ = dry_run
+    report, _, _ = dry_run
     train = report["sections"]["train"]["result"]
     results = train["results"]
     assert set(results) == {"adaptive_loss", "trime_loss", "trime_long_loss_same_device", "trime_ext_loss"}
@@ -81,7 +81,7 @@ def test_train_section_ratios_flops_and_checkpoint(dry_run):
 
 
 def test_knn_and_eval_sections(dry_run):
-    report, md = dry_run
+    report, md, _ = dry_run
     knn = report["sections"]["knn"]["result"]
     assert {(r["count"], r["metric"]) for r in knn["runs"]} == {(c, m) for c in (2000, 4000) for m in ("ip", "l2")}
     assert all(r["queries_per_s"] > 0 for r in knn["runs"])
@@ -100,7 +100,7 @@ def test_knn_and_eval_sections(dry_run):
 
 
 def test_hf_section(dry_run):
-    report, _ = dry_run
+    report, _, _ = dry_run
     hf = report["sections"]["hf"]["result"]
     if hf.get("skipped_reason"):
         pytest.skip(hf["skipped_reason"])
@@ -111,7 +111,7 @@ def test_hf_section(dry_run):
     assert abs(methods["trime_none"]["loss_minus_plain"]) < 1e-2
 
 
-def test_global_budget_and_a_hanging_section(tmp_path):
+def test_global_budget_and_a_hanging_section(dry_run, tmp_path):
     # a budget too small for any box: every section is skipped without starting a child
     proc = _run("--dry-run", "--budget-s", "2", "--out", tmp_path / "tiny", "--work", tmp_path / "w1", timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -124,6 +124,11 @@ def test_global_budget_and_a_hanging_section(tmp_path):
     device = report["sections"]["device"]
     assert device["status"].startswith("timed out") and proc.returncode == 1
     assert device["result"]["env"]["torch"]
+    # a rerun's sections replace the first run's in the merged report
+    proc = _run("--merge", dry_run[2], tmp_path / "hang.json", "--out", tmp_path / "merged", timeout=60)
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert merged["sections"]["device"]["status"].startswith("timed out")
+    assert merged["sections"]["train"] == dry_run[0]["sections"]["train"] and len(merged["merged_runs"]) == 2
 
 
 def test_wrapper_without_bring_alongs_is_one_clear_line(tmp_path):
