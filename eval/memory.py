@@ -127,25 +127,18 @@ def _window_visibility(rule: Rule, query_position: Tensor, key_position: Tensor,
 def local_memory_terms(batch: WindowBatch, key_valid: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """(lse_all, lse_pos) over the local memory of every scored row.
 
-    Per window, ``Rule.LOCAL``: a scored position sees the strictly earlier valid
-    positions of its own window (context and new tokens). A window's scored positions
-    are contiguous (``starts[b]`` onwards) and their labels are their targets.
+    ``Rule.LOCAL`` with each window as a segment: a scored position sees the strictly
+    earlier valid positions of its own window (context and new tokens). Every position
+    is a key and the scored ones are the queries (a scored position's label is its
+    target), so :mod:`trime.loss`'s in-batch path scores whole windows per block.
     """
-    reps, labels = batch.reps, batch.key_labels
-    positions = torch.arange(reps.shape[1], device=reps.device)
-    lse_all, lse_pos = [], []
-    for b, (start, count) in enumerate(zip(batch.starts, batch.scored_per_window())):
-        if count == 0:
-            continue
-        rows = slice(start, start + count)
-        visibility = _window_visibility(Rule.LOCAL, positions[rows], positions, key_valid[b])
-        a, p = memory_logsumexp(reps[b, rows], reps[b], labels[b], labels[b, rows], visibility, scale=scale)
-        lse_all.append(a)
-        lse_pos.append(p)
-    if not lse_all:
-        empty = torch.zeros(0, device=reps.device)
-        return empty, empty
-    return torch.cat(lse_all), torch.cat(lse_pos)
+    bsz, length, dim = batch.reps.shape
+    visibility = Visibility.for_batch(Rule.LOCAL, bsz, length, valid=key_valid)
+    scored = batch.scored.reshape(-1)
+    visibility.query_valid = scored  # queries: the scored positions only
+    reps, labels = batch.reps.reshape(bsz * length, dim), batch.key_labels.reshape(-1)
+    lse_all, lse_pos = memory_logsumexp(reps, reps, labels, labels, visibility, scale=scale)
+    return lse_all[scored], lse_pos[scored]
 
 
 def _window_offsets(batch: WindowBatch) -> list[int]:

@@ -206,6 +206,27 @@ def test_external_memory_matches_brute_force(text_dir, llama_store):
     np.testing.assert_allclose(ours, expected, rtol=0, atol=2e-4)
 
 
+def test_tune_sweep_and_knnlm_flags_on_hf(text_dir, llama_store, tmp_path):
+    window = ["--context-window", CONTEXT, "--tokens-per-sample", TPS]
+    prefix = tmp_path / "sweep"
+    record = run_eval(
+        text_dir, "--path", H.model_dir("llama"), "--memory", "long", "--mem-size", 32, "--tune",
+        "--sweep", "mem-size=8,32", "--sweep-prefix", prefix, *window,
+    )  # fmt: skip
+    assert [r["subset"] for r in record["results"]] == ["valid", "test"]
+    best = min(record["tuning"]["trials"], key=lambda t: t["nll"])
+    assert record["settings"]["softmax_temp"] == best["softmax_temp"]
+    assert len(record["sweep"]["points"]) == 2 and prefix.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    knnlm = run_eval(
+        text_dir, "--path", H.model_dir("llama"), "--memory", "none", "--knnlm", "--datastore", llama_store,
+        "--k", 8, *window,
+    )  # fmt: skip
+    none = run_eval(text_dir, "--path", H.model_dir("llama"), "--memory", "none", *window)
+    assert knnlm["settings"]["lmbda"] == 0.25 and knnlm["datastore"]["count"] > 0
+    assert knnlm["results"][-1]["tokens"] == none["results"][-1]["tokens"]
+    assert knnlm["results"][-1]["ppl"] != none["results"][-1]["ppl"]
+
+
 # ----------------------------------------------------------------------------- mismatches and bad input
 
 
@@ -234,7 +255,7 @@ def test_missing_split_and_text_data_errors(text_dir, tmp_path):
     wiki = tmp_path / "wiki"
     wiki.mkdir()
     (wiki / "wiki.valid.tokens").write_text((text_dir / "valid.txt").read_text()[:2000])
-    record = run_eval(wiki, "--path", H.model_dir("gpt2"), "--tokens-per-sample", TPS)  # the default context of 0
+    record = run_eval(wiki, "--path", H.model_dir("gpt2"), "--gen-subset", "valid", "--tokens-per-sample", TPS)
     assert record["results"][-1]["tokens"] == len(stream_of(H.model_dir("gpt2"), wiki / "wiki.valid.tokens")) - 1
     with pytest.raises(TrimeError, match="--tokens-per-sample 4096 exceeds the model's 128 positions"):
         run_eval(text_dir, "--path", H.model_dir("gpt2"), "--tokens-per-sample", 4096)
