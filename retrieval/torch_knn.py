@@ -57,14 +57,23 @@ def _check_device_memory(device: torch.device, needed: int) -> None:
         )
 
 
+# (device type, dtype) -> whether torch.mm(..., out_dtype=float32) works there (tried once)
+_MM_OUT_DTYPE: dict[tuple[str, torch.dtype], bool] = {}
+
+
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """a @ b with fp32 output; (result, True) if the product itself was returned in fp32."""
     if a.dtype == torch.float32:
         return a @ b, True
-    try:
-        return torch.mm(a, b, out_dtype=torch.float32), True
-    except (RuntimeError, TypeError, NotImplementedError):
-        return (a @ b).float(), False
+    key = (a.device.type, a.dtype)
+    if _MM_OUT_DTYPE.get(key, True):
+        try:
+            out = torch.mm(a, b, out_dtype=torch.float32)
+            _MM_OUT_DTYPE[key] = True
+            return out, True
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MM_OUT_DTYPE[key] = False
+    return (a @ b).float(), False
 
 
 class TorchExactSearch:

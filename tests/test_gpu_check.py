@@ -118,7 +118,7 @@ def test_global_budget_and_a_hanging_section(dry_run, tmp_path):
     report = json.loads((tmp_path / "tiny.json").read_text())
     assert all(s["status"].startswith("skipped: global budget") for s in report["sections"].values())
     # a section that hangs is killed at its box (+ grace); what it recorded is kept, the run goes on
-    proc = _run("--dry-run", "--sections", "device", "--budget-s", "4", "--grace-s", "1", "--simulate-hang", "device",
+    proc = _run("--dry-run", "--sections", "device", "--budget-s", "10", "--grace-s", "1", "--simulate-hang", "device",
                 "--out", tmp_path / "hang", "--work", tmp_path / "w2", timeout=60)
     report = json.loads((tmp_path / "hang.json").read_text())
     device = report["sections"]["device"]
