@@ -640,12 +640,12 @@ def section_knn(cfg: dict, rec: Recorder) -> None:
     dtype = torch.float16 if device == "cuda" else torch.float32
     gen = torch.Generator(device=device).manual_seed(0)
     runs = []
-    keys = None
+    keys = search = None
     for count in p["counts"]:
         if rec.left() < 5:
             rec.skip(f"{count} keys")
             continue
-        del keys
+        keys = search = None  # the previous keys (the search object holds them too)
         _free(device)
         t0 = time.time()
         try:
