@@ -30,6 +30,7 @@ from trime.eval.tuning import CachedRun, tune
 
 from trime.adapters import batch_size_for, load_adapter
 from trime.errors import fail
+from trime.knn import KnnResults, knn_chunk_rows
 from trime.io_utils import atomic_path, identity_key, quiet_libraries, write_json_atomic
 
 SWEEPABLE = {
@@ -68,7 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--path", required=True, help="fairseq checkpoint, or Hugging Face model dir (with config.json)")
     p.add_argument("--memory", choices=LEVELS, default="none", help="memory level (cumulative; default none)")
-    p.add_argument("--gen-subset", default=None, help="split to report (default valid, or test with --tune)")
+    p.add_argument(
+        "--gen-subset",
+        default="test",
+        help="split to report (default test, as fairseq-eval-lm; --tune tunes on --tune-subset first)",
+    )
     p.add_argument(
         "--context-window", type=int, default=0, help="tokens of context (and local memory) before each window"
     )
@@ -83,10 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--mem-size", type=int, default=None, help="long-term memory: earlier scored tokens kept (FIFO)")
     p.add_argument("--datastore", default=None, help="datastore directory from trime-build-datastore")
-    p.add_argument("--k", type=int, default=1024, help="neighbours retrieved per scored token")
+    p.add_argument(
+        "--k",
+        type=int,
+        default=1024,
+        help="neighbours retrieved per scored token (at most the datastore's keys). Memory grows linearly with k: "
+        "hits are searched and scored about 2M at a time (~60 MB, whatever --max-tokens), but --tune and --sweep "
+        "keep every hit of their split (tokens x k x 13 bytes, e.g. 217k tokens x k=1024: 2.9 GB)",
+    )
     p.add_argument("--nprobe", type=int, default=32, help="IVF lists probed per search")
     p.add_argument(
         "--key-module", default=None, help="HF models: module whose input are the keys (default: last layer's MLP)"
+    )
+    p.add_argument(
+        "--allow-other-checkpoint",
+        action="store_true",
+        help="use a --datastore built with another checkpoint (of the same model family and dimension); "
+        "refused by default, since its keys come from other weights",
     )
     p.add_argument("--knn-exact", action="store_true", help="score neighbours with exact distances from keys.npy")
     p.add_argument(
@@ -141,7 +159,10 @@ def check_args(args) -> None:
             "--knnlm uses the datastore for interpolation only; "
             "pick the in-context memory with --memory none|local|long"
         )
-    if args.memory in ("long", "external") and (args.mem_size is None or args.mem_size < 1):
+    sweeps_mem_size = (args.sweep or "").partition("=")[0] == "mem-size"
+    if args.memory in ("long", "external") and args.mem_size is None and sweeps_mem_size and not args.tune:
+        pass  # the sweep gives the sizes
+    elif args.memory in ("long", "external") and (args.mem_size is None or args.mem_size < 1):
         fail(f"--memory {args.memory} needs --mem-size M >= 1 (earlier scored tokens to keep, e.g. 12288)")
     if args.mem_size is not None and args.memory not in ("long", "external"):
         fail("--mem-size is only used with --memory long or external")
@@ -166,7 +187,7 @@ def memory_settings(args) -> MemorySettings:
         knn_in_joint=args.memory == "external",
         lmbda=lmbda,
         interp_temp=args.interp_temp,
-        k=args.k,
+        k=args.k if args.datastore else None,  # no datastore: no neighbours, nothing to record
     )
 
 
@@ -183,10 +204,26 @@ class Evaluator:
         self.lm, self.windows, self.batch_size = lm, windows, batch_size
         self.store, self.k, self.exact, self.progress = store, k, exact, progress
 
+    def _search_rows(self, batch, start: int, stop: int):
+        """The top-k hits of scored rows ``start:stop`` of ``batch``, on the batch's device."""
+        hits = self.store.search(batch.queries[start:stop], self.k, exact=self.exact)
+        return hits.to(batch.targets.device)
+
     def _search(self, batch):
+        """All hits of a batch (for the tuning cache), searched in chunks of about KNN_CHUNK_HITS."""
         if self.store is None:
             return None
-        return self.store.search(batch.queries, self.k, exact=self.exact).to(batch.targets.device)
+        step = knn_chunk_rows(self.k)
+        n = batch.num_scored
+        if n <= step:
+            return self._search_rows(batch, 0, n)
+        return KnnResults.cat([self._search_rows(batch, lo, min(n, lo + step)) for lo in range(0, n, step)])
+
+    def _lazy_search(self, batch):
+        """What ``score_batch`` searches chunk by chunk while streaming: peak memory O(chunk x k)."""
+        if self.store is None:
+            return None
+        return lambda start, stop: self._search_rows(batch, start, stop)
 
     def _batches(self, split: str, max_batches: int | None = None):
         from tqdm import tqdm
@@ -208,7 +245,7 @@ class Evaluator:
         started = time.perf_counter()
         for sample in self._batches(split):
             batch = self.lm.forward(sample)
-            log_probs = score_batch(batch, settings, state, self._search(batch), dim=self.lm.dim)
+            log_probs = score_batch(batch, settings, state, self._lazy_search(batch), dim=self.lm.dim)
             nll -= float(log_probs.double().sum())
             count += log_probs.numel()
         sync()
@@ -246,12 +283,12 @@ def print_table(rows: list[dict]) -> None:
         print(f"| {r['subset']} | {r['memory']} | {value} | {r['tokens']:,} | {speed} |")
 
 
-def settings_line(settings: MemorySettings, knnlm: bool, uses_store: bool) -> str:
-    parts = [f"memory {memory_label(settings, knnlm)}"]
+def settings_line(settings: MemorySettings, knnlm: bool, uses_store: bool, subset: str | None = None) -> str:
+    parts = ([f"subset {subset}"] if subset else []) + [f"memory {memory_label(settings, knnlm)}"]
     if settings.level != "none":
         parts.append(f"softmax-temp {settings.softmax_temp:.4g}")
-    if settings.uses_long:
-        parts.append(f"mem-size {settings.mem_size}")
+    if settings.uses_long or settings.level in ("long", "external"):
+        parts.append(f"mem-size {settings.mem_size or 'swept'}")
     if uses_store:
         parts += [f"k {settings.k}", f"lmbda {settings.lmbda:.4g}", f"interp-temp {settings.interp_temp:.4g}"]
     return "trime-eval: " + ", ".join(parts)
@@ -282,7 +319,13 @@ def run_sweep(args, evaluator: Evaluator, cached: CachedRun, base: MemorySetting
         print(f"trime-eval: sweep {name}={v}: {'bpc' if is_bytes else 'ppl'} {point.get('bpc', point.get('ppl')):.4f}")
     prefix = Path(args.sweep_prefix or f"trime-sweep-{name}")
     metric = "bpc" if is_bytes else "ppl"
-    record = {"parameter": name, "metric": metric, "points": points, "settings": base.__dict__}
+    recorded = dict(base.__dict__)
+    if evaluator.store is None:  # a sweep without a datastore has no neighbours: record none of their settings
+        for key in ("k", "lmbda", "interp_temp", "knn_in_joint"):
+            recorded.pop(key, None)
+    if name == "mem-size":
+        recorded["mem_size"] = None  # the swept value, per point
+    record = {"parameter": name, "metric": metric, "points": points, "settings": recorded}
     write_json_atomic(prefix.with_suffix(".json"), record)
     import matplotlib
 
@@ -309,8 +352,6 @@ def main(argv: list | None = None) -> dict:
     args = build_parser().parse_args(argv)
     check_args(args)
     quiet_libraries()
-    if args.gen_subset is None:
-        args.gen_subset = "test" if args.tune else "valid"
     data_dir = Path(args.data)
     precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
     lm = load_adapter(args.path, data_dir, cpu=args.cpu, precision=precision, key_module=args.key_module)
@@ -330,13 +371,26 @@ def main(argv: list | None = None) -> dict:
             gpus="none" if args.cpu else args.faiss_gpus,
             search=args.knn_search,
             device=lm.device,
+            vocab_size=lm.vocab.get("size"),
         )
+        if args.k > store.count:
+            fail(
+                f"--k {args.k:,} is more than the {store.count:,} keys of --datastore {args.datastore}; "
+                f"use --k {store.count} or less"
+            )
         if store.on_gpu and args.k > GPU_MAX_K:
             fail(f"--k {args.k} exceeds FAISS's GPU limit of {GPU_MAX_K}; use a smaller --k or --faiss-gpus none")
         ckpt = store.meta.get("checkpoint")
         if ckpt and identity_key(ckpt) != identity_key(lm.identity):
+            if not args.allow_other_checkpoint:
+                fail(
+                    f"--datastore {args.datastore} was built with another checkpoint ({ckpt.get('path')}), "
+                    f"not --path {args.path}; rebuild it with trime-build-datastore --path {args.path}, "
+                    "or pass --allow-other-checkpoint to use it anyway"
+                )
             print(
-                f"trime-eval: note: {args.datastore} was built with another checkpoint ({ckpt.get('path')})",
+                f"trime-eval: warning: {args.datastore} was built with another checkpoint ({ckpt.get('path')}); "
+                "using it (--allow-other-checkpoint)",
                 file=sys.stderr,
             )
     is_bytes = byte_level(data_dir)
@@ -381,12 +435,19 @@ def main(argv: list | None = None) -> dict:
             cached = evaluator.collect(args.gen_subset)
         sweep = run_sweep(args, evaluator, cached, settings, is_bytes)
 
-    nll, count, seconds = evaluator.run(args.gen_subset, settings)
-    row = {"subset": args.gen_subset, "memory": label, **metric_line(nll, count, is_bytes)}
-    row.update(seconds=seconds, tokens_per_s=count / seconds if seconds > 0 else None)
-    rows.append(row)
+    if sweep is not None and args.mem_size is None and sweep["parameter"] == "mem-size":
+        # no --mem-size of its own: the sweep points are the results (no extra evaluation)
+        for point in sweep["points"]:
+            metrics = {key: point[key] for key in ("loss_base2", "tokens", "bpc", "ppl") if key in point}
+            rows.append({"subset": args.gen_subset, "memory": f"{label} mem-size={point['value']}", **metrics,
+                         "seconds": None, "tokens_per_s": None})
+    else:
+        nll, count, seconds = evaluator.run(args.gen_subset, settings)
+        row = {"subset": args.gen_subset, "memory": label, **metric_line(nll, count, is_bytes)}
+        row.update(seconds=seconds, tokens_per_s=count / seconds if seconds > 0 else None)
+        rows.append(row)
 
-    print(settings_line(settings, args.knnlm, store is not None))
+    print(settings_line(settings, args.knnlm, store is not None, subset=args.gen_subset))
     last = rows[-1]
     print(
         f"Loss (base 2): {last['loss_base2']:.4f}, {'bpc' if is_bytes else 'Perplexity'}: "
@@ -404,7 +465,7 @@ def main(argv: list | None = None) -> dict:
             "memory": args.memory,
             "knnlm": args.knnlm,
             "softmax_temp": settings.softmax_temp,
-            "mem_size": settings.mem_size,
+            "mem_size": settings.mem_size if settings.uses_long else None,
             "k": args.k if store else None,
             "nprobe": args.nprobe if store else None,
             "knn_exact": args.knn_exact,

@@ -16,7 +16,8 @@ Levels are cumulative:
   carried across windows and reset when window ids are not consecutive. A context token
   that is also in the FIFO is taken from the FIFO only (its cached key was computed with
   its full context); the original counted such tokens twice.
-- ``external``: plus the top-k FAISS neighbours of every scored token.
+- ``external``: plus the top-k FAISS neighbours of every scored token, searched and
+  scored a chunk of rows at a time (peak memory O(chunk x k), :mod:`trime.knn`).
 
 With ``lmbda > 0`` the result is mixed kNN-LM style,
 log P = logaddexp(log(1-lmbda) + log P_joint, log lmbda + log p_knn), where
@@ -24,16 +25,19 @@ p_knn(y) = sum_{j: v_j = y} softmax_j(score_j / interp_temp) reuses the same sea
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
 from trime.adapters.base import WindowBatch
-from trime.knn import KnnResults
+from trime.knn import KnnResults, knn_chunk_rows
 from trime.loss import Rule, Visibility, joint_nll, memory_logsumexp, scored_memory_logsumexp
 
 LEVELS = ("none", "local", "long", "external")
+# external-memory hits of a batch: all of them, or a search of rows (start, stop)
+KnnSource = KnnResults | Callable[[int, int], KnnResults]
 _NEG_INF = float("-inf")
 
 
@@ -210,10 +214,14 @@ def score_batch(
     batch: WindowBatch,
     settings: MemorySettings,
     state: ScoreState,
-    knn: KnnResults | None = None,
+    knn: "KnnSource | None" = None,
     dim: int | None = None,
 ) -> Tensor:
-    """Per-token log P(target) (fp32, N scored rows) of one batch; updates ``state``."""
+    """Per-token log P(target) (fp32, N scored rows) of one batch; updates ``state``.
+
+    ``knn``: the batch's external-memory hits, or a function searching rows ``(start, stop)``
+    (evaluated in chunks, see :func:`knn_row_terms`).
+    """
     dim = dim or batch.reps.shape[-1]
     scale = 1.0 / math.sqrt(dim) / settings.softmax_temp
     n = batch.num_scored
@@ -231,16 +239,50 @@ def score_batch(
         a, p = local_memory_terms(batch, key_valid, scale)
         lse_all, lse_pos = torch.logaddexp(lse_all, a), torch.logaddexp(lse_pos, p)
 
-    if knn is not None and (settings.knn_in_joint or settings.lmbda > 0):
-        knn = knn.top(settings.k)
-    if knn is not None and settings.knn_in_joint:
-        a, p = scored_memory_logsumexp(knn.scores * scale, knn.labels, batch.targets, knn.valid)
-        lse_all, lse_pos = torch.logaddexp(lse_all, a), torch.logaddexp(lse_pos, p)
+    knn_terms = None
+    if knn is not None and (settings.knn_in_joint or settings.lmbda > 0) and n > 0:
+        knn_terms = knn_row_terms(knn, batch.targets, settings, scale)
+    if knn_terms is not None and settings.knn_in_joint:
+        lse_all, lse_pos = torch.logaddexp(lse_all, knn_terms[0]), torch.logaddexp(lse_pos, knn_terms[1])
 
     log_prob = -joint_nll(batch.token_score, batch.token_logz, lse_all, lse_pos)
-    if knn is not None and settings.lmbda > 0:
-        log_prob = interpolate(log_prob, knn_log_prob(knn, batch.targets, settings.interp_temp), settings.lmbda)
+    if knn_terms is not None and settings.lmbda > 0:
+        log_prob = interpolate(log_prob, knn_terms[2], settings.lmbda)
     return log_prob
+
+
+def knn_row_terms(knn: "KnnSource", targets: Tensor, settings: MemorySettings, scale: float) -> tuple[Tensor, ...]:
+    """Per scored row: (lse_all, lse_pos) of its neighbours in the joint softmax, and log p_knn.
+
+    ``knn`` is the search results of all rows, or a function ``(start, stop) -> KnnResults``
+    that searches rows ``start:stop``. Rows are taken :func:`trime.knn.knn_chunk_rows` at a
+    time, so no more than about ``KNN_CHUNK_HITS`` hits are held at once. Terms that
+    ``settings`` does not use are returned as ``-inf`` / 0.
+    """
+    n = targets.shape[0]
+    if isinstance(knn, KnnResults):
+        k = min(settings.k or knn.scores.shape[1], knn.scores.shape[1])
+    elif settings.k is None:
+        raise ValueError("searching the external memory in chunks needs settings.k")
+    else:
+        k = settings.k
+    step = knn_chunk_rows(k)
+    lse_all, lse_pos, log_p_knn = [], [], []
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        hits = (knn.rows(start, stop) if isinstance(knn, KnnResults) else knn(start, stop)).top(settings.k)
+        rows_targets = targets[start:stop]
+        if settings.knn_in_joint:
+            a, p = scored_memory_logsumexp(hits.scores * scale, hits.labels, rows_targets, hits.valid)
+        else:
+            a = p = torch.full((stop - start,), _NEG_INF, device=targets.device)
+        lse_all.append(a)
+        lse_pos.append(p)
+        if settings.lmbda > 0:
+            log_p_knn.append(knn_log_prob(hits, rows_targets, settings.interp_temp))
+        else:
+            log_p_knn.append(torch.zeros(stop - start, device=targets.device))
+    return torch.cat(lse_all), torch.cat(lse_pos), torch.cat(log_p_knn)
 
 
 def knn_log_prob(knn: KnnResults, targets: Tensor, interp_temp: float) -> Tensor:

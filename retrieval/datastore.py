@@ -20,16 +20,20 @@ with byte-identical files. Final files appear atomically (rename), ``meta.json``
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from trime.retrieval import checksums
 
 from trime.errors import fail
 from trime.io_utils import (
@@ -51,11 +55,13 @@ PROGRESS_NAME = "progress.json"
 FORMAT = 1
 KEY_TYPE = "last_ffn_input"
 KEY_DTYPES = {"fp16": np.float16, "fp32": np.float32}
+KEY_DTYPE_NAMES = tuple(np.dtype(t).name for t in KEY_DTYPES.values())
 SEARCH_BACKENDS = ("faiss", "torch")  # trime-eval --knn-search
 VAL_DTYPE = np.int32
 if TYPE_CHECKING:  # torch is imported only when a model is loaded (not for --merge/--build-index)
     from trime.adapters import ModelAdapter, WindowSettings
 DEFAULT_PROGRESS_SECONDS = 30.0
+DEFAULT_HEARTBEAT_SECONDS = 10.0
 ADD_CHUNK = 500_000
 
 
@@ -94,7 +100,8 @@ def check_npy(path: Path, shape: tuple, dtype, what: str) -> None:
     if file_shape != tuple(shape) or file_dtype != np.dtype(dtype):
         fail(
             f"{path} holds {what} of shape {file_shape} {file_dtype} but {path.parent / META_NAME} says "
-            f"{tuple(shape)} {np.dtype(dtype)}; the files are from different builds: rebuild the datastore"
+            f"{tuple(shape)} {np.dtype(dtype)}; {META_NAME} does not describe this file (edited, or from another "
+            "build): rebuild the datastore"
         )
     expected = offset + int(np.prod(shape)) * np.dtype(dtype).itemsize
     actual = path.stat().st_size
@@ -149,6 +156,7 @@ class Datastore:
         gpus: str = "none",
         search: str = "faiss",
         device=None,
+        vocab_size: int | None = None,
     ) -> "Datastore":
         """Open and validate a datastore; every mismatch is a one-line error naming the file and fix.
 
@@ -157,6 +165,12 @@ class Datastore:
         ``none``, ``auto`` or ``all`` (see :func:`faiss_index.search_gpus`). ``search``
         is ``faiss`` (``index.faiss``) or ``torch``: exact search over all keys, copied to
         ``device`` (:mod:`trime.retrieval.torch_knn`); it needs no index.
+
+        Always checked: meta.json against both ``.npy`` headers and file sizes, the sha256
+        of ``vals.npy`` (:mod:`trime.retrieval.checksums`) and that every value is a token id
+        of the dictionary (``vocab_size``, the model's, or the one recorded in meta.json).
+        ``keys.npy``'s checksums are checked only by :func:`verify` (it may be huge).
+        Loading never unpickles anything.
         """
         if search not in SEARCH_BACKENDS:
             fail(f"--knn-search must be one of {', '.join(SEARCH_BACKENDS)}, got {search!r}")
@@ -176,6 +190,15 @@ class Datastore:
             if key not in meta:
                 fail(f"{meta_path} lacks '{key}'; it was not written by trime-build-datastore: rebuild the datastore")
         count, ds_dim = int(meta["count"]), int(meta["dim"])
+        if meta["key_dtype"] not in KEY_DTYPE_NAMES or meta["val_dtype"] != np.dtype(VAL_DTYPE).name:
+            fail(
+                f"{meta_path} says keys {meta['key_dtype']!r} and values {meta['val_dtype']!r}; a datastore holds "
+                f"{' or '.join(KEY_DTYPE_NAMES)} keys and {np.dtype(VAL_DTYPE).name} values: rebuild the datastore"
+            )
+        keys_path, vals_path = directory / KEYS_NAME, directory / VALS_NAME
+        # the files' own headers first: an edited meta.json must not be trusted over them
+        check_npy(keys_path, (count, ds_dim), meta["key_dtype"], "keys")
+        check_npy(vals_path, (count,), meta["val_dtype"], "values")
         if dim is not None and ds_dim != dim:
             fail(
                 f"--datastore {directory} has {ds_dim}-d keys but the model's keys are {dim}-d; "
@@ -194,11 +217,10 @@ class Datastore:
                 f"model (keys from {built_by.get('key_source')}), not this {model['frontend']} "
                 f"{model['architecture']} model (keys from {model['key_source']}); build a datastore with this model"
             )
-        keys_path, vals_path = directory / KEYS_NAME, directory / VALS_NAME
-        check_npy(keys_path, (count, ds_dim), meta["key_dtype"], "keys")
-        check_npy(vals_path, (count,), meta["val_dtype"], "values")
-        keys = np.load(keys_path, mmap_mode="r")
-        vals = np.load(vals_path)
+        checksums.verify_vals(vals_path, meta, meta_path)
+        keys = np.load(keys_path, mmap_mode="r", allow_pickle=False)  # never unpickle: plain .npy only
+        vals = np.load(vals_path, allow_pickle=False)
+        check_value_range(vals, meta, vals_path, vocab_size)
         index, on_gpu, torch_search = None, False, None
         if search == "torch":
             from trime.retrieval.torch_knn import TorchExactSearch
@@ -276,6 +298,71 @@ class Datastore:
             "index": self.meta.get("index"),
             "checkpoint": self.meta.get("checkpoint"),
         }
+
+
+def check_value_range(vals: np.ndarray, meta: dict, vals_path: Path, vocab_size: int | None = None) -> None:
+    """Fail unless every value is a token id in [0, vocabulary size)."""
+    recorded = (meta.get("dictionary") or {}).get("size")
+    sizes = [int(v) for v in (vocab_size, recorded) if v is not None]
+    if not sizes or vals.size == 0:
+        return
+    size = min(sizes)
+    low, high = int(vals.min()), int(vals.max())
+    if low < 0 or high >= size:
+        bad = low if low < 0 else high
+        fail(
+            f"{vals_path} holds token id {bad:,}, outside the dictionary's 0..{size - 1:,}: the values are damaged "
+            "or from another dictionary; rebuild the datastore with trime-build-datastore"
+        )
+
+
+def verify(directory: Path, show_progress: bool = True) -> str:
+    """``--verify``: every check of :meth:`Datastore.open` plus keys.npy's chunk checksums; returns a summary."""
+    store = Datastore.open(directory, need_index=False)
+    meta_path = directory / META_NAME
+    if "checksums" not in store.meta:
+        fail(f"{meta_path} records no checksums (a datastore built before they were added); rebuild it to verify")
+    _, _, offset = _npy_header(directory / KEYS_NAME)
+    row_bytes = store.dim * np.dtype(store.meta["key_dtype"]).itemsize
+    chunks = checksums.verify_keys(directory / KEYS_NAME, store.meta, meta_path, offset, row_bytes, show_progress)
+    index = directory / INDEX_NAME
+    info = store.meta.get("index") or {}
+    if info and index.is_file() and "bytes" in info and index.stat().st_size != info["bytes"]:
+        fail(f"{index} is {index.stat().st_size:,} bytes but {META_NAME} records {info['bytes']:,}; rebuild it with --build-index")
+    return (
+        f"{directory}: OK ({store.count:,} keys of {store.dim}-d {store.meta['key_dtype']}, checksummed in {chunks} "
+        f"chunk{'s' if chunks != 1 else ''}; values verified{'; index size matches' if info else '; no index'})"
+    )
+
+
+def record_checksums(directory: Path, meta: dict) -> None:
+    """Add ``meta["checksums"]`` for the finished keys.npy/vals.npy in ``directory``."""
+    keys_path = directory / KEYS_NAME
+    _, _, offset = _npy_header(keys_path)
+    row_bytes = int(meta["dim"]) * np.dtype(meta["key_dtype"]).itemsize
+    meta["checksums"] = checksums.datastore_checksums(keys_path, directory / VALS_NAME, offset, int(meta["count"]), row_bytes)
+
+
+@contextlib.contextmanager
+def heartbeat(message: str, every_seconds: float, enabled: bool = True):
+    """Print ``message: N s`` to stderr every ``every_seconds`` while the block runs (FAISS releases the GIL)."""
+    if not enabled:
+        yield
+        return
+    stop = threading.Event()
+    started = time.monotonic()
+
+    def beat() -> None:
+        while not stop.wait(every_seconds):
+            print(f"{message}: {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def load_index(directory: Path, meta: dict, nprobe: int = 32, gpus: str = "none"):
@@ -466,6 +553,7 @@ def extract(
     del keys, vals
     os.replace(keys_tmp, out_dir / KEYS_NAME)
     os.replace(vals_tmp, out_dir / VALS_NAME)
+    record_checksums(out_dir, meta)
     write_json_atomic(meta_path, meta)
     progress_path.unlink(missing_ok=True)
     print(f"trime-build-datastore: wrote {rows:,} keys ({lm.dim}-d {np.dtype(dtype).name}) to {out_dir}")
@@ -524,6 +612,7 @@ def merge_shards(output: Path, delete_shards: bool = False) -> dict:
     meta["count"] = total
     meta["shards"] = [s for m in metas for s in m["shards"]]
     meta["index"] = None
+    record_checksums(output, meta)
     write_json_atomic(output / META_NAME, meta)
     if delete_shards:
         for shard_id in range(num_shards):
@@ -547,8 +636,13 @@ def build_index(
     seed: int = 1,
     use_gpu: bool = True,
     show_progress: bool = True,
+    heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS,
 ) -> dict:
-    """Train and fill ``index.faiss`` for the datastore in ``output``; records it in meta.json."""
+    """Train and fill ``index.faiss`` for the datastore in ``output``; records it in meta.json.
+
+    FAISS trains silently (minutes for a large IVF-PQ): with ``show_progress`` a line with
+    the elapsed time is printed every ``heartbeat_seconds``.
+    """
     from tqdm import tqdm
     from trime.retrieval import faiss_index
 
@@ -572,13 +666,21 @@ def build_index(
         f"trime-build-datastore: training {factory} ({metric}) on {n_train:,} keys{' on GPU' if gpu else ''}",
         file=sys.stderr,
     )
-    index = faiss_index.train_index(factory, metric, dim, sample, seed, gpu)
+    with heartbeat(f"trime-build-datastore: training {factory}", heartbeat_seconds, enabled=show_progress):
+        index = faiss_index.train_index(factory, metric, dim, sample, seed, gpu)
     del sample
     train_seconds = time.monotonic() - started
     with tqdm(
         total=count, unit="key", unit_scale=True, desc="index add", disable=not show_progress, file=sys.stderr
     ) as bar:
-        index = faiss_index.add_in_chunks(index, store.keys, ADD_CHUNK, progress=bar.update, use_gpu=gpu)
+
+        def added(n: int) -> None:
+            if bar.n + n >= count:  # leave the 100% line to close(): printed once, not twice
+                bar.n = count
+            else:
+                bar.update(n)
+
+        index = faiss_index.add_in_chunks(index, store.keys, ADD_CHUNK, progress=added, use_gpu=gpu)
     faiss = faiss_index.import_faiss()
     with atomic_path(output / INDEX_NAME) as tmp:
         faiss.write_index(index, str(tmp))
@@ -646,6 +748,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--delete-shards", action="store_true", help="with --merge: delete the shard files afterwards")
     p.add_argument("--build-index", action="store_true", help="only (re)build index.faiss for an existing datastore")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="only check an existing --output: meta.json vs the .npy headers, vals.npy, and every keys.npy chunk "
+        "against the checksums in meta.json (reads all keys; loading checks everything but the keys)",
+    )
     p.add_argument("--no-index", action="store_true", help="do not build the index after extraction/merge")
     p.add_argument(
         "--index-factory",
@@ -659,6 +767,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress-bar", action="store_true")
     p.add_argument("--progress-seconds", type=float, default=DEFAULT_PROGRESS_SECONDS, help=argparse.SUPPRESS)
     p.add_argument("--kill-after-batches", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--heartbeat-seconds", type=float, default=DEFAULT_HEARTBEAT_SECONDS, help=argparse.SUPPRESS)
     return p
 
 
@@ -673,7 +782,11 @@ def cli_main(argv: list | None = None) -> None:
         "seed": args.seed,
         "use_gpu": not args.faiss_cpu,
         "show_progress": not args.no_progress_bar,
+        "heartbeat_seconds": args.heartbeat_seconds,
     }
+    if args.verify:
+        print(f"trime-build-datastore: {verify(output, show_progress=not args.no_progress_bar)}")
+        return
     if args.build_index:
         build_index(output, **index_kwargs)
         return

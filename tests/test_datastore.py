@@ -238,9 +238,13 @@ def test_loader_refuses_mismatches(flat_copy, lm):
 
 def test_eval_cli_refuses_a_foreign_datastore(flat_copy, lm, wt2_sample_bin, tmp_path):
     """End to end: a datastore whose keys have another size than the model's -> one line, no traceback."""
+    from trime.retrieval.datastore import record_checksums
+
     meta_path = flat_copy / "meta.json"
     meta = json.loads(meta_path.read_text())
-    meta["dim"] = 16
+    meta["dim"] = 16  # a consistent 16-d datastore (keys.npy, meta.json and checksums agree)
+    np.save(flat_copy / "keys.npy", np.zeros((meta["count"], 16), dtype=meta["key_dtype"]))
+    record_checksums(flat_copy, meta)
     meta_path.write_text(json.dumps(meta))
     proc = run_cli(
         "trime-eval",

@@ -1,17 +1,26 @@
-"""Reliability (issue 12): bad input is one line through every entry point, and trime_ext_loss resumes exactly.
+"""Reliability (issue 12): bad input is one line through every entry point, honest defaults, exact resume.
 
 * ``test_bad_input_table_row``: every row of the README's bad-input table is run as the
   literal command in a sandbox folder; stderr must be exactly the documented line.
 * ``test_ext_loss_kill_and_resume``: a ``trime_ext_loss`` run killed after a checkpoint and
-  resumed draws the same local-memory coins, and reaches the same losses, as an
-  uninterrupted run.
-* ``test_bm25_no_progress_bar_is_quiet``: ``--no-progress-bar`` leaves only the result line.
+  resumed draws the same local-memory coins, and reaches the same losses and weights, as
+  an uninterrupted run.
+* Datastores: loading never unpickles; values outside the dictionary are refused; kNN
+  hits are searched and scored in chunks (same result as one search).
+* ``trime-eval``: reports test by default (as ``fairseq-eval-lm``); ``--sweep mem-size``
+  works without ``--mem-size`` and records no ``k``. Index training has a heartbeat and
+  one final ``index add`` bar; ``trime-bm25-batches --no-progress-bar`` is quiet.
 """
 
+import json
+import re
+import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from reliability_helpers import BIN, TINY_LM, bad_input_rows, command_env, json_log_records, run_command
@@ -19,26 +28,55 @@ from reliability_helpers import BIN, TINY_LM, bad_input_rows, command_env, json_
 ROWS = bad_input_rows()
 
 
+EXT_TRAIN = [
+    "--task", "trime_lm", *TINY_LM, "--criterion", "trime_ext_loss", "--allow-random-batches", "--cross-sent-ratio", "0.5",
+    "--max-update", "6", "--save-interval-updates", "3", "--no-epoch-checkpoints", "--log-format", "json", "--log-interval", "1",
+]
+
+
+@pytest.fixture(scope="module")
+def ext_run(tmp_path_factory, wt2_sample_bin) -> tuple[Path, str]:
+    """An uninterrupted 6-update trime_ext_loss run (checkpoints at updates 3 and 6) and its log."""
+    save = tmp_path_factory.mktemp("ext_run")
+    out = run_command([BIN / "fairseq-train", wt2_sample_bin, *EXT_TRAIN, "--save-dir", save]).stdout
+    return save, out
+
+
 # ----------------------------------------------------------------------------- the README's bad-input table
 
 
 @pytest.fixture(scope="module")
-def sandbox(tmp_path_factory, wt2_sample_bin) -> Path:
+def sandbox(tmp_path_factory, wt2_sample_bin, ext_run) -> Path:
     """A folder with the inputs the table's commands name (read-only for the tests)."""
     root = tmp_path_factory.mktemp("bad_input")
     (root / "data-bin").mkdir()
     (root / "data-bin" / "wt2-sample").symlink_to(wt2_sample_bin)
-    # a data-bin whose train split is empty, binarized by fairseq itself
+    (root / "ckpt").symlink_to(ext_run[0])
+    # a data-bin whose train and test splits are empty, binarized by fairseq itself
     raw = root / "raw"
     raw.mkdir()
     (raw / "empty.txt").write_text("")
     (raw / "valid.txt").write_text((wt2_sample_bin / "dict.txt").read_text().split()[0] + "\n")
     run_command([BIN / "fairseq-preprocess", "--only-source", "--trainpref", raw / "empty.txt",
-                 "--validpref", raw / "valid.txt", "--srcdict", wt2_sample_bin / "dict.txt",
-                 "--destdir", root / "data-bin" / "empty-train"], cwd=root)
+                 "--validpref", raw / "valid.txt", "--testpref", raw / "empty.txt", "--srcdict",
+                 wt2_sample_bin / "dict.txt", "--destdir", root / "data-bin" / "empty-train"], cwd=root)
     # a truncated enwik8 prefix (the size is checked before the checksum)
     (root / "enwik8-cut").mkdir()
     (root / "enwik8-cut" / "enwik8.prefix").write_bytes(b"x" * 999_999)
+    # a datastore of the last checkpoint (valid split, exact index), and damaged copies of it
+    run_command([BIN / "trime-build-datastore", "data-bin/wt2-sample", "--path", "ckpt/checkpoint_last.pt",
+                 "--output", "ds", "--gen-subset", "valid", "--index-factory", "Flat", "--cpu", "--no-progress-bar"],
+                cwd=root)
+    for name in ("ds-bad-vals", "ds-bad-keys", "ds-edited-meta"):
+        shutil.copytree(root / "ds", root / name)
+    with open(root / "ds-bad-vals" / "vals.npy", "r+b") as f:  # same size, 4 KB of 0xFF
+        f.seek(4096)
+        f.write(b"\xff" * 4096)
+    with open(root / "ds-bad-keys" / "keys.npy", "r+b") as f:
+        f.seek(20_000)
+        f.write(b"\xff" * 64)
+    meta = json.loads((root / "ds-edited-meta" / "meta.json").read_text())
+    (root / "ds-edited-meta" / "meta.json").write_text(json.dumps({**meta, "dim": 64}))
     return root
 
 
@@ -65,13 +103,9 @@ def _valid_records(output: str) -> dict[int, dict]:
     return {int(r["valid_num_updates"]): r for r in json_log_records(output, "valid")}
 
 
-def test_ext_loss_kill_and_resume(tmp_path, wt2_sample_bin):
-    command = [
-        BIN / "fairseq-train", wt2_sample_bin, "--task", "trime_lm", *TINY_LM, "--criterion", "trime_ext_loss",
-        "--allow-random-batches", "--cross-sent-ratio", "0.5", "--max-update", "6", "--save-interval-updates", "3",
-        "--no-epoch-checkpoints", "--log-format", "json", "--log-interval", "1",
-    ]
-    whole = run_command([*command, "--save-dir", tmp_path / "whole"]).stdout
+def test_ext_loss_kill_and_resume(tmp_path, wt2_sample_bin, ext_run):
+    command = [BIN / "fairseq-train", wt2_sample_bin, *EXT_TRAIN]
+    whole_dir, whole = ext_run
 
     killed = subprocess.Popen([str(a) for a in [*command, "--save-dir", tmp_path / "killed"]], text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=command_env())
@@ -97,7 +131,7 @@ def test_ext_loss_kill_and_resume(tmp_path, wt2_sample_bin):
         assert second_part[update]["loss"] == expected[update]["loss"]
     assert _valid_records(resumed)[6]["valid_loss"] == _valid_records(whole)[6]["valid_loss"]
     # the logged losses are rounded: the weights after update 6 must be identical too
-    final = [torch.load(tmp_path / run / "checkpoint_last.pt", weights_only=False)["model"] for run in ("whole", "killed")]
+    final = [torch.load(run / "checkpoint_last.pt", weights_only=False)["model"] for run in (whole_dir, tmp_path / "killed")]
     assert final[0].keys() == final[1].keys()
     assert all(torch.equal(final[0][name], final[1][name]) for name in final[0])
 
@@ -110,3 +144,135 @@ def test_bm25_no_progress_bar_is_quiet(tmp_path, wt2_sample_bin):
                         "--output", tmp_path / "plan.json", "--no-progress-bar"])
     assert proc.stderr == ""  # no fairseq INFO lines, no progress lines
     assert proc.stdout.startswith("trime-bm25-batches: wrote") and len(proc.stdout.splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- datastore contents
+
+
+class _WritesAFile:
+    """Unpickling this object creates ``path``: a stand-in for code a malicious .npy would run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+@pytest.mark.parametrize("meta_says_object", [False, True])
+def test_datastore_loading_never_unpickles(sandbox, tmp_path, meta_says_object):
+    from trime.errors import TrimeError
+    from trime.retrieval.datastore import Datastore
+
+    store, marker = tmp_path / "ds", tmp_path / "unpickled"
+    shutil.copytree(sandbox / "ds", store)
+    np.save(store / "vals.npy", np.array([_WritesAFile(marker)], dtype=object), allow_pickle=True)
+    if meta_says_object:  # an attacker controls meta.json too
+        meta = json.loads((store / "meta.json").read_text())
+        (store / "meta.json").write_text(json.dumps({**meta, "count": 1, "val_dtype": "object"}))
+    with pytest.raises(TrimeError) as err:
+        Datastore.open(store, need_index=False)
+    assert not marker.exists()
+    assert "\n" not in str(err.value) and ("vals.npy" in str(err.value) or "meta.json" in str(err.value))
+
+
+def test_values_outside_the_dictionary_are_refused_even_with_a_matching_checksum(sandbox, tmp_path):
+    from trime.errors import TrimeError
+    from trime.retrieval.datastore import Datastore, record_checksums
+
+    store = tmp_path / "ds"
+    shutil.copytree(sandbox / "ds", store)
+    vals = np.load(store / "vals.npy")
+    vals[100] = 12_152  # the dictionary has 12,152 types: ids 0..12,151
+    np.save(store / "vals.npy", vals)
+    meta = json.loads((store / "meta.json").read_text())
+    record_checksums(store, meta)
+    (store / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(TrimeError, match=r"token id 12,152, outside the dictionary's 0\.\.12,151"):
+        Datastore.open(store, need_index=False)
+
+
+# ----------------------------------------------------------------------------- kNN memory bound
+
+
+def test_knn_hits_are_searched_and_scored_in_chunks(sandbox, wt2_sample_bin, monkeypatch):
+    """score_batch searches at most knn_chunk_rows(k) rows at a time, with the same result as one search."""
+    import trime.knn
+    from trime.adapters import batch_size_for, load_adapter
+    from trime.eval.evaluate import Evaluator
+    from trime.eval.memory import MemorySettings, ScoreState, score_batch
+    from trime.retrieval.datastore import Datastore
+
+    lm = load_adapter(sandbox / "ckpt" / "checkpoint_last.pt", wt2_sample_bin, cpu=True)
+    windows = lm.window_settings(8, None)
+    store = Datastore.open(sandbox / "ds", dim=lm.dim, dict_sha256=lm.dict_sha256)
+    k = 64
+    evaluator = Evaluator(lm, windows, batch_size_for(windows, None, 2048), store, k=k, progress=False)
+    searched_rows = []
+    search = store.search
+    monkeypatch.setattr(store, "search", lambda q, kk, exact=False: searched_rows.append(len(q)) or search(q, kk, exact))
+    monkeypatch.setattr(trime.knn, "KNN_CHUNK_HITS", 50 * k)  # 50 rows per chunk
+    settings = MemorySettings(level="external", mem_size=32, knn_in_joint=True, lmbda=0.2, interp_temp=2.0, k=k)
+    chunked, whole = ScoreState.fresh(settings), ScoreState.fresh(settings)
+    for sample in evaluator._batches("test", max_batches=2):
+        batch = lm.forward(sample)
+        assert batch.num_scored > 200
+        searched_rows.clear()
+        ours = score_batch(batch, settings, chunked, evaluator._lazy_search(batch), dim=lm.dim)
+        assert max(searched_rows) == 50 and sum(searched_rows) == batch.num_scored
+        reference = score_batch(batch, settings, whole, search(batch.queries, k), dim=lm.dim)
+        torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- trime-eval defaults and sweeps
+
+
+def test_default_subset_is_test_as_in_fairseq_eval_lm(sandbox, wt2_sample_bin, capsys):
+    from trime.eval.evaluate import main
+
+    record = main([str(wt2_sample_bin), "--path", str(sandbox / "ckpt" / "checkpoint_last.pt"), "--cpu",
+                   "--no-progress-bar"])
+    assert [row["subset"] for row in record["results"]] == ["test"]
+    assert record["results"][0]["tokens"] == 20_142  # the sample's test split
+    assert capsys.readouterr().out.startswith("trime-eval: subset test, memory none")
+
+
+def test_sweep_mem_size_needs_no_mem_size_and_records_no_k(sandbox, wt2_sample_bin, tmp_path, monkeypatch):
+    from trime.eval import evaluate
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("the final table was evaluated again")
+
+    monkeypatch.setattr(evaluate.Evaluator, "run", not_again)
+    record = evaluate.main([
+        str(wt2_sample_bin), "--path", str(sandbox / "ckpt" / "checkpoint_last.pt"), "--memory", "long",
+        "--sweep", "mem-size=16,64", "--sweep-prefix", str(tmp_path / "sweep"), "--gen-subset", "valid",
+        "--context-window", "8", "--cpu", "--no-progress-bar",
+    ])
+    assert [row["memory"] for row in record["results"]] == ["long mem-size=16", "long mem-size=64"]
+    points = record["sweep"]["points"]
+    assert [row["ppl"] for row in record["results"]] == [p["ppl"] for p in points] and points[0]["ppl"] != points[1]["ppl"]
+    saved = json.loads((tmp_path / "sweep.json").read_text())
+    assert "k" not in saved["settings"] and "lmbda" not in saved["settings"] and saved["settings"]["mem_size"] is None
+    assert record["settings"]["k"] is None
+
+
+# ----------------------------------------------------------------------------- index building output
+
+
+def test_index_training_heartbeat_and_one_final_bar(sandbox, tmp_path, monkeypatch, capsys):
+    from trime.retrieval import datastore, faiss_index
+
+    store = tmp_path / "ds"
+    shutil.copytree(sandbox / "ds", store)
+    train = faiss_index.train_index
+
+    def slow_train(*args, **kwargs):  # a training that takes a while, as IVF-PQ on millions of keys does
+        time.sleep(0.5)
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(faiss_index, "train_index", slow_train)
+    datastore.build_index(store, factory="IVF16,Flat", use_gpu=False, heartbeat_seconds=0.1)
+    err = capsys.readouterr().err
+    assert len(re.findall(r"trime-build-datastore: training IVF16,Flat: \d+ s", err)) >= 2, err
+    assert len(re.findall(r"index add: 100%", err)) == 1, err

@@ -5,8 +5,9 @@ Two things, both installed by :func:`trime.plugin.register`:
 * The deprecation warnings that fairseq 0.12 triggers in current hydra and torch
   (``hydra.experimental.initialize() is no longer experimental``, ``version_base``,
   ``# @package _group_``, schema matching, ``strict`` flag, ``torch.cuda.amp.autocast``,
-  mismatched attention masks), and torch's ``pin_memory`` notice on a CPU-only machine, are silenced: they are noise to a user and used to bury
-  trime's one-line errors under 25-64 lines.
+  mismatched attention masks), and torch's ``pin_memory`` notice on a CPU-only machine,
+  are silenced: they are noise to a user and used to bury trime's one-line errors under
+  25-64 lines.
 * ``fairseq.options.parse_args_and_arch``, called on the command line (no explicit
   argument list), checks the data-bin of a *training* run that
   uses a trime component (task ``trime_lm``, a ``trime_*`` criterion or one of trime's

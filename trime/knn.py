@@ -1,9 +1,22 @@
-"""Search results of the external memory (a FAISS datastore), shared by the datastore and evaluation."""
+"""Search results of the external memory (a FAISS datastore), shared by the datastore and evaluation.
+
+Memory: a search returns k hits per query (scores, ids, labels, masks: about 30 bytes a
+hit while they are built). Evaluation therefore searches and scores at most
+:data:`KNN_CHUNK_HITS` hits at a time (:func:`knn_chunk_rows` rows of k hits), so its peak
+memory is O(chunk x k) whatever the batch size (``--max-tokens``).
+"""
 
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+KNN_CHUNK_HITS = 1 << 21  # hits searched and scored at once (~60 MB while built)
+
+
+def knn_chunk_rows(k: int) -> int:
+    """Queries per search chunk for ``k`` neighbours each (at least 1)."""
+    return max(1, KNN_CHUNK_HITS // max(1, k))
 
 
 @dataclass
@@ -18,6 +31,10 @@ class KnnResults:
         if k is None or k >= self.scores.shape[1]:
             return self
         return KnnResults(self.scores[:, :k], self.labels[:, :k], self.valid[:, :k])
+
+    def rows(self, start: int, stop: int) -> "KnnResults":
+        """The results of query rows ``start:stop`` (views, no copy)."""
+        return KnnResults(self.scores[start:stop], self.labels[start:stop], self.valid[start:stop])
 
     def to(self, device: torch.device) -> "KnnResults":
         return KnnResults(self.scores.to(device), self.labels.to(device), self.valid.to(device))

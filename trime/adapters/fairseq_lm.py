@@ -26,6 +26,7 @@ from trime.adapters.base import (
     pick_device,
     token_terms_in_blocks,
 )
+from trime.databin import check_data_bin, split_parts
 from trime.errors import fail
 from trime.hooks import ffn_input_capture, last_ffn_layer
 from trime.io_utils import file_identity, sha256_file
@@ -127,6 +128,8 @@ class FairseqLM(ModelAdapter):
             task.args.shorten_data_split_list = ""
             task.args.pad_to_fixed_length = False
             task.args.pad_to_fixed_bsz = False
+        if split_parts(self.data_dir, split):  # present: refuse an empty one before fairseq mmaps it
+            check_data_bin(self.data_dir, [split])
         try:
             task.load_dataset(split)
         except FileNotFoundError:
