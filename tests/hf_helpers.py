@@ -1,8 +1,8 @@
 """Shared helpers of the Hugging Face tests: a tokenizer trained here, tiny random models, a dense reference.
 
 Nothing is downloaded. :func:`tokenizer_dir` trains a small byte-level BPE tokenizer
-with the ``tokenizers`` library on the shipped WikiText-2 sample and saves it with
-``save_pretrained``; :func:`build_model` makes tiny random-initialised GPT-2, Llama,
+with the ``tokenizers`` library (``trime.hf.text.train_bpe_tokenizer``) on the shipped
+WikiText-2 sample and saves it with ``save_pretrained``; :func:`build_model` makes tiny random-initialised GPT-2, Llama,
 GPT-NeoX and OPT models from configs; :func:`model_dir` saves one with its tokenizer.
 Results are cached per process (``functools.lru_cache``), so test modules share them.
 
@@ -41,22 +41,10 @@ _WORK = Path(tempfile.mkdtemp(prefix="trime-hf-tests-"))
 @functools.lru_cache(maxsize=None)
 def tokenizer_dir(vocab_size: int = VOCAB_SIZE) -> Path:
     """A byte-level BPE tokenizer trained on the shipped WikiText-2 train sample, saved with save_pretrained."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from trime.hf.text import train_bpe_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train([str(SAMPLE_TRAIN)], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
     out = _WORK / f"tokenizer-{vocab_size}"
-    fast.save_pretrained(out)
+    train_bpe_tokenizer([SAMPLE_TRAIN], vocab_size, out)
     return out
 
 

@@ -176,3 +176,18 @@ def test_tokenizer_identity_survives_save_and_differs_between_tokenizers(tmp_pat
     assert tokenizer_dir() != tokenizer_dir(300)
     ids = tokenize_text("Hello world.\n\n = Heading = \n", tokenizer)
     assert ids.dtype.name == "int64" and tokenizer.decode(ids.tolist()) == "Hello world.\n\n = Heading = \n"
+
+
+def test_the_fairseq_path_never_imports_transformers():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, trime.plugin as p; p.register(); "
+        "import trime.criterions.trime_ext_loss, trime.tasks.trime_lm, trime.retrieval.bm25_batches, "
+        "trime.retrieval.datastore, trime.eval.evaluate, trime.train_cli; "
+        "print('transformers' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "False"

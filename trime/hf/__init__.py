@@ -9,7 +9,8 @@ The HF front-end over the model-agnostic core in :mod:`trime.loss`:
 - :func:`load_model_and_tokenizer`, :func:`load_model`, :func:`load_tokenizer` — local
   ``save_pretrained`` dirs or hub names, with one-line errors;
 - :func:`tokenize_text_file`, :func:`tokenizer_identity` — a text file as one token stream,
-  and the hash that plans and datastores record.
+  and the hash that plans and datastores record; :func:`train_bpe_tokenizer` for models
+  trained from scratch.
 
 ``trime-hf-train`` (:mod:`trime.hf.train`) is continued pre-training on plain text built on
 ``transformers.Trainer``. Nothing in the fairseq path imports this package, and this
@@ -35,6 +36,7 @@ from trime.hf.text import (
     tokenize_text,
     tokenize_text_file,
     tokenizer_identity,
+    train_bpe_tokenizer,
 )
 
 __all__ = [
@@ -56,5 +58,6 @@ __all__ = [
     "tokenize_text",
     "tokenize_text_file",
     "tokenizer_identity",
+    "train_bpe_tokenizer",
     "unwrap_model",
 ]

@@ -84,3 +84,29 @@ def tokenizer_identity(tokenizer: Any) -> str:
 def special_token_ids(tokenizer: Any) -> list:
     """Ids of the tokenizer's special tokens (BOS/EOS/PAD/UNK and added specials)."""
     return sorted({int(i) for i in getattr(tokenizer, "all_special_ids", []) if i is not None and int(i) >= 0})
+
+
+def train_bpe_tokenizer(text_files: list, vocab_size: int, out_dir: Union[str, os.PathLike, None] = None,
+                        special_token: str = "<|endoftext|>"):
+    """A GPT-2-style byte-level BPE tokenizer trained on ``text_files`` (for models trained from scratch).
+
+    Uses the ``tokenizers`` library; ``special_token`` is BOS and EOS. Saved with
+    ``save_pretrained`` into ``out_dir`` when given. Returns the ``PreTrainedTokenizerFast``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[special_token],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train([str(path) for path in text_files], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=special_token, eos_token=special_token)
+    if out_dir is not None:
+        fast.save_pretrained(out_dir)
+    return fast
