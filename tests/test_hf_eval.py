@@ -323,3 +323,15 @@ def test_chain_train_datastore_eval_and_plain_transformers(text_dir, tmp_path):
         mine = run_eval(text_dir, "--path", out, "--memory", "none", "--gen-subset", "test", "--context-window", 16)
         assert mine["results"][-1]["tokens"] == tokens
         assert abs(mine["results"][-1]["loss_base2"] * math.log(2) - nll / tokens) <= 1e-6 * nll / tokens
+
+
+def test_key_module_option(text_dir):
+    window = ["--memory", "local", "--context-window", CONTEXT, "--tokens-per-sample", TPS, "--gen-subset", "valid"]
+    default = run_eval(text_dir, "--path", H.model_dir("gpt2"), *window)
+    first = run_eval(text_dir, "--path", H.model_dir("gpt2"), "--key-module", "transformer.h.0.mlp", *window)
+    assert default["model"]["key_source"] == "transformer.h.1.mlp"
+    assert first["model"]["key_source"] == "transformer.h.0.mlp"
+    assert first["results"][-1]["tokens"] == default["results"][-1]["tokens"]
+    assert first["results"][-1]["ppl"] != default["results"][-1]["ppl"]  # other keys, other local memory
+    with pytest.raises(TrimeError, match="is not a submodule"):
+        run_eval(text_dir, "--path", H.model_dir("gpt2"), "--key-module", "transformer.h.9.mlp", *window)

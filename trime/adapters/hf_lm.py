@@ -89,12 +89,21 @@ class HFLM(ModelAdapter):
         if model.base_model is model:
             fail(f"--path {path}: {type(model).__name__} has no base model under its LM head; use a decoder-only LM")
         config = model.config
-        self.dim = int(config.hidden_size)
+        self.dim = self._key_dim()
         self.architecture = str(config.model_type)
         self.identity = model_dir_identity(path)
         self.vocab = {"sha256": tokenizer_identity(tokenizer), "size": len(tokenizer)}
         self.max_positions = getattr(config, "max_position_embeddings", None)
         self._streams: dict[str, np.ndarray] = {}
+
+    @torch.no_grad()
+    def _key_dim(self) -> int:
+        """Size of the keys, from a one-token forward (a ``--key-module`` may differ from the hidden size)."""
+        from trime.hf.model import KeyCapture
+
+        with KeyCapture(self.model, self.key_module) as capture:
+            self.model.base_model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), use_cache=False)
+        return int(capture.keys((1, 1)).shape[-1])
 
     @classmethod
     def load(
