@@ -44,8 +44,10 @@ OTHER_PREFIX = ("empty", "zeros", "full", "ones", "arange", "resize", "as_stride
 def op_group(name: str) -> str:
     """matmul / elementwise / reduction / other for an ``aten::`` op name (compiled kernels count as fused)."""
     base = name.split("::")[-1].rstrip("_")
-    if "::" not in name:  # inductor's generated kernels and compiled regions
+    if name.startswith(("cpp_fused", "triton_")) or "Compiled" in name or "inductor" in name.lower():
         return "fused (compiled)"
+    if "::" not in name:  # python-level regions: the autograd function's own code (tile loop, vectors)
+        return "python (autograd function)"
     if base in MATMUL:
         return "matmul"
     if base in REDUCTION:
@@ -91,12 +93,9 @@ def profile_rule(rule: str, external_local: bool, args: argparse.Namespace) -> D
         self_ms = ev.self_cpu_time_total / 1000.0
         if self_ms < 0.05:
             continue
-        ops.append({"op": ev.key, "calls": ev.count, "self_ms": round(self_ms, 2), "group": op_group(ev.key)})
+        ops.append({"op": ev.key, "calls": ev.count, "self_ms": round(self_ms, 2)})
     ops.sort(key=lambda o: -o["self_ms"])
     phases = {ev.key: round(ev.cpu_time_total / 1000.0, 1) for ev in events if ev.key in ("forward", "backward")}
-    groups: Dict[str, float] = {}
-    for o in ops:
-        groups[o["group"]] = round(groups.get(o["group"], 0.0) + o["self_ms"], 1)
     flops = 2 * n * n * d * (1 if rule == "long" else 2)  # one score matrix product over the visible pairs
     return {
         "rule": rule,
@@ -107,21 +106,42 @@ def profile_rule(rule: str, external_local: bool, args: argparse.Namespace) -> D
         "threads": args.threads,
         "unprofiled_step_s": round(plain_s, 3),
         "phase_ms": phases,
-        "group_ms": dict(sorted(groups.items(), key=lambda kv: -kv[1])),
-        "ops": ops[: args.top],
+        "group_ms": group_ms(ops),
+        "ops": ops,
+        "ops_complete": True,
         "score_product_gflop": round(flops / 2 / 1e9, 1),
         "loadavg": [round(x, 2) for x in os.getloadavg()],
     }
 
 
-def render(report: Dict[str, Any]) -> str:
+def group_ms(ops: List[Dict[str, Any]]) -> Dict[str, float]:
+    """Self time per op group, largest first."""
+    groups: Dict[str, float] = {}
+    for o in ops:
+        g = op_group(o["op"])
+        groups[g] = round(groups.get(g, 0.0) + o["self_ms"], 1)
+    return dict(sorted(groups.items(), key=lambda kv: -kv[1]))
+
+
+def entry_groups(entry: Dict[str, Any]) -> Dict[str, float]:
+    """Group times of an entry; early entries stored only their top ops, so their stored totals are used
+    (where python-level regions were still filed under "fused (compiled)")."""
+    if entry.get("ops_complete"):
+        return group_ms(entry["ops"])
+    has_fused = any(op_group(o["op"]) == "fused (compiled)" for o in entry["ops"])
+    return {("python (autograd function)" if g == "fused (compiled)" and not has_fused else g): ms
+            for g, ms in entry["group_ms"].items()}
+
+
+def render(report: Dict[str, Any], top: int = 15) -> str:
     lines = [
         "# Where the memory term's time goes (`bench/profile_memory.py`)",
         "",
         "The memory term alone (`memory_logsumexp` + `joint_nll`, constant token terms, in-batch keys = queries), "
         "forward + backward under `torch.profiler`, CPU, fp32. *self ms* is each op's own time; groups: "
         "*matmul* (mm/addmm/bmm), *elementwise* (exp, masks, scaling, compares, copies, fills), *reduction* "
-        "(sum, amax), *fused (compiled)* (inductor kernels), *alloc/view/other*. Other processes share the "
+        "(sum, amax), *fused (compiled)* (inductor kernels), *python (autograd function)* (the custom autograd "
+        "function's own time: tile loop and small vector ops), *alloc/view/other*. Other processes share the "
         "2 cores, so absolute times are noisy (load average recorded); the shares are what to read.",
         "",
     ]
@@ -139,12 +159,13 @@ def render(report: Dict[str, Any]) -> str:
             "| group | self ms | share |",
             "|---|---:|---:|",
         ]
-        total = sum(entry["group_ms"].values()) or 1.0
-        for g, ms in entry["group_ms"].items():
+        groups = entry_groups(entry)
+        total = sum(groups.values()) or 1.0
+        for g, ms in groups.items():
             lines.append(f"| {g} | {ms:.0f} | {100 * ms / total:.0f}% |")
         lines += ["", "| op | calls | self ms | group |", "|---|---:|---:|---|"]
-        for o in entry["ops"]:
-            lines.append(f"| `{o['op']}` | {o['calls']} | {o['self_ms']:.0f} | {o['group']} |")
+        for o in entry["ops"][:top]:
+            lines.append(f"| `{o['op']}` | {o['calls']} | {o['self_ms']:.0f} | {op_group(o['op'])} |")
         lines.append("")
     if report.get("notes"):
         lines += ["## Reading", ""] + [f"- {x}" for x in report["notes"]] + [""]
@@ -162,6 +183,7 @@ def main(argv: List[str] | None = None) -> None:
     p.add_argument("--top", type=int, default=15, help="ops listed per entry")
     p.add_argument("--label", default="current")
     p.add_argument("--note", action="append", default=[])
+    p.add_argument("--render-only", action="store_true", help="only rewrite <out>.md (and add --note lines)")
     p.add_argument("--out", default=str(_REPO / "bench" / "results" / "profile"))
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -174,7 +196,7 @@ def main(argv: List[str] | None = None) -> None:
     dirty = subprocess.run(["git", "-C", str(_REPO), "status", "--porcelain", "--", "trime/loss.py"],
                            capture_output=True, text=True).stdout.strip()
     code_id = code.stdout.strip() + (" + uncommitted trime/loss.py" if dirty else "")
-    for key in args.rules.split(","):
+    for key in [] if args.render_only else args.rules.split(","):
         rule, external_local = RULES[key]
         entry = profile_rule(rule, external_local, args)
         entry.update(label=args.label, date=today(), code=code_id, machine=machine_info())
@@ -185,7 +207,7 @@ def main(argv: List[str] | None = None) -> None:
                              if (e["label"], e["rule"], e["external_local"], e["n"]) != same] + [entry]
     report["notes"] = list(dict.fromkeys(report.get("notes", []) + args.note))
     write_json(str(out.with_suffix(".json")), report)
-    out.with_suffix(".md").write_text(render(report))
+    out.with_suffix(".md").write_text(render(report, args.top))
 
 
 if __name__ == "__main__":

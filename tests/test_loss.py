@@ -371,11 +371,13 @@ def test_distinct_key_tensor_takes_the_general_path(rule):
     torch.testing.assert_close((q.grad + k.grad).double(), b.grad, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "rule,external_local", [("long", True), ("external", True), ("external", False), ("local", True)]
-)
+@pytest.mark.parametrize("rule,external_local", [("long", True), ("external", True), ("external", False)])
 def test_compiled_kernels_equal_eager_and_dense(compile_state, rule, external_local):
-    """torch.compile'd tile kernels (inductor C++ here) give the eager results within fp32 round-off."""
+    """torch.compile'd tile kernels (inductor C++ here) give the eager results within fp32 round-off.
+
+    Every compiled kernel is built here (the local memory's batched tiles always run eagerly):
+    about 30 s of CPU on a cold inductor cache, a few seconds on a warm one.
+    """
     batch, seq_len, dim, vocab = 6, 16, 8, 4
     reps, targets, valid, terms, reference = dense_case(rule, external_local, batch, seq_len, dim, vocab, 13, 5)
     vis = Visibility.for_batch(Rule(rule), batch, seq_len, valid=valid, external_local=external_local)
