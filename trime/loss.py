@@ -11,11 +11,20 @@ evaluation). Z_t is the token head's partition function: the full vocabulary for
 plain softmax, the head cluster for an adaptive softmax (as the original code does),
 and Z_t p_tok(y) is the head's unnormalised score of y.
 
-The memory sums are computed blockwise over query rows by a custom autograd
-function that recomputes the logits in backward, so no N x M matrix is held: extra
-memory is O(block_size x M). Empty sets give exactly -inf (no -10000 constants), so
-a query with no visible memory gets exactly the plain cross-entropy. Accumulation is
-always fp32, whatever the input dtype.
+The memory sums are computed over tiles of query rows by a custom autograd function
+that recomputes the scores in backward, so no N x M matrix is held: extra memory is
+O(tile rows x M). Empty sets give exactly -inf (no -10000 constants), so a query with
+no visible memory gets exactly the plain cross-entropy. Accumulation is always fp32,
+whatever the input dtype.
+
+Cost (N in-batch tokens): the long memory computes only the scores of earlier keys,
+in tiles of at most 256 rows (unused scores: rows/N of the work); the in-batch
+external memory computes each pair of segments once and uses the tile for both sides,
+rows and columns, in forward and backward (s_ij = s_ji when the queries are the
+keys). The exp/mask/scale passes of a tile are one function each (``_rows_lse``,
+``_rows_grad_``, ...) that ``torch.compile`` fuses into single loops reading the
+scores once or twice, with an eager fallback (:func:`set_compile`). Score tiles live
+in one reused workspace per call, so no pass allocates (and page-faults) a new tile.
 
 This module never imports fairseq; ``adaptive_softmax_terms`` only duck-types
 fairseq's ``AdaptiveSoftmax`` (``forward(input, target) -> (outputs, new_targets)``).
@@ -74,8 +83,9 @@ class Visibility:
     non-padding tokens: padding is never a query's memory, and pad queries see nothing.
 
     :meth:`for_batch` describes the common in-batch case (keys are the queries of a
-    row-major (batch, seq_len) batch); it takes a fast path that never builds a mask
-    outside the diagonal sub-blocks.
+    row-major (batch, seq_len) batch); the local memory then scores per segment and the
+    external memory reuses each score for both of its tokens. No mask is ever built:
+    tiles derive visibility from these vectors.
     """
 
     rule: Rule
