@@ -310,7 +310,16 @@ def compile_mode() -> str:
 
 
 def _compiler_missing(device: torch.device) -> Optional[str]:
-    """Why torch.compile cannot build kernels for ``device`` here, or None."""
+    """Why torch.compile cannot build kernels for ``device`` here, or None (looked up once per device type)."""
+    if device.type not in _missing_cache:
+        _missing_cache[device.type] = _find_compiler_problem(device)
+    return _missing_cache[device.type]
+
+
+_missing_cache: dict = {}
+
+
+def _find_compiler_problem(device: torch.device) -> Optional[str]:
     if not hasattr(torch, "compile"):
         return "this torch has no torch.compile"
     if device.type == "cuda":
