@@ -183,6 +183,19 @@ def test_datastore_keeps_every_scored_token(text_dir, llama_store):
     assert meta["dictionary"]["size"] == H.VOCAB_SIZE and len(meta["dictionary"]["sha256"]) == 64
 
 
+def test_sharded_build_merges_to_the_unsharded_bytes(text_dir, llama_store, tmp_path):
+    from trime.adapters import load_adapter
+    from trime.retrieval.datastore import extract, merge_shards
+
+    lm = load_adapter(H.model_dir("llama"), text_dir, cpu=True)
+    for shard_id in (1, 0):  # shards are contiguous runs of whole batches; the token stream is cut the same way
+        extract(lm, "train", lm.window_settings(CONTEXT, TPS), 16, tmp_path, key_dtype="fp32", num_shards=2,
+                shard_id=shard_id, show_progress=False)  # fmt: skip
+    merge_shards(tmp_path)
+    for name in ("keys.npy", "vals.npy"):
+        assert (tmp_path / name).read_bytes() == (llama_store / name).read_bytes(), name
+
+
 def test_external_memory_matches_brute_force(text_dir, llama_store):
     from trime.adapters import load_adapter
     from trime.eval.evaluate import Evaluator
