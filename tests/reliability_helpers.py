@@ -17,6 +17,7 @@ from pathlib import Path
 
 BIN = Path(sys.executable).parent
 README = Path(__file__).resolve().parent.parent / "README.md"
+SAMPLES_DIR = README.parent / "samples"
 BAD_INPUT_HEADING = "### Bad input: what each command says"
 
 # A small fairseq LM: seconds per run on one CPU thread.

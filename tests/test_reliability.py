@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from reliability_helpers import BIN, TINY_LM, bad_input_rows, command_env, json_log_records, run_command
+from reliability_helpers import BIN, SAMPLES_DIR, TINY_LM, bad_input_rows, command_env, json_log_records, run_command
 
 ROWS = bad_input_rows()
 
@@ -52,11 +52,12 @@ def sandbox(tmp_path_factory, wt2_sample_bin, ext_run) -> Path:
     (root / "data-bin").mkdir()
     (root / "data-bin" / "wt2-sample").symlink_to(wt2_sample_bin)
     (root / "ckpt").symlink_to(ext_run[0])
-    # a data-bin whose train and test splits are empty, binarized by fairseq itself
+    # a data-bin whose train and test splits are empty (and valid is 80 lines), binarized by fairseq itself
     raw = root / "raw"
     raw.mkdir()
     (raw / "empty.txt").write_text("")
-    (raw / "valid.txt").write_text((wt2_sample_bin / "dict.txt").read_text().split()[0] + "\n")
+    valid_lines = (SAMPLES_DIR / "wikitext-2" / "wiki.valid.tokens").read_text().splitlines(keepends=True)[:80]
+    (raw / "valid.txt").write_text("".join(valid_lines))
     run_command([BIN / "fairseq-preprocess", "--only-source", "--trainpref", raw / "empty.txt",
                  "--validpref", raw / "valid.txt", "--testpref", raw / "empty.txt", "--srcdict",
                  wt2_sample_bin / "dict.txt", "--destdir", root / "data-bin" / "empty-train"], cwd=root)
@@ -237,7 +238,7 @@ def test_default_subset_is_test_as_in_fairseq_eval_lm(sandbox, wt2_sample_bin, c
     assert capsys.readouterr().out.startswith("trime-eval: subset test, memory none")
 
 
-def test_sweep_mem_size_needs_no_mem_size_and_records_no_k(sandbox, wt2_sample_bin, tmp_path, monkeypatch):
+def test_sweep_mem_size_needs_no_mem_size_and_records_no_k(sandbox, tmp_path, monkeypatch):
     from trime.eval import evaluate
 
     def not_again(*args, **kwargs):
@@ -245,7 +246,7 @@ def test_sweep_mem_size_needs_no_mem_size_and_records_no_k(sandbox, wt2_sample_b
 
     monkeypatch.setattr(evaluate.Evaluator, "run", not_again)
     record = evaluate.main([
-        str(wt2_sample_bin), "--path", str(sandbox / "ckpt" / "checkpoint_last.pt"), "--memory", "long",
+        str(sandbox / "data-bin" / "empty-train"), "--path", str(sandbox / "ckpt" / "checkpoint_last.pt"), "--memory", "long",
         "--sweep", "mem-size=16,64", "--sweep-prefix", str(tmp_path / "sweep"), "--gen-subset", "valid",
         "--context-window", "8", "--cpu", "--no-progress-bar",
     ])
