@@ -31,7 +31,6 @@ for another tokenizer or file is refused with one line.
 from __future__ import annotations
 
 import argparse
-import logging
 import shutil
 import sys
 import time
@@ -64,6 +63,7 @@ from trime.databin import check_data_bin, dataset_identity
 from trime.errors import fail
 from trime.io_utils import (
     atomic_path,
+    quiet_libraries,
     read_json,
     sha256_file,
     shard_range,
@@ -476,13 +476,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def quiet_fairseq_logging() -> None:
-    """Keep fairseq's INFO lines (importing it configures the root logger) off the output: warnings only."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger().setLevel(logging.WARNING)
-    logging.getLogger("fairseq").setLevel(logging.WARNING)
-
-
 def _params_from_args(args: argparse.Namespace) -> BM25Params:
     if args.lucene:
         if args.k1 is not None or args.b is not None or args.idf not in (None, "lucene"):
@@ -530,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         dataset = {**text_identity["dataset"], "tokenizer": text_identity["tokenizer"]}  # the search's config
     else:
         dataset = dataset_identity(data_dir)
-    quiet_fairseq_logging()
+    quiet_libraries()  # fairseq configures the root logger on import: no INFO lines
     log = (lambda msg: None) if args.no_progress_bar else (lambda msg: print(f"trime-bm25-batches: {msg}", file=sys.stderr))
     if text_identity is not None:
         num_segments = len(segments)
