@@ -1,0 +1,218 @@
+"""Issue 11 diagnosis, training-memory part: where TrimeLM_ext's in-training "external" memory comes from.
+
+TrimeLM_ext (``trime_ext_loss``) trains with a memory of all tokens of the *other* segments
+of its batch; ``trime-bm25-batches`` fills each batch with BM25-similar segments. If those
+segments are mostly from the query's own article, the in-training external memory teaches
+what long memory teaches (copying from the same document) and little about using other
+documents, which is what the datastore at evaluation offers.
+
+Measured, for batches of ``--segments-per-batch`` segments chunked from three orders of the
+training segments (the BM25 plan, the corpus order of ``--keep-order`` / TrimeLM_long, and
+random orders = chance):
+
+- ``token_same_article``: for every training token, the fraction of its in-batch external
+  memory (the tokens of the batch's other segments) that comes from the token's own article,
+  averaged over tokens (exact, from per-batch article counts);
+- ``pair_same_article``: the fraction of (segment, other in-batch segment) pairs whose
+  majority articles agree; ``segments_with_same_article_neighbour``: segments with at least
+  one such neighbour;
+- ``pair_corpus_adjacent``: pairs that are neighbours in corpus order (ids differ by 1).
+
+On the real WikiText-2 (``--data-bin``, from ``trime-prepare wikitext-2``; articles start
+at the `` = Title = `` lines) with the plan ``bench/reproduce.py`` uses (``--plan``, made by
+``trime-bm25-batches --tokens-per-sample 256 --lucene``), and on the planted-topic corpus of
+``tests/test_bm25_batches.py`` (8 topics with disjoint vocabularies, 40 segments each;
+"article" = topic) as a check that the measure sees topical grouping.
+
+Writes ``bench/results/ext-diagnosis.json``; the write-up is ``bench/results/ext-diagnosis.md``.
+Usage: ``.venv/bin/python bench/ext_diagnosis.py --data-bin DIR --plan PLAN.json`` (about a minute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from common import machine_info, today  # noqa: E402
+
+from trime.io_utils import write_json_atomic  # noqa: E402
+
+RANDOM_SEEDS = (1, 2, 3, 4, 5)
+
+
+def article_of_items(data_bin: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(article id, size in tokens incl. </s>) of every line of the train split, in fairseq's order.
+
+    An article starts at a `` = Title = `` line (one ``=`` each side; section headings have two or more).
+    Lines before the first title belong to article 0.
+    """
+    from fairseq.data import Dictionary, data_utils
+
+    dictionary = Dictionary.load(str(data_bin / "dict.txt"))
+    dataset = data_utils.load_indexed_dataset(str(data_bin / "train"), dictionary)
+    equals = dictionary.index("=")
+    sizes = np.asarray(dataset.sizes, dtype=np.int64)
+    article = np.zeros(len(dataset), dtype=np.int64)
+    current = 0
+    for i in range(len(dataset)):
+        toks = dataset[i].tolist()[:-1]  # drop </s>
+        if len(toks) >= 3 and toks[0] == equals and toks[-1] == equals and toks[1] != equals and toks[-2] != equals:
+            current += 1
+        article[i] = current
+    return article, sizes
+
+
+def segment_articles(article_per_item: np.ndarray, sizes: np.ndarray, tokens_per_sample: int) -> list[np.ndarray]:
+    """Article id of each token of each segment of ``--sample-break-mode none`` blocking."""
+    stream = np.repeat(article_per_item, sizes)
+    return [stream[i : i + tokens_per_sample] for i in range(0, len(stream), tokens_per_sample)]
+
+
+def batch_statistics(order: np.ndarray, seg_articles: list[np.ndarray], per_batch: int) -> dict:
+    """Same-article statistics of the in-batch memory for batches chunked from ``order``."""
+    majority = np.array([np.bincount(a).argmax() for a in seg_articles])
+    tok_num = tok_den = 0.0
+    pairs = same_pairs = adjacent_pairs = 0
+    with_neighbour = counted_segments = 0
+    for start in range(0, len(order), per_batch):
+        batch = order[start : start + per_batch]
+        if len(batch) < 2:
+            continue
+        arts = [seg_articles[s] for s in batch]
+        all_arts = np.concatenate(arts)
+        uniq, counts = np.unique(all_arts, return_counts=True)
+        batch_count = dict(zip(uniq.tolist(), counts.tolist()))
+        total = len(all_arts)
+        for a in arts:
+            u, c = np.unique(a, return_counts=True)
+            others = total - len(a)
+            same = np.array([batch_count[x] for x in u.tolist()]) - c  # same-article tokens in other segments
+            tok_num += float(np.sum(c * same / others))
+            tok_den += len(a)
+        maj = majority[batch]
+        eq = maj[:, None] == maj[None, :]
+        np.fill_diagonal(eq, False)
+        adj = np.abs(batch[:, None] - batch[None, :]) == 1
+        n = len(batch)
+        pairs += n * (n - 1)
+        same_pairs += int(eq.sum())
+        adjacent_pairs += int(adj.sum())
+        with_neighbour += int(eq.any(axis=1).sum())
+        counted_segments += n
+    return {
+        "token_same_article": tok_num / tok_den,
+        "pair_same_article": same_pairs / pairs,
+        "segments_with_same_article_neighbour": with_neighbour / counted_segments,
+        "pair_corpus_adjacent": adjacent_pairs / pairs,
+    }
+
+
+def compare_orders(plan: np.ndarray, seg_articles: list[np.ndarray], per_batch: int) -> dict:
+    n = len(seg_articles)
+    rows = {
+        "bm25_plan": batch_statistics(plan, seg_articles, per_batch),
+        "consecutive": batch_statistics(np.arange(n), seg_articles, per_batch),
+    }
+    randoms = [batch_statistics(np.random.default_rng(s).permutation(n), seg_articles, per_batch) for s in RANDOM_SEEDS]
+    rows["random"] = {k: float(np.mean([r[k] for r in randoms])) for k in randoms[0]}
+    rows["random"]["seeds"] = list(RANDOM_SEEDS)
+    return rows
+
+
+def wikitext2(data_bin: Path, plan_path: Path, per_batch: int) -> dict:
+    from trime.retrieval.bm25_batches import load_batch_plan
+
+    plan, meta = load_batch_plan(plan_path)
+    tps = int(meta["tokens_per_sample"])
+    article, sizes = article_of_items(data_bin)
+    segs = segment_articles(article, sizes, tps)
+    if len(segs) != len(plan):
+        raise SystemExit(f"ext_diagnosis: {plan_path} lists {len(plan)} segments, the data-bin makes {len(segs)}")
+    arts_per_seg = np.array([len(np.unique(a)) for a in segs])
+    article_tokens = np.bincount(np.repeat(article, sizes))
+    return {
+        "data_bin": str(data_bin),
+        "plan": str(plan_path),
+        "plan_meta": {k: meta.get(k) for k in ("tokens_per_sample", "k", "k1", "b", "idf", "followed_fraction")},
+        "segments": len(segs),
+        "articles": int(article.max()) + 1,
+        "article_tokens_median": float(np.median(article_tokens)),
+        "article_segments_median": float(np.median(article_tokens) / tps),
+        "segments_spanning_two_or_more_articles": float(np.mean(arts_per_seg > 1)),
+        "segments_per_batch": per_batch,
+        "orders": compare_orders(plan, segs, per_batch),
+    }
+
+
+def planted_corpus(num_topics: int = 8, per_topic: int = 40, length: int = 120, seed: int = 0):
+    """The corpus of tests/test_bm25_batches.py::_planted_corpus (same recipe and seed): (Segments, topic)."""
+    from trime.retrieval.bm25 import Segments
+
+    rng = np.random.default_rng(seed)
+    stop = np.arange(20)
+    arrays, topic = [], []
+    for t in range(num_topics):
+        vocab = 20 + 60 * t + np.arange(60)
+        for _ in range(per_topic):
+            arrays.append(np.where(rng.random(length) < 0.5, rng.choice(stop, length), rng.choice(vocab, length)))
+            topic.append(t)
+    perm = rng.permutation(len(arrays))
+    return Segments.from_arrays([arrays[i] for i in perm]), np.array(topic)[perm]
+
+
+def planted(per_batch: int) -> dict:
+    from trime.retrieval.bm25 import LUCENE_PRESET
+    from trime.retrieval.bm25_batches import DEFAULT_K, greedy_chain, search_all
+
+    segments, topic = planted_corpus()
+    ids, _ = search_all(segments, LUCENE_PRESET, k=DEFAULT_K)
+    order, followed = greedy_chain(ids, seed=1)
+    segs = [np.full(len(segments[i]), topic[i]) for i in range(len(segments))]
+    orders = compare_orders(order, segs, per_batch)
+    orders.pop("consecutive")  # ids are a random permutation of the topics: corpus order is random
+    return {"segments": len(segments), "topics": int(topic.max()) + 1, "followed_fraction": followed,
+            "segments_per_batch": per_batch, "orders": orders}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-bin", type=Path, required=True, help="trime-prepare wikitext-2 data-bin")
+    parser.add_argument("--plan", type=Path, required=True, help="trime-bm25-batches plan of that data-bin")
+    parser.add_argument("--segments-per-batch", type=int, default=16, help="as bench/reproduce.py (16 x 256)")
+    parser.add_argument(
+        "--extra-plan",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("PLAN", "SEGMENTS_PER_BATCH"),
+        help="another plan of the same data-bin (e.g. longer segments) and its batch size; repeatable",
+    )
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ext-diagnosis.json")
+    args = parser.parse_args()
+    result = {
+        "machine": machine_info(),
+        "date": today(),
+        "partial": "training-memory part of issue 11 deliverable 1 only",
+        "training_memory": {
+            "wikitext2": wikitext2(args.data_bin, args.plan, args.segments_per_batch),
+            "wikitext2_other_segment_lengths": [
+                wikitext2(args.data_bin, Path(plan), int(per_batch)) for plan, per_batch in args.extra_plan
+            ],
+            "planted_topics": planted(args.segments_per_batch),
+        },
+    }
+    if args.out.exists():  # keep the other sections (alignment, index quality) written by other runs
+        old = json.loads(args.out.read_text())
+        result = {**old, **result}
+    write_json_atomic(args.out, result)
+    print(json.dumps(result["training_memory"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
