@@ -355,7 +355,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         plan = work / "bm25-plan.json"
         if not plan.exists():
             run([BIN / "trime-bm25-batches", data, "--tokens-per-sample", budget.tokens_per_sample, "--output", plan,
-                 "--lucene", "--no-progress"], work / "logs" / "bm25.log")
+                 "--lucene", "--no-progress-bar"], work / "logs" / "bm25.log")
     print("3/5 training", flush=True)
     ckpts = train_all(data, budget, work, plan)
     timings = {n: json.loads((c.parent / "DONE").read_text())["seconds"] for n, c in ckpts.items()}

@@ -471,8 +471,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="queries per resumable chunk file")
     p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="queries scored per matrix product")
     p.add_argument("--no-progress-bar", action="store_true", help="no progress bar and no progress lines")
-    # the old name, kept working for existing scripts (one name is documented: --no-progress-bar)
-    p.add_argument("--no-progress", dest="no_progress_bar", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
