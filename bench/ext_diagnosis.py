@@ -26,6 +26,12 @@ at the `` = Title = `` lines) with the plan ``bench/reproduce.py`` uses (``--pla
 
 Writes ``bench/results/ext-diagnosis.json``; the write-up is ``bench/results/ext-diagnosis.md``.
 Usage: ``.venv/bin/python bench/ext_diagnosis.py --data-bin DIR --plan PLAN.json`` (about a minute).
+
+Index quality (``--path CKPT --datastore DIR`` instead of ``--plan``; section ``index_quality.LABEL``):
+recall@k of the datastore's IVF-PQ index against exact search over the same keys for the eval-time keys
+of ``--max-batches`` x 16 valid windows, the PQ score error against the spread of the exact top-k scores,
+key norms and best scores of the datastore vs local memory, and ``trime-eval --memory external --tune``'s
+test ppl with PQ scores and with ``--knn-exact`` (two tuned evaluations: the slow part).
 """
 
 from __future__ import annotations
@@ -180,10 +186,88 @@ def planted(per_batch: int) -> dict:
             "segments_per_batch": per_batch, "orders": orders}  # fmt: skip
 
 
+def _summary(x: np.ndarray) -> dict:
+    x = np.asarray(x, dtype=np.float64)
+    return {"mean": float(x.mean()), "std": float(x.std()), "p5": float(np.percentile(x, 5)),
+            "p50": float(np.percentile(x, 50)), "p95": float(np.percentile(x, 95))}  # fmt: skip
+
+
+def eval_queries(lm, context: int, split: str, max_batches: int):
+    """Eval-time keys of the scored tokens of ``split`` (what local/long memory holds), and their local scores."""
+    import torch
+
+    from trime.eval.evaluate import Evaluator
+
+    cached = Evaluator(lm, lm.window_settings(context, None), batch_size=16, progress=False).collect(split, max_batches)
+    queries, local_top = [], []
+    for batch in cached.batches:
+        queries.append(batch.queries.float())
+        reps = batch.reps.float()
+        for b in range(len(batch.starts)):
+            rows = torch.nonzero(batch.scored[b]).flatten()
+            scores = reps[b, rows] @ reps[b].T  # (scored, T): local memory = earlier positions of the window
+            allowed = (torch.arange(reps.shape[1])[None, :] < rows[:, None]) & batch.key_valid[b][None, :]
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            local_top.append(scores.max(dim=1).values)
+    local_top = torch.cat(local_top)
+    return torch.cat(queries).numpy(), local_top[torch.isfinite(local_top)].numpy()
+
+
+def index_quality(args) -> dict:
+    """Recall@k of the datastore's IVF-PQ index vs exact search, PQ score error, key statistics, ppl exact vs PQ."""
+    import subprocess
+
+    from trime.adapters import load_adapter
+    from trime.retrieval.datastore import Datastore
+
+    lm = load_adapter(args.path, args.data_bin, cpu=True)
+    queries, local_top = eval_queries(lm, args.context_window, "valid", args.max_batches)
+    pq = Datastore.open(args.datastore, dim=lm.dim, dict_sha256=lm.dict_sha256, nprobe=args.nprobe)
+    exact = Datastore.open(args.datastore, dim=lm.dim, dict_sha256=lm.dict_sha256, search="torch", need_index=False)
+    hits_pq = pq.search(queries, args.k)
+    hits_pq_exact = pq.search(queries, args.k, exact=True)  # the same neighbours, exact scores
+    hits_exact = exact.search(queries, args.k, exact=True)
+    # recall@k: the share of the exact top-k the index returns (ids compared through a second search with ids)
+    from trime.retrieval import faiss_index
+
+    _, ids_pq = faiss_index.search(pq.index, queries, args.k, pq.metric)
+    _, ids_exact = exact.torch_search.search(queries, args.k)
+    ids_exact = ids_exact.numpy()
+    recall = np.mean([len(np.intersect1d(a, b)) / args.k for a, b in zip(ids_pq, ids_exact)])
+    top1 = np.mean([b[0] in set(a.tolist()) for a, b in zip(ids_pq, ids_exact)])
+    error = (hits_pq.scores - hits_pq_exact.scores).numpy()
+    spread = hits_exact.scores.numpy().std(axis=1)  # spread of the memory logits over the top-k, per query
+    keys = np.asarray(pq.keys[:: max(1, pq.count // 200_000)], dtype=np.float32)
+    out = {
+        "datastore": str(args.datastore), "index": pq.meta.get("index"), "count": pq.count, "dim": pq.dim,
+        "queries": len(queries), "k": args.k, "nprobe": args.nprobe,
+        "recall_at_k": float(recall), "exact_top1_in_index_top_k": float(top1),
+        "pq_score_abs_error": _summary(np.abs(error)), "exact_topk_score_std_per_query": _summary(spread),
+        "topk_score_exact": _summary(hits_exact.scores.numpy()[:, 0]),
+        "local_memory_top1_score": _summary(local_top),
+        "datastore_key_norm": _summary(np.linalg.norm(keys, axis=1)),
+        "eval_key_norm": _summary(np.linalg.norm(queries, axis=1)),
+    }  # fmt: skip
+    ppl = {}
+    for name, extra in (("pq", []), ("exact", ["--knn-exact"])):
+        record = Path(args.out).with_name(f".ext-diagnosis-{name}.json")
+        cmd = [str(Path(sys.executable).parent / "trime-eval"), str(args.data_bin), "--path", str(args.path),
+               "--memory", "external", "--mem-size", str(args.mem_size), "--datastore", str(args.datastore),
+               "--k", str(args.k), "--nprobe", str(args.nprobe), "--context-window", str(args.context_window),
+               "--tune", "--cpu", "--no-progress-bar", "--results-json", str(record), *extra]  # fmt: skip
+        subprocess.run(cmd, check=True, capture_output=True)
+        rec = json.loads(record.read_text())
+        record.unlink()
+        test = [r for r in rec["results"] if r["subset"] == "test"][0]
+        ppl[name] = {"test_ppl": test["ppl"], "tuned": (rec.get("tuning") or {}).get("chosen")}
+    out["ppl_external"] = ppl
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-bin", type=Path, required=True, help="trime-prepare wikitext-2 data-bin")
-    parser.add_argument("--plan", type=Path, required=True, help="trime-bm25-batches plan of that data-bin")
+    parser.add_argument("--plan", type=Path, help="trime-bm25-batches plan of that data-bin (training memory)")
     parser.add_argument("--segments-per-batch", type=int, default=16, help="as bench/reproduce.py (16 x 256)")
     parser.add_argument(
         "--extra-plan",
@@ -194,11 +278,28 @@ def main() -> None:
         help="another plan of the same data-bin (e.g. longer segments) and its batch size; repeatable",
     )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ext-diagnosis.json")
+    index = parser.add_argument_group("index quality (instead of --plan): a TrimeLM_ext checkpoint and its datastore")
+    index.add_argument("--path", type=Path, help="checkpoint")
+    index.add_argument("--datastore", type=Path, help="its trime-build-datastore directory (IVF-PQ index)")
+    index.add_argument("--label", default="quick", help="name of this section in the json (e.g. quick, full)")
+    index.add_argument("--k", type=int, default=64)
+    index.add_argument("--nprobe", type=int, default=32)
+    index.add_argument("--mem-size", type=int, default=512)
+    index.add_argument("--context-window", type=int, default=32)
+    index.add_argument("--max-batches", type=int, default=8, help="valid batches of 16 windows used as queries")
     args = parser.parse_args()
+    if args.plan is None:
+        if args.path is None or args.datastore is None:
+            parser.error("give --plan (training memory) or --path and --datastore (index quality)")
+        old = json.loads(args.out.read_text()) if args.out.exists() else {}
+        old.setdefault("index_quality", {})[args.label] = {"date": today(), **index_quality(args)}
+        write_json_atomic(args.out, old)
+        print(json.dumps(old["index_quality"][args.label], indent=1))
+        return
     result = {
         "machine": machine_info(),
         "date": today(),
-        "partial": "training-memory part of issue 11 deliverable 1 only",
+        "partial": "issue 11 deliverable 1, partial: alignment, training memory; index quality on --quick only",
         "training_memory": {
             "wikitext2": wikitext2(args.data_bin, args.plan, args.segments_per_batch),
             "wikitext2_other_segment_lengths": [
