@@ -212,8 +212,8 @@ def load_model(
 ) -> nn.Module:
     """``AutoModelForCausalLM`` from a local dir or hub name, checked to offer TRIME keys.
 
-    ``dtype``: None (the checkpoint's float32 default of transformers), ``auto`` (the
-    dtype saved in config.json) or a name/torch dtype. ``kwargs`` go to
+    ``dtype``: None (transformers' default: in v5 the dtype saved in config.json, as
+    ``auto``) or a name/torch dtype (``float32`` for training with mixed precision). ``kwargs`` go to
     ``from_pretrained`` (e.g. ``attn_implementation``).
     """
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -345,6 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         save_total_limit=args.save_total_limit,
         prediction_loss_only=True,
         dataloader_num_workers=args.dataloader_num_workers,
+        dataloader_pin_memory=torch.cuda.is_available() and not args.cpu,
         report_to=args.report_to,
         disable_tqdm=args.no_progress_bar,
         remove_unused_columns=False,
