@@ -187,6 +187,32 @@ def summarize_steps(times: dict[str, list[float]], rounds: list[dict], ntokens: 
     return summary
 
 
+def warm_memory_kernels(dim: int, seq_len: int) -> None:
+    """Build trime.loss's compiled kernels for every rule and both ext coin outcomes before timing.
+
+    The warm-up steps alone would leave the variant of whichever ``--cross-sent-ratio``
+    outcome they did not draw to be compiled inside a timed step. The kernels are built for
+    dynamic shapes, so a small batch of the model's width serves the real ones.
+    """
+    import torch
+
+    import trime.loss as loss
+
+    mode = loss.compile_mode()
+    if mode == "never":
+        return
+    loss.set_compile("always")
+    try:
+        for rule, local in ((loss.Rule.LONG, True), (loss.Rule.EXTERNAL, True), (loss.Rule.EXTERNAL, False)):
+            h = torch.randn(3 * seq_len, dim, requires_grad=True)
+            targets = torch.randint(0, 8, (3 * seq_len,))
+            vis = loss.Visibility.for_batch(rule, 3, seq_len, external_local=local)
+            lse_all, lse_pos = loss.memory_logsumexp(h, h, targets, targets, vis)
+            (torch.where(torch.isfinite(lse_all), lse_all, 0) + torch.where(torch.isfinite(lse_pos), lse_pos, 0)).sum().backward()
+    finally:
+        loss.set_compile(mode)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -207,6 +233,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     batches = first_batches(task, args.warmup + args.rounds * args.steps, preset["segments"], preset["tokens_per_sample"])
     ntokens = int(batches[0]["ntokens"])
 
+    warm_memory_kernels(args.dim, preset["tokens_per_sample"])
     load_before = os.getloadavg()
     times, rounds = interleaved_train_steps(trainers, batches, args.warmup, args.rounds, args.steps)
     load_after = os.getloadavg()
