@@ -127,12 +127,13 @@ def setup(workdir: Path) -> tuple[Path, Path]:
 
 def build_datastore(data: Path, ckpt: Path, out: Path) -> dict:
     """Export (keys/s), index build (s) and search QPS."""
-    from trime.eval.windows import batch_size_for, load_lm, quiet_libraries, window_settings
+    from trime.adapters import batch_size_for, load_adapter
+    from trime.io_utils import quiet_libraries
     from trime.retrieval.datastore import Datastore, build_index, extract
 
     quiet_libraries()
-    lm = load_lm(ckpt, data, cpu=True)
-    settings = window_settings(lm, CONTEXT, None)
+    lm = load_adapter(ckpt, data, cpu=True)
+    settings = lm.window_settings(CONTEXT, None)
     batch = batch_size_for(settings, BATCH, None)
     result: dict = {}
     saved = out.parent / "datastore-bench.json"  # export/index timings of an earlier run of this script
@@ -268,22 +269,23 @@ def interleaved(data: Path, ckpt: Path, store_dir: Path, passes: int) -> dict:
     from fairseq.sequence_scorer import SequenceScorer
 
     from trime.eval.memory import ScoreState, score_batch
-    from trime.eval.windows import forward_batch, iter_samples, load_lm, load_windows, quiet_libraries, window_settings
+    from trime.adapters import load_adapter
+    from trime.io_utils import quiet_libraries
     from trime.retrieval.datastore import Datastore
     from trime.retrieval.faiss_index import import_faiss
 
     quiet_libraries()
     torch.set_num_threads(1)
     import_faiss().omp_set_num_threads(1)
-    lm = load_lm(ckpt, data, cpu=True)
-    windows = window_settings(lm, CONTEXT, None)
+    lm = load_adapter(ckpt, data, cpu=True)
+    windows = lm.window_settings(CONTEXT, None)
     store = Datastore.open(store_dir, dim=lm.dim, dict_sha256=lm.dict_sha256, nprobe=NPROBE)
     scorer = SequenceScorer(lm.task.target_dictionary)
     names = ["fairseq", *MODES]
     totals = {n: {"cpu_s": 0.0, "wall_s": 0.0, "tokens": 0, "nll": 0.0} for n in names}
     for _ in range(passes):
         states = {m: ScoreState.fresh(mode_settings(m)) for m in MODES}
-        samples = list(iter_samples(load_windows(lm, "valid", windows), BATCH))  # collation is not timed
+        samples = list(lm.windows("valid", windows).batches(BATCH))  # collation is not timed
         for sample in samples:
             for name in names:
                 cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -292,7 +294,7 @@ def interleaved(data: Path, ckpt: Path, store_dir: Path, passes: int) -> dict:
                     scores = torch.cat([h[0]["positional_scores"] for h in hypos])
                 else:
                     settings = mode_settings(name)
-                    batch = forward_batch(lm, sample)
+                    batch = lm.forward(sample)
                     knn = None
                     if name in ("external", "knnlm"):
                         knn = store.search(batch.queries.float().numpy(), K)

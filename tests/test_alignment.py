@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_eval import tiny_checkpoints
+from eval_helpers import tiny_checkpoints
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread per module
 

@@ -14,7 +14,7 @@ from fairseq import options, tasks
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.data import Dictionary
 
-from test_loss import dense_nll, dense_visibility
+from dense_reference import dense_nll, dense_visibility
 from trime.errors import TrimeError
 
 VOCAB_WORDS = [f"w{i}" for i in range(40)]

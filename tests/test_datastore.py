@@ -1,6 +1,6 @@
 """trime-build-datastore: completeness, resumability, sharding, the FAISS index and loader errors.
 
-The tiny checkpoints come from ``test_eval.tiny_checkpoints`` (trained once per session);
+The tiny checkpoints come from ``eval_helpers.tiny_checkpoints`` (trained once per session);
 datastores are built over the small valid split of the shipped WikiText-2 sample.
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_eval import CONTEXT, assert_one_line_error, run_cli, tiny_checkpoints
+from eval_helpers import CONTEXT, assert_one_line_error, run_cli, tiny_checkpoints
 from trime.errors import TrimeError
 
 BIN = Path(sys.executable).parent
@@ -26,17 +26,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thr
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory, wt2_sample_bin):
-    from trime.eval.windows import load_lm
+    from trime.adapters import load_adapter
 
     ckpts = tiny_checkpoints(tmp_path_factory, wt2_sample_bin)
-    return load_lm(ckpts["ce"], wt2_sample_bin, cpu=True)
+    return load_adapter(ckpts["ce"], wt2_sample_bin, cpu=True)
 
 
 @pytest.fixture(scope="module")
 def settings(lm):
-    from trime.eval.windows import window_settings
 
-    return window_settings(lm, CONTEXT, None)
+    return lm.window_settings(CONTEXT, None)
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +110,8 @@ def test_killed_build_resumes_byte_identical(lm, reference, wt2_sample_bin, tmp_
 
 
 def lm_settings(lm):
-    from trime.eval.windows import window_settings
 
-    return window_settings(lm, CONTEXT, None)
+    return lm.window_settings(CONTEXT, None)
 
 
 def test_sharded_build_merges_to_the_unsharded_bytes(lm, settings, reference, tmp_path):

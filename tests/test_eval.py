@@ -8,92 +8,14 @@ sums probabilities with explicit python loops over the vocabulary and memory ent
 """
 
 import math
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from eval_helpers import CONTEXT, TPS, assert_one_line_error, run_cli, tiny_checkpoints
 from trime.errors import TrimeError
-
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-TPS, CONTEXT = 64, 32  # checkpoint window and evaluation context (32 new tokens per window)
-
-TRAIN_COMMON = [
-    "--task",
-    "language_modeling",
-    "--arch",
-    "transformer_lm",
-    "--decoder-layers",
-    "2",
-    "--decoder-embed-dim",
-    "32",
-    "--decoder-input-dim",
-    "32",
-    "--decoder-output-dim",
-    "32",
-    "--decoder-ffn-embed-dim",
-    "64",
-    "--decoder-attention-heads",
-    "2",
-    "--decoder-normalize-before",
-    "--dropout",
-    "0.1",
-    "--tokens-per-sample",
-    str(TPS),
-    "--sample-break-mode",
-    "none",
-    "--max-tokens",
-    "512",
-    "--optimizer",
-    "adam",
-    "--lr",
-    "0.005",
-    "--max-update",
-    "8",
-    "--no-epoch-checkpoints",
-    "--disable-validation",
-    "--seed",
-    "1",
-    "--cpu",
-    "--num-workers",
-    "0",
-    "--log-format",
-    "none",
-]
-MODELS = {
-    "ce": ["--criterion", "cross_entropy", "--share-decoder-input-output-embed"],
-    "trime": ["--criterion", "trime_loss", "--adaptive-softmax-cutoff", "400,2000", "--adaptive-softmax-dropout", "0"],
-}
-
-
-def tiny_checkpoints(tmp_path_factory, data_bin: Path) -> dict:
-    """Train (once per session) the tiny CE and TrimeLM checkpoints; returns {name: checkpoint path}."""
-    root = tmp_path_factory.getbasetemp() / "trime_tiny_checkpoints"
-    paths = {name: root / name / "checkpoint_last.pt" for name in MODELS}
-    if all(p.is_file() for p in paths.values()):
-        return paths
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = {
-        name: subprocess.Popen(
-            [str(BIN / "fairseq-train"), str(data_bin), *TRAIN_COMMON, *extra, "--save-dir", str(root / name)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
-        for name, extra in MODELS.items()
-    }
-    for name, proc in procs.items():
-        out, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0 and paths[name].is_file(), f"fairseq-train ({name}) failed:\n{out[-3000:]}"
-    return paths
-
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory, wt2_sample_bin):
@@ -101,21 +23,6 @@ def ckpts(tmp_path_factory, wt2_sample_bin):
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread per module
-
-
-def run_cli(*argv, timeout=300):
-    return subprocess.run(
-        [str(BIN / argv[0]), *map(str, argv[1:])], check=False, capture_output=True, text=True, timeout=timeout
-    )
-
-
-def assert_one_line_error(proc, *needles):
-    assert proc.returncode != 0
-    err = proc.stderr.strip().splitlines()
-    assert "Traceback" not in proc.stderr
-    assert err and err[-1].startswith("trime: error: "), proc.stderr[-2000:]
-    for needle in needles:
-        assert needle in err[-1]
 
 
 # ----------------------------------------------------------------------------- parity
@@ -268,13 +175,13 @@ class Reference:
 @pytest.fixture(scope="module")
 def flat_store(ckpts, wt2_sample_bin, tmp_path_factory):
     """Exact (Flat, inner product) datastores over the valid split, one per model."""
-    from trime.eval.windows import load_lm, window_settings
+    from trime.adapters import load_adapter
     from trime.retrieval.datastore import build_index, extract
 
     out = {}
     for name in ("ce", "trime"):
-        lm = load_lm(ckpts[name], wt2_sample_bin, cpu=True)
-        settings = window_settings(lm, CONTEXT, None)
+        lm = load_adapter(ckpts[name], wt2_sample_bin, cpu=True)
+        settings = lm.window_settings(CONTEXT, None)
         d = tmp_path_factory.mktemp(f"flat_{name}")
         extract(lm, "valid", settings, 64, d, key_dtype="fp32", show_progress=False)
         build_index(d, factory="Flat", metric="ip", show_progress=False)
@@ -286,11 +193,11 @@ def flat_store(ckpts, wt2_sample_bin, tmp_path_factory):
 def test_external_memory_matches_brute_force(ckpts, wt2_sample_bin, flat_store, name, mem_size, search):
     from trime.eval.evaluate import Evaluator
     from trime.eval.memory import MemorySettings
-    from trime.eval.windows import load_lm, window_settings
+    from trime.adapters import load_adapter
     from trime.retrieval.datastore import Datastore
 
-    lm = load_lm(ckpts[name], wt2_sample_bin, cpu=True)
-    windows = window_settings(lm, CONTEXT, None)
+    lm = load_adapter(ckpts[name], wt2_sample_bin, cpu=True)
+    windows = lm.window_settings(CONTEXT, None)
     # search "torch" (--knn-search torch): exact search over keys.npy without the FAISS index
     store = Datastore.open(flat_store[name], dim=lm.dim, dict_sha256=lm.dict_sha256, search=search, device=lm.device)
     assert (store.index is None) == (search == "torch")
@@ -327,12 +234,12 @@ def test_knnlm_interpolation_only(ckpts, wt2_sample_bin, flat_store):
     """--knnlm: the datastore is used by interpolation only; P_model is the plain LM."""
     from trime.eval.evaluate import Evaluator
     from trime.eval.memory import MemorySettings
-    from trime.eval.windows import load_lm, window_settings
+    from trime.adapters import load_adapter
     from trime.retrieval.datastore import Datastore
 
-    lm = load_lm(ckpts["ce"], wt2_sample_bin, cpu=True)
+    lm = load_adapter(ckpts["ce"], wt2_sample_bin, cpu=True)
     store = Datastore.open(flat_store["ce"], dim=lm.dim, dict_sha256=lm.dict_sha256)
-    evaluator = Evaluator(lm, window_settings(lm, CONTEXT, None), batch_size=2, store=store, k=8, progress=False)
+    evaluator = Evaluator(lm, lm.window_settings(CONTEXT, None), batch_size=2, store=store, k=8, progress=False)
     cached = evaluator.collect("test", max_batches=1)
     ours = cached.log_probs(MemorySettings(level="none", lmbda=0.25, interp_temp=3.0, k=8)).tolist()
     ref = Reference(lm, "test", CONTEXT, 0)
@@ -398,7 +305,7 @@ def test_long_memory_fifo_contents_order_truncation_reset():
 
 
 def _synthetic_batch(ids, starts, length=6, dim=4, vocab=5, seed=0, key_valid=None):
-    from trime.eval.windows import WindowBatch
+    from trime.adapters import WindowBatch
 
     g = torch.Generator().manual_seed(seed)
     bsz = len(ids)
@@ -449,7 +356,7 @@ def test_long_memory_resets_on_non_consecutive_ids_and_skips_cached_context():
 
 
 def _replace(batch, **changes):
-    from trime.eval.windows import WindowBatch
+    from trime.adapters import WindowBatch
 
     return WindowBatch(**{**batch.__dict__, **changes})
 
@@ -473,10 +380,10 @@ def test_temperature_scales_memory_logits_only(ckpts, wt2_sample_bin):
 
     # on a real model: the first window's first token has no memory, so T does not matter
     from trime.eval.evaluate import Evaluator
-    from trime.eval.windows import load_lm, window_settings
+    from trime.adapters import load_adapter
 
-    lm = load_lm(ckpts["trime"], wt2_sample_bin, cpu=True)
-    cached = Evaluator(lm, window_settings(lm, CONTEXT, None), batch_size=1, progress=False).collect(
+    lm = load_adapter(ckpts["trime"], wt2_sample_bin, cpu=True)
+    cached = Evaluator(lm, lm.window_settings(CONTEXT, None), batch_size=1, progress=False).collect(
         "valid", max_batches=1
     )
     none = cached.log_probs(MemorySettings(level="none"))

@@ -27,7 +27,7 @@ from _dist_worker import (
     slice_batch,
 )
 from fairseq.data import Dictionary
-from test_loss import dense_nll, dense_visibility
+from dense_reference import dense_nll, dense_visibility
 
 import trime.criterions.trime_long_loss as long_module
 from trime.errors import TrimeError
