@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from trime.loss import DEFAULT_BLOCK_SIZE, Rule, Visibility, memory_logsumexp
+
 
 def world_size_and_rank() -> tuple[int, int]:
     """(world size, rank) of the default process group, or (1, 0) when not distributed."""
@@ -84,6 +86,34 @@ class GatheredTokens:
             torch.cat(positions),
         )
 
+
+    def memory_logsumexp(
+        self,
+        key_ranks,
+        rule: Rule,
+        external_local: bool = True,
+        scale: float | None = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+    ) -> tuple[Tensor, Tensor]:
+        """:func:`trime.loss.memory_logsumexp` of this rank's tokens over the tokens of ``key_ranks``.
+
+        Positions and segments are global, so ``rule`` applies across ranks in rank order.
+        """
+        keys, key_labels, key_valid, key_segment, key_position = self.stream(key_ranks)
+        queries, query_targets, query_valid, query_segment, query_position = self.stream([self.rank])
+        visibility = Visibility(
+            rule=rule,
+            query_segment=query_segment,
+            query_position=query_position,
+            key_segment=key_segment,
+            key_position=key_position,
+            query_valid=query_valid,
+            key_valid=key_valid,
+            external_local=external_local,
+        )
+        return memory_logsumexp(
+            queries, keys, key_labels, query_targets, visibility, scale=scale, block_size=block_size
+        )
 
 def gather_tokens(reps: Tensor, labels: Tensor, valid: Tensor) -> GatheredTokens:
     """All ranks' (reps, labels, valid) of a (B, T, C) batch; a collective every rank must call.

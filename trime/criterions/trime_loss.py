@@ -147,26 +147,8 @@ class TrimeLoss(FairseqCriterion):
     def gathered_memory_terms(
         self, tokens, key_ranks, rule: Rule, external_local: bool = True
     ) -> Tuple[Tensor, Tensor]:
-        """Memory = the tokens of ``key_ranks`` from a cross-rank gather (``trime.distributed``).
-
-        Queries are this rank's tokens; positions and segments are global, so ``rule``
-        applies across ranks in rank-concatenation order.
-        """
-        keys, key_labels, key_valid, key_segment, key_position = tokens.stream(key_ranks)
-        queries, query_targets, query_valid, query_segment, query_position = tokens.stream([tokens.rank])
-        visibility = Visibility(
-            rule=rule,
-            query_segment=query_segment,
-            query_position=query_position,
-            key_segment=key_segment,
-            key_position=key_position,
-            query_valid=query_valid,
-            key_valid=key_valid,
-            external_local=external_local,
-        )
-        return memory_logsumexp(
-            queries, keys, key_labels, query_targets, visibility, block_size=self.memory_block_size
-        )
+        """Memory = the tokens of ``key_ranks`` from a cross-rank gather (``trime.distributed``)."""
+        return tokens.memory_logsumexp(key_ranks, rule, external_local, block_size=self.memory_block_size)
 
     @staticmethod
     def reduce_metrics(logging_outputs: List[Dict]) -> None:

@@ -120,19 +120,7 @@ def memory_terms(
         return memory_logsumexp(flat, flat, flat_targets, flat_targets, visibility, scale=scale, block_size=block_size)
     tokens = gather_tokens(keys, safe_targets, valid)
     key_ranks = range(rank + 1) if rule is Rule.LONG else range(len(tokens.shapes))
-    all_keys, key_labels, key_valid, key_segment, key_position = tokens.stream(key_ranks)
-    queries, query_targets, query_valid, query_segment, query_position = tokens.stream([rank])
-    visibility = Visibility(
-        rule=rule,
-        query_segment=query_segment,
-        query_position=query_position,
-        key_segment=key_segment,
-        key_position=key_position,
-        query_valid=query_valid,
-        key_valid=key_valid,
-        external_local=external_local,
-    )
-    return memory_logsumexp(queries, all_keys, key_labels, query_targets, visibility, scale=scale, block_size=block_size)
+    return tokens.memory_logsumexp(key_ranks, rule, external_local, scale=scale, block_size=block_size)
 
 
 def causal_lm_loss(
