@@ -516,6 +516,21 @@ def _tile(workspace: Tensor, shape: Tuple[int, ...]) -> Tensor:
     return workspace[: math.prod(shape)].view(shape)
 
 
+def _local_batched_tiles(p: "_Problem") -> Iterator[Tuple[int, int, int, int, Tensor, Tensor, Tensor]]:
+    """(start, end, g, seq_len, scaled queries, keys, scores) of every local in-batch tile of g segments.
+
+    Forward and backward (which recomputes the scores) walk the same tiles; scores live in one reused workspace.
+    """
+    seq_len = p.visibility._batch_shape[1]
+    blocks = list(p.local_tiles())
+    ws = _workspace(p, max(((e - s) * seq_len for s, e in blocks), default=0))
+    for start, end in blocks:
+        g = (end - start) // seq_len
+        q = (p.queries[start:end] * p.scale).view(g, seq_len, -1)
+        k = p.keys[start:end].view(g, seq_len, -1)
+        yield start, end, g, seq_len, q, k, torch.bmm(q, k.transpose(1, 2), out=_tile(ws, (g, seq_len, seq_len)))
+
+
 def _group_mask_(scores: Tensor, v: Visibility, start: int, end: int, lo: int, hi: int) -> None:
     if v.query_group is not None:
         scores.masked_fill_(v.key_group[None, lo:hi] != v.query_group[start:end, None], _NEG_INF)
@@ -540,14 +555,7 @@ def _forward(p: _Problem, kernels: _Kernels) -> Tuple[Tensor, Tensor]:
             lse_all[start:end] = torch.logaddexp(lse_all[start:end], a)
             lse_pos[start:end] = torch.logaddexp(lse_pos[start:end], b)
     elif schedule == "local_batched":
-        seq_len = p.visibility._batch_shape[1]
-        blocks = list(p.local_tiles())
-        ws = _workspace(p, max(((e - s) * seq_len for s, e in blocks), default=0))
-        for start, end in blocks:
-            g = (end - start) // seq_len
-            q = (p.queries[start:end] * p.scale).view(g, seq_len, -1)
-            k = p.keys[start:end].view(g, seq_len, -1)
-            scores = torch.bmm(q, k.transpose(1, 2), out=_tile(ws, (g, seq_len, seq_len)))
+        for start, end, g, seq_len, _, _, scores in _local_batched_tiles(p):
             a, b = _rows_lse(scores, *_local_vectors(p, start, end, g, seq_len))  # eager: see _local_vectors
             lse_all[start:end], lse_pos[start:end] = a.reshape(-1), b.reshape(-1)
     else:
@@ -626,14 +634,7 @@ def _backward(p: _Problem, kernels: _Kernels, lse_all, lse_pos, grad_all, grad_p
             if grad_k is not None:
                 grad_k[lo:hi].addmm_(scores.T, q)
     elif schedule == "local_batched":
-        seq_len = p.visibility._batch_shape[1]
-        blocks = list(p.local_tiles())
-        ws = _workspace(p, max(((e - s) * seq_len for s, e in blocks), default=0))
-        for start, end in blocks:
-            g = (end - start) // seq_len
-            q = (p.queries[start:end] * p.scale).view(g, seq_len, -1)
-            k = p.keys[start:end].view(g, seq_len, -1)
-            scores = torch.bmm(q, k.transpose(1, 2), out=_tile(ws, (g, seq_len, seq_len)))
+        for start, end, g, seq_len, q, k, scores in _local_batched_tiles(p):
             vectors = _local_vectors(p, start, end, g, seq_len)
             _rows_grad_(scores, *vectors, row_stats(start, end, (g, seq_len, 1)))
             if grad_q is not None:
