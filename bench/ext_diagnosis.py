@@ -156,27 +156,11 @@ def wikitext2(data_bin: Path, plan_path: Path, per_batch: int) -> dict:
     }
 
 
-def planted_corpus(num_topics: int = 8, per_topic: int = 40, length: int = 120, seed: int = 0):
-    """The corpus of tests/test_bm25_batches.py::_planted_corpus (same recipe and seed): (Segments, topic)."""
-    from trime.retrieval.bm25 import Segments
-
-    rng = np.random.default_rng(seed)
-    stop = np.arange(20)
-    arrays, topic = [], []
-    for t in range(num_topics):
-        vocab = 20 + 60 * t + np.arange(60)
-        for _ in range(per_topic):
-            arrays.append(np.where(rng.random(length) < 0.5, rng.choice(stop, length), rng.choice(vocab, length)))
-            topic.append(t)
-    perm = rng.permutation(len(arrays))
-    return Segments.from_arrays([arrays[i] for i in perm]), np.array(topic)[perm]
-
-
 def planted(per_batch: int) -> dict:
-    from trime.retrieval.bm25 import LUCENE_PRESET
+    from trime.retrieval.bm25 import LUCENE_PRESET, planted_topic_segments
     from trime.retrieval.bm25_batches import DEFAULT_K, greedy_chain, search_all
 
-    segments, topic = planted_corpus()
+    segments, topic = planted_topic_segments()
     ids, _ = search_all(segments, LUCENE_PRESET, k=DEFAULT_K)
     order, followed = greedy_chain(ids, seed=1)
     segs = [np.full(len(segments[i]), topic[i]) for i in range(len(segments))]

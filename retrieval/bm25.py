@@ -418,3 +418,23 @@ def make_searcher(backend: str, segments: Segments, params: BM25Params, block_si
             )
         return RankBM25Searcher(segments, params, block_size=block_size)
     fail(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+
+
+def planted_topic_segments(
+    num_topics: int = 8, per_topic: int = 40, length: int = 120, seed: int = 0
+) -> tuple[Segments, np.ndarray]:
+    """A known-answer corpus for checking that BM25 plans group topics: ``(segments, topic of each)``.
+
+    Each segment mixes shared stopwords (ids 0..19) with words of its topic's own 60-word
+    vocabulary; segments are shuffled so that ids do not encode the topic.
+    """
+    rng = np.random.default_rng(seed)
+    stop = np.arange(20)
+    arrays, topic = [], []
+    for t in range(num_topics):
+        vocab = 20 + 60 * t + np.arange(60)
+        for _ in range(per_topic):
+            arrays.append(np.where(rng.random(length) < 0.5, rng.choice(stop, length), rng.choice(vocab, length)))
+            topic.append(t)
+    perm = rng.permutation(len(arrays))
+    return Segments.from_arrays([arrays[i] for i in perm]), np.array(topic)[perm]

@@ -17,6 +17,7 @@ from trime.retrieval.bm25 import (
     RankBM25Searcher,
     ScipySearcher,
     Segments,
+    planted_topic_segments,
     select_top_k,
 )
 from trime.retrieval.bm25_batches import (
@@ -130,23 +131,8 @@ def test_select_top_k_self_ties_and_misses():
     assert ids.tolist() == [[2, 3, 1, -1, -1, -1, -1, -1, -1, -1]]
 
 
-def _planted_corpus(num_topics=8, per_topic=40, length=120, seed=0):
-    """Segments drawn from disjoint topic vocabularies plus shared stopwords; returns (segments, topic)."""
-    rng = np.random.default_rng(seed)
-    stop = np.arange(20)
-    arrays, topic = [], []
-    for t in range(num_topics):
-        vocab = 20 + 60 * t + np.arange(60)
-        for _ in range(per_topic):
-            words = np.where(rng.random(length) < 0.5, rng.choice(stop, length), rng.choice(vocab, length))
-            arrays.append(words)
-            topic.append(t)
-    perm = rng.permutation(len(arrays))  # ids must not encode the topic
-    return Segments.from_arrays([arrays[i] for i in perm]), np.array(topic)[perm]
-
-
 def test_planted_topics_batch_together():
-    segments, topic = _planted_corpus()
+    segments, topic = planted_topic_segments()
     ids, _ = search_all(segments, BM25Params(), k=20, block_size=64)
     assert np.mean(topic[ids[:, 0]] == topic) == 1.0
     order, followed = greedy_chain(ids, seed=1)
@@ -243,7 +229,7 @@ def test_load_batch_plan_rejects_bad_files(tmp_path):
 
 
 def test_killed_shard_resumes_byte_identical(tmp_path):
-    segments, _ = _planted_corpus(per_topic=30)
+    segments, _ = planted_topic_segments(per_topic=30)
     config = search_config({"dict_sha256": "x"}, 120, len(segments), "scipy", BM25Params(), 7, 2)
     kwargs = {"chunk_size": 25, "block_size": 10, "show_progress": False}
     full = run_shard_search(segments, config, tmp_path / "a", 1, **kwargs)
