@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from trime.eval.cache import EvalCache, entry_key, split_files_identity
 from trime.eval.memory import LEVELS, MemorySettings, ScoreState, score_batch
 from trime.eval.tuning import CachedRun, tune
 
@@ -131,6 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--tune", action="store_true", help="tune softmax-temp (and lmbda, interp-temp) on --tune-subset first"
     )
     p.add_argument("--tune-subset", default="valid")
+    p.add_argument(
+        "--tune-tokens",
+        type=int,
+        default=None,
+        help="tune on the first batches of --tune-subset that score at least this many tokens (default: all of it); "
+        "a contiguous prefix, so long-term memory sees the same stream as on the whole split",
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="keep forward passes and kNN hits here and reuse them in later runs with the same checkpoint, data, "
+        "windows, batch size, precision and datastore/search settings (every --memory level and tuned value "
+        "shares them); ~tokens x dim x 5 bytes per split, plus tokens x k x 13 bytes of hits",
+    )
     p.add_argument("--sweep", default=None, metavar="NAME=V1,V2,...", help=f"one of {', '.join(SWEEPABLE)}")
     p.add_argument(
         "--sweep-prefix", default=None, help="output prefix for the sweep .json/.png (default trime-sweep-NAME)"
@@ -174,6 +189,8 @@ def check_args(args) -> None:
         fail("--lmbda interpolates with a datastore: add --knnlm or --memory external and --datastore")
     if args.k < 1 or args.nprobe < 1:
         fail("--k and --nprobe must be >= 1")
+    if args.tune_tokens is not None and (args.tune_tokens < 1 or not args.tune):
+        fail("--tune-tokens N needs --tune and N >= 1 (scored tokens of --tune-subset to tune on)")
     if args.knn_search != "faiss" and not args.datastore:
         fail(f"--knn-search {args.knn_search} searches a datastore: add --datastore DIR or drop --knn-search")
 
@@ -191,6 +208,32 @@ def memory_settings(args) -> MemorySettings:
     )
 
 
+def cache_inputs(args, lm, windows, batch_size: int, precision: str, store=None) -> dict:
+    """What a cached forward pass (and, under ``"knn"``, a cached search) depends on besides the split."""
+    inputs = {
+        "checkpoint": identity_key(lm.identity),
+        "frontend": lm.frontend,
+        "architecture": lm.architecture,
+        "key_source": lm.key_source,
+        "dict_sha256": lm.dict_sha256,
+        "data_dir": str(Path(args.data).resolve()),
+        "windows": windows.as_dict(),
+        "batch_size": batch_size,
+        "precision": precision,
+        "device": lm.device.type,
+    }
+    if store is not None:
+        identity = store.identity()
+        inputs["knn"] = {
+            "datastore": identity["meta_sha256"],
+            "index": identity.get("index"),
+            "nprobe": args.nprobe,
+            "search": args.knn_search,
+            "on_gpu": bool(store.on_gpu),
+        }
+    return inputs
+
+
 def memory_label(settings: MemorySettings, knnlm: bool) -> str:
     return settings.level + ("+knnlm" if knnlm else "")
 
@@ -199,10 +242,35 @@ class Evaluator:
     """Streams (or caches) the forward passes and searches of a split and scores them."""
 
     def __init__(
-        self, lm, windows, batch_size: int, store=None, k: int = 1024, exact: bool = False, progress: bool = True
+        self,
+        lm,
+        windows,
+        batch_size: int,
+        store=None,
+        k: int = 1024,
+        exact: bool = False,
+        progress: bool = True,
+        cache: EvalCache | None = None,
+        cache_inputs: dict | None = None,
     ):
+        """``cache`` (``--cache-dir``) keeps forward passes and hits on disk, named by ``cache_inputs``
+        (what they depend on besides the split: see :func:`cache_inputs`)."""
         self.lm, self.windows, self.batch_size = lm, windows, batch_size
         self.store, self.k, self.exact, self.progress = store, k, exact, progress
+        self.cache, self.cache_inputs = cache, cache_inputs or {}
+
+    def batches_for_tokens(self, split: str, tokens: int | None) -> int | None:
+        """The fewest leading batches of ``split`` that score at least ``tokens`` tokens (None: all)."""
+        if tokens is None:
+            return None
+        counts = self.lm.windows(split, self.windows).scored_counts()
+        per_batch = [int(counts[i : i + self.batch_size].sum()) for i in range(0, len(counts), self.batch_size)]
+        total = 0
+        for b, count in enumerate(per_batch):
+            total += count
+            if total >= tokens:
+                return b + 1
+        return len(per_batch)
 
     def _search_rows(self, batch, start: int, stop: int):
         """The top-k hits of scored rows ``start:stop`` of ``batch``, on the batch's device."""
@@ -225,20 +293,30 @@ class Evaluator:
             return None
         return lambda start, stop: self._search_rows(batch, start, stop)
 
-    def _batches(self, split: str, max_batches: int | None = None):
+    def _progress(self, items, total: int, desc: str):
         from tqdm import tqdm
 
+        return tqdm(items, total=total, desc=desc, unit="batch", disable=not self.progress, file=sys.stderr)
+
+    def _batches(self, split: str, max_batches: int | None = None):
         windows = self.lm.windows(split, self.windows)
         total = windows.num_batches(self.batch_size)
         if max_batches is not None:
             total = min(total, max_batches)
-        samples = windows.batches(self.batch_size, 0, total)
-        return tqdm(
-            samples, total=total, desc=f"trime-eval {split}", unit="batch", disable=not self.progress, file=sys.stderr
-        )
+        return self._progress(windows.batches(self.batch_size, 0, total), total, f"trime-eval {split}")
 
     def run(self, split: str, settings: MemorySettings) -> tuple[float, int, float]:
-        """(NLL sum in nats, scored tokens, seconds) streaming over ``split``."""
+        """(NLL sum in nats, scored tokens, seconds) streaming over ``split``.
+
+        With a cache the split is collected (or loaded) whole and scored from memory;
+        the seconds are then those of its forward passes and searches plus the scoring.
+        """
+        if self.cache is not None:
+            cached = self.collect(split)
+            started = time.perf_counter()
+            log_probs = cached.log_probs(settings)
+            seconds = cached.seconds + time.perf_counter() - started
+            return -float(log_probs.double().sum()), log_probs.numel(), seconds
         state = ScoreState.fresh(settings)
         nll, count = 0.0, 0
         sync = torch.cuda.synchronize if self.lm.device.type == "cuda" else (lambda: None)
@@ -252,15 +330,50 @@ class Evaluator:
         return nll, count, time.perf_counter() - started
 
     def collect(self, split: str, max_batches: int | None = None) -> CachedRun:
-        """Forward (and search) the batches of ``split`` once, keeping the results on the CPU."""
-        batches, knn = [], []
-        started = time.perf_counter()
-        for sample in self._batches(split, max_batches):
-            batch = self.lm.forward(sample)
-            result = self._search(batch)
-            batches.append(batch.to(torch.device("cpu")))
-            knn.append(result.to(torch.device("cpu")) if result is not None else None)
-        return CachedRun(batches, knn, self.lm.device, self.lm.dim, seconds=time.perf_counter() - started)
+        """Forward (and search) the batches of ``split`` once, keeping the results on the CPU.
+
+        With a cache, forward passes and hits are loaded from it when they are there and
+        saved to it when they are computed.
+        """
+        if self.cache is None:
+            batches, knn = [], []
+            started = time.perf_counter()
+            for sample in self._batches(split, max_batches):
+                batch = self.lm.forward(sample)
+                result = self._search(batch)
+                batches.append(batch.to(torch.device("cpu")))
+                knn.append(result.to(torch.device("cpu")) if result is not None else None)
+            return CachedRun(batches, knn, self.lm.device, self.lm.dim, seconds=time.perf_counter() - started)
+
+        data_dir = self.cache_inputs.get("data_dir")
+        forward_key = entry_key(
+            **{k: v for k, v in self.cache_inputs.items() if k != "knn"},
+            split=split,
+            split_files=split_files_identity(Path(data_dir), split) if data_dir else None,
+            max_batches=max_batches,
+        )
+        loaded = self.cache.load_forward(forward_key)
+        if loaded is None:
+            started = time.perf_counter()
+            batches = [self.lm.forward(s).to(torch.device("cpu")) for s in self._batches(split, max_batches)]
+            forward_seconds = time.perf_counter() - started
+            self.cache.save_forward(forward_key, batches, forward_seconds)
+        else:
+            batches, forward_seconds = loaded
+        knn: list = [None] * len(batches)
+        search_seconds = 0.0
+        if self.store is not None:
+            knn_key = entry_key(forward=forward_key, k=self.k, exact=self.exact, **self.cache_inputs.get("knn", {}))
+            hits = self.cache.load_knn(knn_key)
+            if hits is None:
+                started = time.perf_counter()
+                searched = self._progress(batches, len(batches), f"trime-eval {split} kNN search")
+                knn = [self._search(b.to(self.lm.device)).to(torch.device("cpu")) for b in searched]
+                search_seconds = time.perf_counter() - started
+                self.cache.save_knn(knn_key, knn, search_seconds)
+            else:
+                knn, search_seconds = hits
+        return CachedRun(batches, knn, self.lm.device, self.lm.dim, seconds=forward_seconds + search_seconds)
 
 
 def metric_line(nll: float, count: int, is_bytes: bool) -> dict:
@@ -396,7 +509,15 @@ def main(argv: list | None = None) -> dict:
     is_bytes = byte_level(data_dir)
     settings = memory_settings(args)
     evaluator = Evaluator(
-        lm, windows, batch_size, store, k=args.k, exact=args.knn_exact, progress=not args.no_progress_bar
+        lm,
+        windows,
+        batch_size,
+        store,
+        k=args.k,
+        exact=args.knn_exact,
+        progress=not args.no_progress_bar,
+        cache=EvalCache(args.cache_dir) if args.cache_dir else None,
+        cache_inputs=cache_inputs(args, lm, windows, batch_size, precision, store),
     )
     label = memory_label(settings, args.knnlm)
     rows: list[dict] = []
@@ -408,7 +529,7 @@ def main(argv: list | None = None) -> dict:
         tune_interp = store is not None
         if not (tune_temp or tune_interp):
             fail("--tune has nothing to tune with --memory none and no datastore")
-        cached = evaluator.collect(args.tune_subset)
+        cached = evaluator.collect(args.tune_subset, evaluator.batches_for_tokens(args.tune_subset, args.tune_tokens))
         result = tune(cached, settings, tune_temp, tune_interp)
         settings = result.settings
         lp = cached.log_probs(settings)
@@ -421,6 +542,7 @@ def main(argv: list | None = None) -> dict:
         rows.append(row)
         tuning = {
             "subset": args.tune_subset,
+            "tokens": cached.num_tokens,
             "chosen": {
                 "softmax_temp": settings.softmax_temp,
                 "lmbda": settings.lmbda,
@@ -431,7 +553,7 @@ def main(argv: list | None = None) -> dict:
 
     sweep = None
     if args.sweep:
-        if cached is None or args.tune_subset != args.gen_subset:
+        if cached is None or args.tune_subset != args.gen_subset or args.tune_tokens is not None:
             cached = evaluator.collect(args.gen_subset)
         sweep = run_sweep(args, evaluator, cached, settings, is_bytes)
 

@@ -428,6 +428,70 @@ def test_tune_finds_the_grid_optimum_and_sweep_writes_plot(ckpts, wt2_sample_bin
     assert len(record["sweep"]["points"]) == 3
 
 
+def _eval_args(data, ckpt, *extra):
+    return [str(data), "--path", str(ckpt), "--context-window", str(CONTEXT), "--cpu", "--no-progress-bar",
+            *map(str, extra)]
+
+
+def test_cache_dir_reuses_forward_passes_and_hits_with_the_same_results(
+    ckpts, wt2_sample_bin, flat_store, tmp_path, monkeypatch
+):
+    """--cache-dir: the same numbers as without it; later runs of any level forward and search nothing."""
+    from trime.adapters.fairseq_lm import FairseqLM
+    from trime.eval.evaluate import main
+
+    ext = ["--memory", "external", "--mem-size", "80", "--datastore", flat_store["trime"], "--softmax-temp", "1.3",
+           "--lmbda", "0.3", "--interp-temp", "2.5"]
+    long_tuned = ["--memory", "long", "--mem-size", "80", "--tune", "--tune-tokens", "500"]
+    cache = tmp_path / "cache"
+    plain = main(_eval_args(wt2_sample_bin, ckpts["trime"], *ext, "--k", "16"))
+    first = main(_eval_args(wt2_sample_bin, ckpts["trime"], *ext, "--k", "16", "--cache-dir", cache))
+    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["forward", "knn"]  # the test split
+    (a,), (b,) = plain["results"], first["results"]
+    assert a["tokens"] == b["tokens"] == 20142
+    assert abs(a["loss_base2"] - b["loss_base2"]) <= 1e-6 * a["loss_base2"]
+    long_first = main(_eval_args(wt2_sample_bin, ckpts["trime"], *long_tuned, "--cache-dir", cache))
+    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["forward", "forward", "knn"]  # + valid prefix
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("forward pass despite a cached one")
+
+    monkeypatch.setattr(FairseqLM, "forward", no_forward)
+
+    def metrics(record):
+        return [(r["subset"], r["tokens"], r["loss_base2"]) for r in record["results"]]
+
+    assert metrics(main(_eval_args(wt2_sample_bin, ckpts["trime"], *ext, "--k", "16", "--cache-dir", cache))) == (
+        metrics(first)
+    )
+    again = main(_eval_args(wt2_sample_bin, ckpts["trime"], *long_tuned, "--cache-dir", cache))
+    assert metrics(again) == metrics(long_first) and again["tuning"]["trials"] == long_first["tuning"]["trials"]
+    main(_eval_args(wt2_sample_bin, ckpts["trime"], *ext, "--k", "8", "--cache-dir", cache))  # another k: a search
+    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["forward", "forward", "knn", "knn"]
+    with pytest.raises(AssertionError, match="forward pass"):  # another checkpoint misses the cache
+        main(_eval_args(wt2_sample_bin, ckpts["ce"], "--memory", "local", "--cache-dir", cache))
+
+
+def test_tune_tokens_tunes_on_a_prefix_of_the_tune_subset(ckpts, wt2_sample_bin):
+    from trime.adapters import load_adapter
+    from trime.eval.evaluate import Evaluator, main
+    from trime.eval.memory import MemorySettings
+
+    record = main(_eval_args(wt2_sample_bin, ckpts["trime"], "--memory", "long", "--mem-size", "64", "--tune",
+                             "--tune-tokens", "1000", "--batch-size", "4"))
+    tokens = record["tuning"]["tokens"]
+    per_batch = 4 * (TPS - CONTEXT)  # full windows of the sample's valid split
+    assert 1000 <= tokens < 1000 + per_batch and record["results"][0]["tokens"] == tokens
+    # the prefix is scored exactly as the head of the whole split (the FIFO sees the same stream)
+    lm = load_adapter(ckpts["trime"], wt2_sample_bin, cpu=True)
+    evaluator = Evaluator(lm, lm.window_settings(CONTEXT, None), batch_size=4, progress=False)
+    settings = MemorySettings(level="long", mem_size=64, softmax_temp=1.3)
+    head = evaluator.collect("valid", evaluator.batches_for_tokens("valid", 1000)).log_probs(settings)
+    whole = evaluator.collect("valid").log_probs(settings)
+    assert head.numel() == tokens < whole.numel()
+    torch.testing.assert_close(head, whole[:tokens], rtol=0, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- errors
 
 
