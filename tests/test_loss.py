@@ -415,3 +415,188 @@ def test_compile_mode_values(compile_state):
         assert compile_state.compile_mode() == mode
     with pytest.raises(ValueError, match="auto, always or never"):
         compile_state.set_compile("sometimes")
+
+
+# ----------------------------------------------------------------------------- memory_joint_nll (one-pass gradient)
+
+
+def joint_case(rule, external_local, batch=4, seq_len=7, dim=6, vocab=3, seed=21, pad_tail=3):
+    """(reps, targets, valid, token score, token log-partition, dense NLL function of (q, k, score, logz))."""
+    reps, targets, valid, logits = make_batch(batch, seq_len, dim, vocab, seed=seed, pad_tail=pad_tail)
+    score, logz = (t.detach() for t in full_softmax_terms(logits, targets))
+    flat = list(range(batch * seq_len))
+    seg = [i // seq_len for i in flat]
+    vflat = valid.reshape(-1).tolist()
+    dvis = dense_visibility(rule, seg, flat, seg, flat, vflat, vflat, external_local)
+
+    def reference(q, k, s, z):
+        return dense_nll(q, k, targets, targets, s, z, dvis, 1 / math.sqrt(dim), vflat)
+
+    return reps, targets, valid, score, logz, reference
+
+
+class PathSpy:
+    """Counts calls of trime.loss's recomputing backward and of the one-pass forward."""
+
+    def __init__(self, monkeypatch):
+        import trime.loss as loss_module
+
+        self.calls = {"_backward": 0, "_one_pass": 0}
+        for name in self.calls:
+            original = getattr(loss_module, name)
+
+            def counted(*args, _name=name, _original=original, **kwargs):
+                self.calls[_name] += 1
+                return _original(*args, **kwargs)
+
+            monkeypatch.setattr(loss_module, name, counted)
+
+
+JOINT_RULES = [("local", True), ("long", True), ("external", True), ("external", False)]
+
+
+@pytest.mark.parametrize("rule,external_local", JOINT_RULES)
+@pytest.mark.parametrize("separate_keys", [False, True])
+@pytest.mark.parametrize("upstream", ["sum", "mean", "weighted"])
+def test_memory_joint_nll_matches_dense(monkeypatch, rule, external_local, separate_keys, upstream):
+    """Value and gradients (queries, keys, token score and log-partition) against the float64 reference;
+    one pass for a uniform upstream gradient, the recomputing backward for any other."""
+    from trime.loss import memory_joint_nll
+
+    reps, targets, valid, score, logz, reference = joint_case(rule, external_local)
+    n = reps.shape[0]
+    vis = Visibility.for_batch(Rule(rule), 4, 7, valid=valid, external_local=external_local)
+    weights = {"sum": torch.ones(n), "mean": torch.full((n,), 1.0 / n),
+               "weighted": torch.linspace(-1.0, 2.0, n)}[upstream]
+    spy = PathSpy(monkeypatch)
+    q = reps.clone().requires_grad_(True)
+    k = reps.clone().requires_grad_(True) if separate_keys else q
+    s, z = score.clone().requires_grad_(True), logz.clone().requires_grad_(True)
+    nll = memory_joint_nll(q, k, targets, targets, vis, s, z, valid=valid.reshape(-1), block_size=5)
+    assert nll.dtype == torch.float32
+    loss = {"sum": nll.sum(), "mean": nll.mean(), "weighted": (nll * weights).sum()}[upstream]
+    loss.backward()
+
+    qb = reps.double().requires_grad_(True)
+    kb = reps.double().requires_grad_(True) if separate_keys else qb
+    sb, zb = score.double().requires_grad_(True), logz.double().requires_grad_(True)
+    ref = reference(qb, kb, sb, zb)
+    (ref * weights.double()).sum().backward()
+    torch.testing.assert_close(nll.double(), ref, rtol=1e-5, atol=1e-5)
+    assert (nll[~valid.reshape(-1)] == 0).all()
+    torch.testing.assert_close(q.grad.double(), qb.grad, rtol=1e-4, atol=1e-5)
+    if separate_keys:
+        torch.testing.assert_close(k.grad.double(), kb.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(s.grad.double(), sb.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(z.grad.double(), zb.grad, rtol=1e-4, atol=1e-6)
+    assert q.grad[~valid.reshape(-1)].abs().max() == 0
+    symmetric = rule == "external" and not separate_keys
+    assert spy.calls["_one_pass"] == (0 if symmetric else 1)
+    assert spy.calls["_backward"] == (1 if symmetric or upstream == "weighted" else 0)
+
+
+@pytest.mark.parametrize("rule,external_local", JOINT_RULES)
+def test_memory_joint_nll_equals_two_pass_loss(rule, external_local):
+    """Same values and gradients as memory_logsumexp + joint_nll, within fp32 round-off."""
+    from trime.loss import memory_joint_nll
+
+    reps, targets, valid, score, logz, _ = joint_case(rule, external_local, batch=5, seq_len=9, dim=8, seed=22)
+    vis = Visibility.for_batch(Rule(rule), 5, 9, valid=valid, external_local=external_local)
+    out = []
+    for fused in (True, False):
+        q = reps.clone().requires_grad_(True)
+        if fused:
+            nll = memory_joint_nll(q, q, targets, targets, vis, score, logz, valid=valid, block_size=16)
+        else:
+            lse_all, lse_pos = memory_logsumexp(q, q, targets, targets, vis, block_size=16)
+            nll = joint_nll(score, logz, lse_all, lse_pos, valid=valid.reshape(-1))
+        nll.sum().backward()
+        out.append((nll.detach(), q.grad))
+    for x, y in zip(*out):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_memory_joint_nll_token_grads_only_and_no_grad():
+    """Token terms requiring grad with constant memory inputs, memory inputs alone, and eval (no grad)."""
+    from trime.loss import memory_joint_nll
+
+    reps, targets, valid, score, logz, reference = joint_case("long", True)
+    vis = Visibility.for_batch(Rule.LONG, 4, 7, valid=valid)
+    keep = valid.reshape(-1)
+    sb, zb = score.double().requires_grad_(True), logz.double().requires_grad_(True)
+    rb = reps.double().requires_grad_(True)
+    ref = reference(rb, rb, sb, zb)
+    ref.sum().backward()
+    # token terms only
+    s, z = score.clone().requires_grad_(True), logz.clone().requires_grad_(True)
+    nll = memory_joint_nll(reps, reps, targets, targets, vis, s, z, valid=keep, block_size=4)
+    nll.sum().backward()
+    torch.testing.assert_close(s.grad.double(), sb.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(z.grad.double(), zb.grad, rtol=1e-4, atol=1e-6)
+    # memory inputs only
+    r = reps.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(memory_joint_nll(r, r, targets, targets, vis, score, logz, valid=keep).sum(), r)
+    torch.testing.assert_close(g.double(), rb.grad, rtol=1e-4, atol=1e-5)
+    # evaluation
+    with torch.no_grad():
+        nll = memory_joint_nll(r, r, targets, targets, vis, score, logz, valid=keep)
+    assert not nll.requires_grad
+    torch.testing.assert_close(nll.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_memory_joint_nll_gathered_keys_with_groups(monkeypatch):
+    """General path with groups and a detached block of other-rank keys (one pass; no grad to constants)."""
+    from trime.loss import memory_joint_nll
+
+    dim, vocab = 6, 4
+    g = torch.Generator().manual_seed(3)
+    own = torch.randn(8, dim, generator=g, requires_grad=True)
+    other = torch.randn(8, dim, generator=g)
+    own_t = torch.randint(0, vocab, (8,), generator=g)
+    key_labels = torch.cat([torch.randint(0, vocab, (8,), generator=g), own_t])
+    key_seg = torch.tensor([0] * 4 + [1] * 4 + [2] * 4 + [3] * 4)
+    key_pos = torch.arange(16)
+    group = torch.tensor([0] * 12 + [1] * 4)
+    s, z = full_softmax_terms(torch.randn(8, vocab, generator=g), own_t)
+    ones = [True] * 16
+    for rule in ["long", "external"]:
+        spy = PathSpy(monkeypatch)
+        vis = Visibility(Rule(rule), key_seg[8:], key_pos[8:], key_seg, key_pos, query_group=group[8:], key_group=group)
+        nll = memory_joint_nll(own, torch.cat([other, own]), key_labels, own_t, vis, s, z, block_size=3)
+        dvis = dense_visibility(rule, key_seg[8:].tolist(), key_pos[8:].tolist(), key_seg.tolist(), key_pos.tolist(),
+                                ones[:8], ones, group_q=group[8:].tolist(), group_k=group.tolist())
+        own_b = own.detach().double().requires_grad_(True)
+        ref = dense_nll(own_b, torch.cat([other.double(), own_b]), key_labels, own_t, s, z, dvis, 1 / math.sqrt(dim),
+                        ones)
+        torch.testing.assert_close(nll.double(), ref, rtol=1e-5, atol=1e-6)
+        (g1,) = torch.autograd.grad(nll.sum(), own)
+        (g2,) = torch.autograd.grad(ref.sum(), own_b)
+        torch.testing.assert_close(g1.double(), g2, rtol=1e-4, atol=1e-6)
+        assert spy.calls == {"_one_pass": 1, "_backward": 0}
+
+
+@pytest.mark.parametrize("rule,external_local", [("long", True), ("external", False)])
+def test_memory_joint_nll_compiled_equals_eager_and_dense(compile_state, rule, external_local):
+    """The compiled one-pass tile kernel (separate keys: the general path also for external) and its eager twin."""
+    from trime.loss import memory_joint_nll
+
+    reps, targets, valid, score, logz, reference = joint_case(rule, external_local, batch=6, seq_len=16, dim=8,
+                                                              vocab=4, seed=23, pad_tail=5)
+    vis = Visibility.for_batch(Rule(rule), 6, 16, valid=valid, external_local=external_local)
+    results = {}
+    for mode in ("never", "always"):
+        compile_state.set_compile(mode)
+        q = reps.clone().requires_grad_(True)
+        k = reps.clone().requires_grad_(True)
+        nll = memory_joint_nll(q, k, targets, targets, vis, score, logz, valid=valid, block_size=32)
+        nll.sum().backward()
+        results[mode] = (nll.detach(), q.grad, k.grad)
+    assert compile_state._compile_broken is None, compile_state._compile_broken  # it really compiled
+    for x, y in zip(results["always"], results["never"]):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    qb, kb = reps.double().requires_grad_(True), reps.double().requires_grad_(True)
+    ref = reference(qb, kb, score.double(), logz.double())
+    ref.sum().backward()
+    torch.testing.assert_close(results["always"][0].double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results["always"][1].double(), qb.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(results["always"][2].double(), kb.grad, rtol=1e-4, atol=1e-5)

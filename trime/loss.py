@@ -26,6 +26,13 @@ keys). The exp/mask/scale passes of a tile are one function each (``_rows_lse``,
 scores once or twice, with an eager fallback (:func:`set_compile`). Score tiles live
 in one reused workspace per call, so no pass allocates (and page-faults) a new tile.
 
+A loss that is a plain sum (or mean) over rows of one memory's nll should call
+:func:`memory_joint_nll`: where a tile holds all the keys of its rows (local and long
+memories, and every call off the in-batch external path), its forward turns each score
+tile into its gradient while it is resident (3 matrix products a tile in all instead of
+4, one fused elementwise kernel instead of two), and its backward only scales the
+result; a non-uniform upstream gradient takes the recomputing backward.
+
 This module never imports fairseq; ``adaptive_softmax_terms`` only duck-types
 fairseq's ``AdaptiveSoftmax`` (``forward(input, target) -> (outputs, new_targets)``).
 """
@@ -46,6 +53,8 @@ __all__ = [
     "Rule",
     "Visibility",
     "memory_logsumexp",
+    "memory_joint_nll",
+    "MemoryInputs",
     "scored_memory_logsumexp",
     "joint_nll",
     "full_softmax_terms",
@@ -227,7 +236,7 @@ def _structure_bias(row_seg: Tensor, row_pos: Tensor, col_seg: Tensor, col_pos: 
     return torch.where(same, torch.where(earlier, rule[0], rule[1]), torch.where(earlier, rule[2], rule[3]))
 
 
-def _lse_pair(x: Tensor, positive: Tensor, dim: int) -> Tuple[Tensor, Tensor]:
+def _lse_pair(x: Tensor, positive: Tensor, dim: int, keepdim: bool = False) -> Tuple[Tensor, Tensor]:
     """(logsumexp of x, logsumexp of x where positive) along ``dim``; -inf for empty sets.
 
     Each log-sum-exp has its own maximum, so no positive can underflow.
@@ -239,6 +248,8 @@ def _lse_pair(x: Tensor, positive: Tensor, dim: int) -> Tuple[Tensor, Tensor]:
     top_pos = torch.where(top_pos > _NEG_INF, top_pos, 0.0)
     lse_all = (x - top).exp().sum(dim, keepdim=True).log() + top
     lse_pos = torch.where(positive, (x - top_pos).exp(), 0.0).sum(dim, keepdim=True).log() + top_pos
+    if keepdim:
+        return lse_all, lse_pos
     return lse_all.squeeze(dim), lse_pos.squeeze(dim)
 
 
@@ -271,6 +282,38 @@ def _symmetric_grad_(scores, row_label, col_label, col_bias, row_bias, row_seg, 
     x_rows = scores + col_bias + _structure_bias(row_seg, row_pos, col_seg, col_pos, rule)
     grad = _grad_terms(x_rows, positive, *row_stats) + _grad_terms(scores + row_bias, positive, *col_stats)
     scores.copy_(grad)
+
+
+def _joint_terms(lse_all, lse_pos, score, log_partition, keep):
+    """Per row: (nll, d nll/d lse_all, d nll/d lse_pos, d nll/d score, d nll/d log_partition).
+
+    nll = logaddexp(log_partition, lse_all) - logaddexp(score, lse_pos), 0 where not ``keep``;
+    each derivative is a softmax weight, exactly 0 for a -inf input (empty memory set).
+    """
+    num = torch.logaddexp(score, lse_pos)
+    den = torch.logaddexp(log_partition, lse_all)
+    nll = torch.where(keep, den - num, 0.0)
+    w_all = torch.where(keep & (lse_all > _NEG_INF), (lse_all - den).exp(), 0.0)
+    w_pos = torch.where(keep & (lse_pos > _NEG_INF), -(lse_pos - num).exp(), 0.0)
+    d_score = torch.where(keep & (score > _NEG_INF), -(score - num).exp(), 0.0)
+    d_log_partition = torch.where(keep & (log_partition > _NEG_INF), (log_partition - den).exp(), 0.0)
+    return nll, w_all, w_pos, d_score, d_log_partition
+
+
+def _rows_nll_grad_(scores, row_label, col_label, col_bias, row_seg, row_pos, col_seg, col_pos, rule, row_terms):
+    """One pass over a tile holding every visible key of its rows: returns the rows' (lse_all, lse_pos)
+    (keepdim) and overwrites the scores with d(sum of the rows' joint nll)/d(scores).
+
+    row_terms: (query bias 0/-inf, token score, token log-partition, keep) of the rows, keepdim.
+    """
+    q_bias, score, log_partition, keep = row_terms
+    x = scores + col_bias + _structure_bias(row_seg, row_pos, col_seg, col_pos, rule)
+    positive = row_label == col_label
+    lse_all, lse_pos = _lse_pair(x, positive, dim=-1, keepdim=True)
+    lse_all, lse_pos = lse_all + q_bias, lse_pos + q_bias
+    _, w_all, w_pos, _, _ = _joint_terms(lse_all, lse_pos, score, log_partition, keep)
+    scores.copy_(_grad_terms(x, positive, _safe(lse_all), _safe(lse_pos), w_all, w_pos))
+    return lse_all, lse_pos
 
 
 # ---- compilation ----------------------------------------------------------------
@@ -400,6 +443,21 @@ def _safe(lse: Tensor) -> Tensor:
     return torch.where(lse > _NEG_INF, lse, float("inf"))
 
 
+def _schedule(v: Visibility, same_tensor: bool) -> str:
+    """How a call walks its tiles: ``local_batched``, ``symmetric`` (in-batch external) or ``general``."""
+    if v._batch_shape is not None and v.query_group is None:
+        if v.rule is Rule.LOCAL:
+            return "local_batched"
+        if v.rule is Rule.EXTERNAL and same_tensor:
+            return "symmetric"
+    return "general"
+
+
+def _same_tensor(queries: Tensor, keys: Tensor, key_labels: Tensor, query_targets: Tensor) -> bool:
+    """In-batch memory: the keys are the queries and the key labels the query targets."""
+    return queries is keys and (key_labels is query_targets or torch.equal(key_labels, query_targets))
+
+
 @dataclass
 class _Problem:
     """Everything one memory_logsumexp call needs, in the form the tiles use (fp32)."""
@@ -436,13 +494,7 @@ class _Problem:
                    rule)
 
     def schedule(self) -> str:
-        v = self.visibility
-        if v._batch_shape is not None and v.query_group is None:
-            if v.rule is Rule.LOCAL:
-                return "local_batched"
-            if v.rule is Rule.EXTERNAL and self.same_tensor:
-                return "symmetric"
-        return "general"
+        return _schedule(self.visibility, self.same_tensor)
 
     # -- tiles ------------------------------------------------------------------------
 
@@ -670,7 +722,7 @@ class _MemoryLogSumExp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, queries, keys, key_labels, query_targets, visibility, scale, block_size):
-        same = queries is keys and (key_labels is query_targets or torch.equal(key_labels, query_targets))
+        same = _same_tensor(queries, keys, key_labels, query_targets)
         with torch.no_grad():
             problem = _Problem.build(queries, keys, key_labels, query_targets, visibility, scale, block_size, same)
             kernels = _Kernels(_use_compiled(queries.device, problem.pairs()))
@@ -697,6 +749,127 @@ class _MemoryLogSumExp(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _one_pass(p: _Problem, kernels: _Kernels, score: Tensor, log_partition: Tensor, keep: Tensor, need_q: bool,
+              need_k: bool) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """(lse_all, lse_pos, grad of queries, grad of keys) of sum(joint nll), in one walk over the tiles.
+
+    Only for the general and local schedules, where a tile holds every visible key of its
+    rows: the rows' lse are final while their scores are still in the tile, so the tile
+    becomes its gradient at once (no recomputation in backward). Grads as in ``_backward``.
+    """
+    device = p.queries.device
+    n = p.visibility.num_queries
+    lse_all = torch.full((n,), _NEG_INF, dtype=torch.float32, device=device)
+    lse_pos = torch.full_like(lse_all, _NEG_INF)
+    grad_q = torch.zeros(p.queries.shape, dtype=torch.float32, device=device) if need_q or p.same_tensor else None
+    grad_k = grad_q if p.same_tensor else (torch.zeros(p.keys.shape, dtype=torch.float32, device=device)
+                                           if need_k else None)
+
+    def row_terms(start, end, shape=None):
+        terms = (p.q_bias[start:end], score[start:end], log_partition[start:end], keep[start:end])
+        shape = shape or (end - start, 1)
+        return tuple(x.reshape(shape).clone() for x in terms)
+
+    if p.schedule() == "general":
+        tiles = list(p.general_tiles())  # one tile per row range, with all of its rows' keys
+        ws = _workspace(p, max(((e - s) * (hi - lo) for s, e, lo, hi in tiles), default=0))
+        for start, end, lo, hi in tiles:
+            q = p.queries[start:end] * p.scale
+            scores = torch.mm(q, p.keys[lo:hi].T, out=_tile(ws, (end - start, hi - lo)))
+            _group_mask_(scores, p.visibility, start, end, lo, hi)
+            label, seg, pos = p.rows(start, end)
+            c_label, c_bias, c_seg, c_pos = p.cols(lo, hi)
+            a, b = kernels._rows_nll_grad_(scores, label, c_label, c_bias, seg, pos, c_seg, c_pos, p.rule,
+                                           row_terms(start, end))
+            lse_all[start:end], lse_pos[start:end] = a.reshape(-1), b.reshape(-1)
+            if grad_q is not None:
+                grad_q[start:end].addmm_(scores, p.keys[lo:hi], alpha=p.scale)
+            if grad_k is not None:
+                grad_k[lo:hi].addmm_(scores.T, q)
+    else:  # local_batched, eager as in _forward
+        for start, end, g, seq_len, q, k, scores in _local_batched_tiles(p):
+            vectors = _local_vectors(p, start, end, g, seq_len)
+            a, b = _rows_nll_grad_(scores, *vectors, row_terms(start, end, (g, seq_len, 1)))
+            lse_all[start:end], lse_pos[start:end] = a.reshape(-1), b.reshape(-1)
+            if grad_q is not None:
+                grad_q[start:end].view(g, seq_len, -1).baddbmm_(scores, k, alpha=p.scale)
+            if grad_k is not None:
+                grad_k[start:end].view(g, seq_len, -1).baddbmm_(scores.transpose(1, 2), q)
+    if p.visibility.query_valid is not None:  # pad queries see nothing
+        valid = p.visibility.query_valid.to(device)
+        lse_all.masked_fill_(~valid, _NEG_INF)
+        lse_pos.masked_fill_(~valid, _NEG_INF)
+    return lse_all, lse_pos, grad_q, (None if p.same_tensor else grad_k)
+
+
+def _uniform(grad: Tensor) -> bool:
+    """Whether every entry of a 1-d gradient is the same value (as ``.sum()`` and ``.mean()`` give)."""
+    if grad.numel() <= 1 or grad.stride(0) == 0:
+        return True
+    return bool((grad == grad[:1]).all())
+
+
+class _MemoryJointNLL(torch.autograd.Function):
+    """Per-row joint nll of one memory; for non-symmetric schedules the gradient comes from forward.
+
+    With ``one_pass`` the forward also forms d(sum nll)/d(queries, keys); backward scales it
+    when the upstream gradient is uniform over the rows, else recomputes (``_backward``).
+    """
+
+    @staticmethod
+    def forward(ctx, queries, keys, token_score, token_log_partition, key_labels, query_targets, keep, visibility,
+                scale, block_size, one_pass, same):
+        need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        with torch.no_grad():
+            problem = _Problem.build(queries, keys, key_labels, query_targets, visibility, scale, block_size, same)
+            kernels = _Kernels(_use_compiled(queries.device, problem.pairs()))
+            score, log_partition = token_score.detach().float(), token_log_partition.detach().float()
+            ctx.grads = None
+            if one_pass and (need_q or need_k):
+                lse_all, lse_pos, grad_q, grad_k = _one_pass(problem, kernels, score, log_partition, keep, need_q,
+                                                             need_k)
+                ctx.grads = (grad_q, grad_k)
+            else:
+                lse_all, lse_pos = _forward(problem, kernels)
+            nll, w_all, w_pos, d_score, d_log_partition = _joint_terms(lse_all, lse_pos, score, log_partition, keep)
+        ctx.save_for_backward(queries, keys, key_labels, query_targets, lse_all, lse_pos)
+        ctx.weights = (w_all, w_pos, d_score, d_log_partition)
+        ctx.visibility, ctx.scale, ctx.block_size, ctx.same = visibility, scale, block_size, same
+        ctx.token_dtypes = (token_score.dtype, token_log_partition.dtype)
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad_nll):
+        queries, keys, key_labels, query_targets, lse_all, lse_pos = ctx.saved_tensors
+        need_q, need_k, need_score, need_partition = ctx.needs_input_grad[:4]
+        w_all, w_pos, d_score, d_log_partition = ctx.weights
+        grad_nll = grad_nll.float()
+        grad_score = (grad_nll * d_score).to(ctx.token_dtypes[0]) if need_score else None
+        grad_partition = (grad_nll * d_log_partition).to(ctx.token_dtypes[1]) if need_partition else None
+        grad_q = grad_k = None
+        if need_q or need_k:
+            if ctx.grads is not None and _uniform(grad_nll):
+                grad_q, grad_k = ctx.grads
+                u = grad_nll[:1]
+                if not bool(u == 1):
+                    grad_q = None if grad_q is None else grad_q * u
+                    grad_k = None if grad_k is None else grad_k * u
+            else:
+                with torch.no_grad():
+                    problem = _Problem.build(queries, keys, key_labels, query_targets, ctx.visibility, ctx.scale,
+                                             ctx.block_size, ctx.same)
+                    kernels = _Kernels(_use_compiled(queries.device, problem.pairs()))
+                    grad_q, grad_k = _backward(problem, kernels, lse_all, lse_pos, grad_nll * w_all,
+                                               grad_nll * w_pos, need_q, need_k)
+        ctx.grads = None
+        return (
+            None if grad_q is None or not (need_q or need_k) else grad_q.to(queries.dtype),
+            None if grad_k is None or not need_k else grad_k.to(keys.dtype),
+            grad_score,
+            grad_partition,
+        ) + (None,) * 8
 
 
 def _masked_logsumexp(scores: Tensor, mask: Tensor) -> Tensor:
@@ -744,6 +917,75 @@ def memory_logsumexp(
     if scale is None:
         scale = 1.0 / math.sqrt(queries.shape[1])
     return _MemoryLogSumExp.apply(queries, keys, key_labels, query_targets, visibility, float(scale), int(block_size))
+
+
+def memory_joint_nll(
+    queries: Tensor,
+    keys: Tensor,
+    key_labels: Tensor,
+    query_targets: Tensor,
+    visibility: Visibility,
+    token_target_score: Tensor,
+    token_log_partition: Tensor,
+    valid: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> Tensor:
+    """Per-token joint nll with one memory: ``joint_nll`` of :func:`memory_logsumexp`'s terms.
+
+    Same arguments and value (fp32 (N,), exactly 0 where ``valid`` is False), but cheaper
+    to train: for the local and long memories, and any call off the in-batch external
+    path, the forward pass also forms the gradient of ``nll.sum()`` while each score tile
+    is in memory (three matrix products per tile in all, no recomputation). A backward
+    with a uniform upstream gradient (``.sum()``, ``.mean()``) only scales it; any other
+    falls back to the recomputing backward, exactly. The in-batch external memory (each
+    score used for both of its tokens) keeps the two-pass :func:`memory_logsumexp`.
+    Combine several memories with :func:`memory_logsumexp` and :func:`joint_nll` instead.
+    """
+    if queries.dim() != 2 or keys.dim() != 2 or queries.shape[1] != keys.shape[1]:
+        raise ValueError(f"queries {tuple(queries.shape)} and keys {tuple(keys.shape)} must be (N, d) and (M, d)")
+    if visibility.num_queries != queries.shape[0] or visibility.num_keys != keys.shape[0]:
+        raise ValueError("visibility metadata does not match the number of queries/keys")
+    if scale is None:
+        scale = 1.0 / math.sqrt(queries.shape[1])
+    if valid is not None:
+        valid = valid.reshape(-1).to(device=queries.device, dtype=torch.bool)
+    same = _same_tensor(queries, keys, key_labels, query_targets)
+    if _schedule(visibility, same) == "symmetric":
+        lse_all, lse_pos = memory_logsumexp(queries, keys, key_labels, query_targets, visibility, scale, block_size)
+        return joint_nll(token_target_score.reshape(-1), token_log_partition.reshape(-1), lse_all, lse_pos,
+                         valid=valid)
+    keep = torch.ones(queries.shape[0], dtype=torch.bool, device=queries.device) if valid is None else valid
+    one_pass = torch.is_grad_enabled() and (queries.requires_grad or keys.requires_grad)
+    return _MemoryJointNLL.apply(queries, keys, token_target_score.reshape(-1), token_log_partition.reshape(-1),
+                                 key_labels, query_targets, keep, visibility, float(scale), int(block_size), one_pass,
+                                 same)
+
+
+@dataclass
+class MemoryInputs:
+    """The arguments of one memory's :func:`memory_logsumexp` call, for callers that may want either
+    its (lse_all, lse_pos) or, for a loss that is a plain sum over rows, :func:`memory_joint_nll`."""
+
+    queries: Tensor
+    keys: Tensor
+    key_labels: Tensor
+    query_targets: Tensor
+    visibility: Visibility
+    scale: Optional[float] = None
+    block_size: int = DEFAULT_BLOCK_SIZE
+
+    def logsumexp(self) -> Tuple[Tensor, Tensor]:
+        """(lse_all, lse_pos) of :func:`memory_logsumexp`."""
+        return memory_logsumexp(self.queries, self.keys, self.key_labels, self.query_targets, self.visibility,
+                                scale=self.scale, block_size=self.block_size)
+
+    def joint_nll(self, token_target_score: Tensor, token_log_partition: Tensor,
+                  valid: Optional[Tensor] = None) -> Tensor:
+        """Per-token nll of :func:`memory_joint_nll` with this memory alone."""
+        return memory_joint_nll(self.queries, self.keys, self.key_labels, self.query_targets, self.visibility,
+                                token_target_score, token_log_partition, valid=valid, scale=self.scale,
+                                block_size=self.block_size)
 
 
 def scored_memory_logsumexp(
