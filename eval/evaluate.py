@@ -39,6 +39,7 @@ SWEEPABLE = {
     "lmbda": ("lmbda", float),
     "k": ("k", int),
     "softmax-temp": ("softmax_temp", float),
+    "external-temp": ("external_temp", float),
     "interp-temp": ("interp_temp", float),
 }
 
@@ -87,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="temperature of the memory logits (token logits are never scaled)",
     )
+    p.add_argument(
+        "--external-temp",
+        type=float,
+        default=None,
+        help="temperature of the datastore's neighbours in the joint softmax (--memory external; default: "
+        "--softmax-temp). Datastore scores are the best of millions of keys, local/long ones of a few thousand; "
+        "--tune tunes it after --softmax-temp unless given",
+    )
     p.add_argument("--mem-size", type=int, default=None, help="long-term memory: earlier scored tokens kept (FIFO)")
     p.add_argument("--datastore", default=None, help="datastore directory from trime-build-datastore")
     p.add_argument(
@@ -122,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--lmbda",
         type=float,
         default=None,
-        help="kNN-LM interpolation weight (default 0.25 with --knnlm, else 0 = off)",
+        help="kNN-LM interpolation weight (default 0.25 with --knnlm, else 0 = off); given with --tune, it is "
+        "kept (and --interp-temp with it) instead of tuned, e.g. --lmbda 0 for the joint softmax only",
     )
     p.add_argument("--interp-temp", type=float, default=1.0, help="temperature of p_knn = softmax(score / T)")
     p.add_argument(
@@ -181,8 +191,10 @@ def check_args(args) -> None:
         fail(f"--memory {args.memory} needs --mem-size M >= 1 (earlier scored tokens to keep, e.g. 12288)")
     if args.mem_size is not None and args.memory not in ("long", "external"):
         fail("--mem-size is only used with --memory long or external")
-    if args.softmax_temp <= 0 or args.interp_temp <= 0:
-        fail("--softmax-temp and --interp-temp must be > 0")
+    if args.softmax_temp <= 0 or args.interp_temp <= 0 or (args.external_temp is not None and args.external_temp <= 0):
+        fail("--softmax-temp, --external-temp and --interp-temp must be > 0")
+    if args.external_temp is not None and args.memory != "external":
+        fail("--external-temp scales the datastore's neighbours in the joint softmax: it needs --memory external")
     if args.lmbda is not None and not 0 <= args.lmbda < 1:
         fail(f"--lmbda must be in [0, 1), got {args.lmbda}")
     if args.lmbda and not needs_store:
@@ -205,6 +217,7 @@ def memory_settings(args) -> MemorySettings:
         lmbda=lmbda,
         interp_temp=args.interp_temp,
         k=args.k if args.datastore else None,  # no datastore: no neighbours, nothing to record
+        external_temp=args.external_temp,
     )
 
 
@@ -400,6 +413,8 @@ def settings_line(settings: MemorySettings, knnlm: bool, uses_store: bool, subse
     parts = ([f"subset {subset}"] if subset else []) + [f"memory {memory_label(settings, knnlm)}"]
     if settings.level != "none":
         parts.append(f"softmax-temp {settings.softmax_temp:.4g}")
+    if settings.knn_in_joint:
+        parts.append(f"external-temp {settings.ext_temp:.4g}")
     if settings.uses_long or settings.level in ("long", "external"):
         parts.append(f"mem-size {settings.mem_size or 'swept'}")
     if uses_store:
@@ -419,6 +434,8 @@ def run_sweep(args, evaluator: Evaluator, cached: CachedRun, base: MemorySetting
         fail(f"--sweep {name}: values must be {cast.__name__}s, got {values_text!r}")
     if name == "mem-size" and base.level not in ("long", "external"):
         fail("--sweep mem-size needs --memory long or external")
+    if name == "external-temp" and not base.knn_in_joint:
+        fail("--sweep external-temp needs --memory external")
     if name in ("k", "lmbda", "interp-temp") and evaluator.store is None:
         fail(f"--sweep {name} needs a datastore (--memory external or --knnlm with --datastore)")
     if name == "k" and max(values) > evaluator.k:
@@ -526,11 +543,12 @@ def main(argv: list | None = None) -> dict:
 
     if args.tune:
         tune_temp = settings.level != "none"
-        tune_interp = store is not None
+        tune_interp = store is not None and args.lmbda is None
+        tune_external = settings.knn_in_joint and args.external_temp is None
         if not (tune_temp or tune_interp):
-            fail("--tune has nothing to tune with --memory none and no datastore")
+            fail("--tune has nothing to tune with --memory none and no datastore (or a fixed --lmbda)")
         cached = evaluator.collect(args.tune_subset, evaluator.batches_for_tokens(args.tune_subset, args.tune_tokens))
-        result = tune(cached, settings, tune_temp, tune_interp)
+        result = tune(cached, settings, tune_temp, tune_interp, tune_external)
         settings = result.settings
         lp = cached.log_probs(settings)
         row = {
@@ -545,6 +563,7 @@ def main(argv: list | None = None) -> dict:
             "tokens": cached.num_tokens,
             "chosen": {
                 "softmax_temp": settings.softmax_temp,
+                "external_temp": settings.ext_temp if settings.knn_in_joint else None,
                 "lmbda": settings.lmbda,
                 "interp_temp": settings.interp_temp,
             },
@@ -587,6 +606,7 @@ def main(argv: list | None = None) -> dict:
             "memory": args.memory,
             "knnlm": args.knnlm,
             "softmax_temp": settings.softmax_temp,
+            "external_temp": settings.ext_temp if settings.knn_in_joint else None,
             "mem_size": settings.mem_size if settings.uses_long else None,
             "k": args.k if store else None,
             "nprobe": args.nprobe if store else None,
@@ -594,6 +614,7 @@ def main(argv: list | None = None) -> dict:
             "knn_search": args.knn_search if store else None,
             "lmbda": settings.lmbda,
             "interp_temp": settings.interp_temp,
+            "tune_tokens": args.tune_tokens,
             **windows.as_dict(),
             "batch_size": batch_size,
             "precision": precision,

@@ -4,8 +4,9 @@ For a scored token i with target y the joint probability is (reference section 3
 
     P(y) = (Z_t p_tok(y) + sum_{j in M(i), y_j = y} e^{s_ij}) / (Z_t + sum_{j in M(i)} e^{s_ij})
 
-with s_ij = h_i . h_j / sqrt(d) / T for local and long-term keys, and FAISS score / sqrt(d) / T
-for external neighbours (T = ``--softmax-temp``; token logits are never scaled). The sums
+with s_ij = h_i . h_j / sqrt(d) / T for local and long-term keys, and FAISS score / sqrt(d) / T_ext
+for external neighbours (T = ``--softmax-temp``, T_ext = ``--external-temp``, by default T; token
+logits are never scaled). The sums
 come from :mod:`trime.loss` and memories are combined with ``torch.logaddexp``.
 
 Levels are cumulative:
@@ -52,6 +53,11 @@ class MemorySettings:
     lmbda: float = 0.0  # kNN-LM interpolation weight (0 = off)
     interp_temp: float = 1.0
     k: int | None = None  # use only the first k neighbours of the search results
+    external_temp: float | None = None  # temperature of external neighbours in the joint softmax (None: softmax_temp)
+
+    @property
+    def ext_temp(self) -> float:
+        return self.softmax_temp if self.external_temp is None else self.external_temp
 
     @property
     def uses_local(self) -> bool:
@@ -241,7 +247,7 @@ def score_batch(
 
     knn_terms = None
     if knn is not None and (settings.knn_in_joint or settings.lmbda > 0) and n > 0:
-        knn_terms = knn_row_terms(knn, batch.targets, settings, scale)
+        knn_terms = knn_row_terms(knn, batch.targets, settings, 1.0 / math.sqrt(dim) / settings.ext_temp)
     if knn_terms is not None and settings.knn_in_joint:
         lse_all, lse_pos = torch.logaddexp(lse_all, knn_terms[0]), torch.logaddexp(lse_pos, knn_terms[1])
 

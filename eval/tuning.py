@@ -1,10 +1,12 @@
-"""Tuning ``--softmax-temp`` (and kNN-LM's lambda / interp-temp) on cached forward passes.
+"""Tuning ``--softmax-temp``, ``--external-temp`` and kNN-LM's lambda / interp-temp on cached forward passes.
 
 The model forward and the FAISS search run once (:class:`CachedRun`); every candidate
 setting then only re-scores the memory, which is what makes the search cheap.
 
 - softmax temperature T: a geometric grid (extended while the best point is on its edge),
   then golden-section search between the grid neighbours of the best point (in log T);
+- external temperature T_ext (the datastore's neighbours in the joint softmax): the same search on
+  a grid of T x 1/4 .. 4, with the tuned T fixed;
 - interpolation: for each interp-temp on a fixed geometric grid (p_knn depends only on
   it, so it is computed once per grid point), the best lambda by golden-section search;
   the mixture's NLL is convex in lambda, so that search is exact.
@@ -122,16 +124,42 @@ def best_interpolation(joint: Tensor, knn_by_temp: dict[float, Tensor]) -> tuple
     return best
 
 
+def _grid_then_golden(objective_log: Callable[[float], float], grid: Sequence[float]) -> None:
+    """Evaluate ``grid`` (extended x2 per step while the best point is on an edge, up to TEMP_LIMITS), then
+    golden-section search (in log T) between the best point's neighbours."""
+    grid = sorted(grid)
+    values = [objective_log(math.log(t)) for t in grid]
+    i = min(range(len(grid)), key=values.__getitem__)
+    while i == len(grid) - 1 and grid[-1] * 2 <= TEMP_LIMITS[1]:
+        grid.append(grid[-1] * 2)
+        values.append(objective_log(math.log(grid[-1])))
+        i = min(range(len(grid)), key=values.__getitem__)
+    while i == 0 and grid[0] / 2 >= TEMP_LIMITS[0]:
+        grid.insert(0, grid[0] / 2)
+        values.insert(0, objective_log(math.log(grid[0])))
+        i = min(range(len(grid)), key=values.__getitem__)
+    lo, hi = grid[max(0, i - 1)], grid[min(len(grid) - 1, i + 1)]
+    golden_section(objective_log, math.log(lo), math.log(hi), tol=TEMP_TOLERANCE)
+
+
+EXTERNAL_TEMP_STEPS = (0.25, 0.5, 1.0, 2.0, 4.0)  # x the tuned softmax-temp: the external temperature's grid
+
+
 def tune(
     run: CachedRun,
     base: MemorySettings,
     tune_temp: bool,
     tune_interp: bool,
+    tune_external: bool = False,
     temp_grid: Sequence[float] = TEMP_GRID,
     interp_grid: Sequence[float] = INTERP_TEMP_GRID,
     log: Callable[[str], None] = print,
 ) -> TuneResult:
-    """Search T (if ``tune_temp``) and lambda / interp-temp (if ``tune_interp``) on ``run``."""
+    """Search T (if ``tune_temp``), then T_ext (if ``tune_external``), and lambda / interp-temp (if ``tune_interp``).
+
+    Coordinate search: T first, with the external neighbours at T as well (``external_temp`` unset), then
+    T_ext with that T fixed; lambda and interp-temp are optimised exactly inside every trial.
+    """
     trials: list[dict] = []
     knn_by_temp: dict[float, Tensor] = {}
     if tune_interp:
@@ -139,46 +167,46 @@ def tune(
         targets = run.targets()
         knn_by_temp = {t: knn_log_prob(knn, targets, t) for t in interp_grid}
 
-    def evaluate(temp: float) -> tuple[float, float, float]:
-        joint = run.log_probs(base.with_(softmax_temp=temp, lmbda=0.0))
+    def evaluate(settings: MemorySettings) -> tuple[float, float, float]:
+        joint = run.log_probs(settings.with_(lmbda=0.0))
         if tune_interp:
             nll, lam, itemp = best_interpolation(joint, knn_by_temp)
         else:
             nll, lam, itemp = mean_nll(joint), base.lmbda, base.interp_temp
-        trials.append({"softmax_temp": temp, "lmbda": lam, "interp_temp": itemp, "nll": nll})
+        trials.append(
+            {"softmax_temp": settings.softmax_temp, "external_temp": settings.external_temp, "lmbda": lam,
+             "interp_temp": itemp, "nll": nll}
+        )  # fmt: skip
+        external = f" external-temp {settings.external_temp:.4g}" if settings.external_temp is not None else ""
         log(
-            f"trime-eval: tune softmax-temp {temp:.4g} lmbda {lam:.3g} interp-temp {itemp:.3g}: "
-            f"loss {nll / math.log(2):.4f} bits"
+            f"trime-eval: tune softmax-temp {settings.softmax_temp:.4g}{external} lmbda {lam:.3g} "
+            f"interp-temp {itemp:.3g}: loss {nll / math.log(2):.4f} bits"
         )
         return nll, lam, itemp
 
-    results: dict[float, tuple[float, float, float]] = {}
+    results: dict[tuple, tuple[tuple[float, float, float], MemorySettings]] = {}
 
-    def objective_log(log_temp: float) -> float:
-        temp = math.exp(log_temp)
-        if temp not in results:
-            results[temp] = evaluate(temp)
-        return results[temp][0]
+    def score(settings: MemorySettings) -> float:
+        key = (settings.softmax_temp, settings.external_temp)
+        if key not in results:
+            results[key] = (evaluate(settings), settings)
+        return results[key][0][0]
+
+    def best() -> tuple[tuple[float, float, float], MemorySettings]:
+        return min(results.values(), key=lambda r: r[0][0])
 
     if tune_temp:
-        grid = sorted(temp_grid)
-        values = [objective_log(math.log(t)) for t in grid]
-        i = min(range(len(grid)), key=values.__getitem__)
-        # the optimum sits on an edge: extend the grid (x2 per step) until it is inside or the limit
-        while i == len(grid) - 1 and grid[-1] * 2 <= TEMP_LIMITS[1]:
-            grid.append(grid[-1] * 2)
-            values.append(objective_log(math.log(grid[-1])))
-            i = min(range(len(grid)), key=values.__getitem__)
-        while i == 0 and grid[0] / 2 >= TEMP_LIMITS[0]:
-            grid.insert(0, grid[0] / 2)
-            values.insert(0, objective_log(math.log(grid[0])))
-            i = min(range(len(grid)), key=values.__getitem__)
-        lo, hi = grid[max(0, i - 1)], grid[min(len(grid) - 1, i + 1)]
-        golden_section(objective_log, math.log(lo), math.log(hi), tol=TEMP_TOLERANCE)
+        _grid_then_golden(lambda x: score(base.with_(softmax_temp=math.exp(x))), temp_grid)
+        best_temp = best()[1].softmax_temp
+        if not TEMP_LIMITS[0] * 2 <= best_temp <= TEMP_LIMITS[1] / 2:
+            log(f"trime-eval: note: the best softmax-temp {best_temp:.4g} is at the search limit: "
+                "the memory barely helps")
     else:
-        objective_log(math.log(base.softmax_temp))
-    best_temp = min(results, key=lambda t: results[t][0])
-    if tune_temp and not TEMP_LIMITS[0] * 2 <= best_temp <= TEMP_LIMITS[1] / 2:
-        log(f"trime-eval: note: the best softmax-temp {best_temp:.4g} is at the search limit: the memory barely helps")
-    nll, lam, itemp = results[best_temp]
-    return TuneResult(base.with_(softmax_temp=best_temp, lmbda=lam, interp_temp=itemp), nll, trials)
+        score(base)
+    if tune_external:
+        current = best()[1]
+        _grid_then_golden(
+            lambda x: score(current.with_(external_temp=math.exp(x))), [current.ext_temp * f for f in EXTERNAL_TEMP_STEPS]
+        )
+    (nll, lam, itemp), settings = best()
+    return TuneResult(settings.with_(lmbda=lam, interp_temp=itemp), nll, trials)

@@ -131,10 +131,11 @@ class Reference:
         scores = [math.exp(v) for v in logits]
         return scores, math.fsum(scores)
 
-    def log_probs(self, windows, temp, ext=None, lmbda=0.0, interp_temp=1.0):
+    def log_probs(self, windows, temp, ext=None, lmbda=0.0, interp_temp=1.0, ext_temp=None):
         """log P of every scored token of the given windows (explicit sums)."""
         out = []
         scale = 1.0 / math.sqrt(self.lm.dim) / temp
+        ext_scale = scale if ext_temp is None else 1.0 / math.sqrt(self.lm.dim) / ext_temp
         for w in windows:
             keys, feats, lo = self.run(w)
             _, _, ctx = self.window(w)
@@ -157,7 +158,7 @@ class Reference:
                     sims = ext_keys @ q.numpy()
                     top = np.argsort(-sims)[:k]
                     knn = [(float(sims[i]), int(ext_vals[i])) for i in top]
-                    entries += [(s * scale, v) for s, v in knn]
+                    entries += [(s * ext_scale, v) for s, v in knn]
                 vocab, z = self.vocab_terms(feats[t])
                 num = vocab[y] + math.fsum(math.exp(s) for s, lab in entries if lab == y)
                 den = z + math.fsum(math.exp(s) for s, _ in entries)
@@ -228,6 +229,52 @@ def test_external_memory_matches_brute_force(ckpts, wt2_sample_bin, flat_store, 
     ref_local = Reference(lm, "test", CONTEXT, 0).log_probs(range(6), temp)
     local_ours = cached.log_probs(MemorySettings(level="local", softmax_temp=temp)).tolist()
     np.testing.assert_allclose(local_ours, ref_local, rtol=0, atol=2e-4)
+
+
+def test_external_temperature_scales_only_the_datastore_neighbours(ckpts, wt2_sample_bin, flat_store):
+    from trime.adapters import load_adapter
+    from trime.eval.evaluate import Evaluator
+    from trime.eval.memory import MemorySettings
+    from trime.retrieval.datastore import Datastore
+
+    lm = load_adapter(ckpts["trime"], wt2_sample_bin, cpu=True)
+    store = Datastore.open(flat_store["trime"], dim=lm.dim, dict_sha256=lm.dict_sha256)
+    evaluator = Evaluator(lm, lm.window_settings(CONTEXT, None), batch_size=2, store=store, k=16, progress=False)
+    cached = evaluator.collect("test", max_batches=2)
+    settings = MemorySettings(level="external", softmax_temp=1.3, mem_size=40, knn_in_joint=True, k=16,
+                              external_temp=3.5)
+    ours = cached.log_probs(settings).tolist()
+    ref = Reference(lm, "test", CONTEXT, 40)
+    ext = (np.asarray(store.keys, dtype=np.float64), store.vals, 16)
+    np.testing.assert_allclose(ours, ref.log_probs(range(4), 1.3, ext=ext, ext_temp=3.5), rtol=0, atol=2e-4)
+    tied = cached.log_probs(settings.with_(external_temp=None)).tolist()
+    assert max(abs(a - b) for a, b in zip(ours, tied)) > 1e-2  # the knob is not a no-op
+
+
+def test_tune_external_temperature_and_fixed_lambda(ckpts, wt2_sample_bin, flat_store, tmp_path):
+    """--tune tunes --external-temp after --softmax-temp (recorded in --results-json); a given --lmbda stays."""
+    import json
+
+    from trime.eval.evaluate import main
+
+    ext = ["--memory", "external", "--mem-size", "40", "--datastore", flat_store["trime"], "--k", "16", "--tune",
+           "--tune-subset", "test", "--tune-tokens", "600"]  # the store holds valid: tune elsewhere
+    out = tmp_path / "r.json"
+    record = main(_eval_args(wt2_sample_bin, ckpts["trime"], *ext, "--results-json", out))
+    trials = record["tuning"]["trials"]
+    best = min(trials, key=lambda t: t["nll"])
+    chosen = json.loads(out.read_text())["tuning"]["chosen"]
+    assert chosen["external_temp"] == record["settings"]["external_temp"] == (
+        best["external_temp"] if best["external_temp"] is not None else best["softmax_temp"]
+    )
+    assert any(t["external_temp"] is not None for t in trials)  # the second coordinate was searched
+    tied = min((t for t in trials if t["external_temp"] is None), key=lambda t: t["nll"])
+    assert best["nll"] <= tied["nll"]
+    assert record["settings"]["lmbda"] > 0  # tuned
+    joint_only = main(_eval_args(wt2_sample_bin, ckpts["trime"], *ext, "--lmbda", "0", "--external-temp", "2"))
+    assert joint_only["settings"]["lmbda"] == 0 and joint_only["settings"]["external_temp"] == 2
+    assert {t["lmbda"] for t in joint_only["tuning"]["trials"]} == {0.0}
+    assert {t["external_temp"] for t in joint_only["tuning"]["trials"]} == {2.0}
 
 
 def test_knnlm_interpolation_only(ckpts, wt2_sample_bin, flat_store):
