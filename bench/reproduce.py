@@ -65,6 +65,8 @@ class Budget:
         self.context_window = 32 if quick else 256 if byte_level else 64
         self.mem_size = 512 if quick else 4096
         self.k = 64 if quick else 256
+        # tuning uses a fixed prefix of valid (whole batches, >= this many tokens; WikiText-2 valid: 217k)
+        self.tune_tokens = 4096 if quick else 50000
         self.layers, self.dim, self.ffn, self.heads = (2, 32, 64, 2) if quick else (3, 256, 1024, 4)
         # word level: adaptive softmax; byte level: a full softmax tied to the input embeddings
         self.cutoff = None if byte_level else "1000,4000" if quick else "4000,12000"
@@ -189,11 +191,12 @@ def evaluate(label: str, ckpt: Path, data: Path, memory: str, budget: Budget, wo
     result = work / "eval" / f"{tag}.json"
     if not result.exists():
         cmd = [BIN / "trime-eval", data, "--path", ckpt, "--memory", memory, "--cpu", "--no-progress-bar",
-               "--context-window", budget.context_window, "--results-json", result]
+               "--context-window", budget.context_window, "--results-json", result,
+               "--cache-dir", work / "eval-cache"]  # each model's forward passes and kNN hits are computed once
         if memory in ("long", "external"):
             cmd += ["--mem-size", budget.mem_size]
         if memory != "none" or knnlm:
-            cmd += ["--tune"]  # tune on valid, report test
+            cmd += ["--tune", "--tune-tokens", budget.tune_tokens]  # tune on a prefix of valid, report test
         else:
             cmd += ["--gen-subset", "test"]
         if datastore is not None:
@@ -248,7 +251,7 @@ def write_report(rows: List[dict], budget: Budget, args, data: Path, timings: di
         f"Model: {budget.describe()}; segments of {budget.tokens_per_sample} tokens, {budget.segments_per_batch} per "
         f"batch, {budget.max_update} updates for every model. Evaluation: context window {budget.context_window}, "
         f"memory size {budget.mem_size}" + ("" if budget.byte_level else f", k = {budget.k}")
-        + "; temperatures (and lambda) tuned on valid, test reported.",
+        + f"; temperatures (and lambda) tuned on the first {budget.tune_tokens:,}+ tokens of valid, test reported.",
         "",
         f"| model | memory at eval | test {metric} | vs Transformer | {paper_caption} | paper vs {paper_base_label} "
         "| tuned on valid |",
