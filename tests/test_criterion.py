@@ -140,6 +140,39 @@ def test_memory_changes_the_loss_and_keys_get_gradient(dict_dir):
     assert g.abs().sum() > 0
 
 
+@pytest.mark.parametrize("criterion_name", ["trime_loss", "trime_long_loss_same_device"])
+def test_one_pass_loss_equals_two_pass_memory_terms(dict_dir, monkeypatch, criterion_name):
+    """The criterion's loss takes trime.loss's one-pass memory_joint_nll; a subclass that overrides
+    memory_terms keeps the two-pass loss: same logging values and gradients within fp32 round-off."""
+    import trime.loss as loss_module
+
+    task, model, criterion = build(dict_dir, ["--decoder-normalize-before"], criterion=criterion_name)
+    model.eval()
+    sample = make_sample(task)
+    calls = []
+    one_pass = loss_module._one_pass
+    monkeypatch.setattr(loss_module, "_one_pass", lambda *a: calls.append(1) or one_pass(*a))
+    params = list(model.parameters())
+    loss, _, log = criterion(model, sample)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    assert calls == [1]
+
+    class TwoPass(type(criterion)):
+        def memory_terms(self, reps, targets, valid, model, sample):
+            return super().memory_terms(reps, targets, valid, model, sample)
+
+    criterion.__class__ = TwoPass
+    loss2, _, log2 = criterion(model, sample)
+    grads2 = torch.autograd.grad(loss2, params, allow_unused=True)
+    assert calls == [1] and set(log) == set(log2)
+    for key in log:
+        torch.testing.assert_close(torch.as_tensor(log[key]), torch.as_tensor(log2[key]), rtol=1e-6, atol=1e-6)
+    for g, g2 in zip(grads, grads2):
+        assert (g is None) == (g2 is None)
+        if g is not None:
+            torch.testing.assert_close(g, g2, rtol=1e-4, atol=1e-6)
+
+
 def test_ce_warmup_switches_by_epoch_and_validation_reports_trime(dict_dir):
     task, model, criterion = build(dict_dir, ["--ce-warmup-epoch", "2"])
     sample = make_sample(task)

@@ -71,6 +71,30 @@ def test_loss_and_gradients_match_dense_reference(models, arch, memory, external
         assert out.loss.item() < out.ori_loss.item() - 1e-3
 
 
+@pytest.mark.parametrize("memory", ["local", "long"])
+def test_one_pass_gradient_and_non_uniform_fallback(models, monkeypatch, memory):
+    """``loss`` (a mean) uses the gradient formed in forward; any other weighting of ``nll`` recomputes,
+    with the same result (weights on unpredicted positions are irrelevant)."""
+    import trime.loss as loss_module
+
+    calls = {"_one_pass": 0, "_backward": 0}
+    for name in calls:
+        original = getattr(loss_module, name)
+        monkeypatch.setattr(loss_module, name,
+                            lambda *a, _n=name, _f=original: calls.__setitem__(_n, calls[_n] + 1) or _f(*a))
+    model = models["gpt2"]
+    ids = sample_batch(BATCH, SEQ_LEN, seed=5)
+    mask = right_padding(BATCH, SEQ_LEN, PADS)
+    out = causal_lm_loss(model, ids, memory, attention_mask=mask)
+    grads = param_grads(model, out.loss)
+    assert calls == {"_one_pass": 1, "_backward": 0}
+    out = causal_lm_loss(model, ids, memory, attention_mask=mask)
+    weights = torch.where(out.valid, 2.0, 5.0).to(out.nll.dtype)
+    weighted = param_grads(model, (out.nll * weights).sum() / (2 * out.num_tokens))
+    assert calls == {"_one_pass": 2, "_backward": 1}
+    assert_grads_close(weighted, grads)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_ori_loss_equals_transformers_loss(models, arch):
     model = models[arch]

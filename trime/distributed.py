@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from trime.loss import DEFAULT_BLOCK_SIZE, Rule, Visibility, memory_logsumexp
+from trime.loss import DEFAULT_BLOCK_SIZE, MemoryInputs, Rule, Visibility
 
 
 def world_size_and_rank() -> tuple[int, int]:
@@ -87,15 +87,15 @@ class GatheredTokens:
         )
 
 
-    def memory_logsumexp(
+    def memory_inputs(
         self,
         key_ranks,
         rule: Rule,
         external_local: bool = True,
         scale: float | None = None,
         block_size: int = DEFAULT_BLOCK_SIZE,
-    ) -> tuple[Tensor, Tensor]:
-        """:func:`trime.loss.memory_logsumexp` of this rank's tokens over the tokens of ``key_ranks``.
+    ) -> MemoryInputs:
+        """The memory of this rank's tokens over the tokens of ``key_ranks`` (for ``logsumexp`` or ``joint_nll``).
 
         Positions and segments are global, so ``rule`` applies across ranks in rank order.
         """
@@ -111,9 +111,18 @@ class GatheredTokens:
             key_valid=key_valid,
             external_local=external_local,
         )
-        return memory_logsumexp(
-            queries, keys, key_labels, query_targets, visibility, scale=scale, block_size=block_size
-        )
+        return MemoryInputs(queries, keys, key_labels, query_targets, visibility, scale=scale, block_size=block_size)
+
+    def memory_logsumexp(
+        self,
+        key_ranks,
+        rule: Rule,
+        external_local: bool = True,
+        scale: float | None = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+    ) -> tuple[Tensor, Tensor]:
+        """:func:`trime.loss.memory_logsumexp` of :meth:`memory_inputs`."""
+        return self.memory_inputs(key_ranks, rule, external_local, scale, block_size).logsumexp()
 
 def gather_tokens(reps: Tensor, labels: Tensor, valid: Tensor) -> GatheredTokens:
     """All ranks' (reps, labels, valid) of a (B, T, C) batch; a collective every rank must call.

@@ -31,7 +31,7 @@ from torch import Tensor
 from trime.criterions.trime_loss import TrimeLoss, TrimeLossConfig
 from trime.distributed import gather_tokens, is_dummy_batch, world_size_and_rank
 from trime.errors import fail
-from trime.loss import DEFAULT_BLOCK_SIZE, Rule
+from trime.loss import DEFAULT_BLOCK_SIZE, MemoryInputs, Rule
 
 
 @dataclass
@@ -127,7 +127,7 @@ class TrimeExtLoss(TrimeLoss):
         logging_output["local_draws"] = int(self._local_off is not None)
         return loss, sample_size, logging_output
 
-    def memory_terms(self, reps: Tensor, targets: Tensor, valid: Tensor, model, sample) -> tuple[Tensor, Tensor]:
+    def memory(self, reps: Tensor, targets: Tensor, valid: Tensor, model, sample) -> MemoryInputs:
         local_on = True
         if model.training:
             self._local_off = self.draw_local_off()
@@ -135,9 +135,9 @@ class TrimeExtLoss(TrimeLoss):
         if is_dummy_batch(sample):  # a dummy batch joins the gather but offers no keys
             valid = valid.new_zeros(valid.shape)
         if world_size_and_rank()[0] == 1:  # no other ranks: the in-batch fast path
-            return self.in_batch_memory_terms(reps, targets, valid, external_local=local_on)
+            return self.in_batch_memory(reps, targets, valid, external_local=local_on)
         tokens = gather_tokens(reps, targets, valid)
-        return self.gathered_memory_terms(tokens, range(len(tokens.shapes)), Rule.EXTERNAL, external_local=local_on)
+        return self.gathered_memory(tokens, range(len(tokens.shapes)), Rule.EXTERNAL, external_local=local_on)
 
     @staticmethod
     def reduce_metrics(logging_outputs: list[dict]) -> None:

@@ -21,7 +21,7 @@ from torch import Tensor
 from trime.criterions.trime_loss import TrimeLoss, TrimeLossConfig
 from trime.distributed import gather_tokens, is_dummy_batch, world_size_and_rank
 from trime.errors import fail
-from trime.loss import DEFAULT_BLOCK_SIZE, Rule
+from trime.loss import DEFAULT_BLOCK_SIZE, MemoryInputs, Rule
 
 
 @register_criterion("trime_long_loss_same_device", dataclass=TrimeLossConfig)
@@ -52,7 +52,7 @@ class TrimeLongLoss(TrimeLongLossSameDevice):
     def criterion_name(cls) -> str:
         return "trime_long_loss"
 
-    def memory_terms(self, reps: Tensor, targets: Tensor, valid: Tensor, model, sample) -> tuple[Tensor, Tensor]:
+    def memory(self, reps: Tensor, targets: Tensor, valid: Tensor, model, sample) -> MemoryInputs:
         world, rank = world_size_and_rank()
         group = self.group_size
         if world % group:
@@ -61,10 +61,10 @@ class TrimeLongLoss(TrimeLongLossSameDevice):
                 f"{world}; use a world size divisible by {group} or change --train-mem-size"
             )
         if group == 1:  # the memory is the local batch: no collective needed
-            return self.in_batch_memory_terms(reps, targets, valid)
+            return self.in_batch_memory(reps, targets, valid)
         if is_dummy_batch(sample):  # this rank's shard ran out: join the collectives, offer no keys
             valid = valid.new_zeros(valid.shape)
         tokens = gather_tokens(reps, targets, valid)
         # later ranks of the group hold only later tokens: the keys are the group's ranks up to this one
         first = rank - rank % group
-        return self.gathered_memory_terms(tokens, range(first, rank + 1), Rule.LONG)
+        return self.gathered_memory(tokens, range(first, rank + 1), Rule.LONG)

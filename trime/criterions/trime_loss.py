@@ -2,7 +2,8 @@
 
 Thin glue: it runs the model with the last-FFN-input capture on, asks the token head
 for log Z_t p(y) and log Z_t, and hands everything to :mod:`trime.loss`. Subclasses
-(long-term and external memory) override :meth:`TrimeLoss.memory_terms` only.
+(long-term and external memory) override :meth:`TrimeLoss.memory` only; the loss of
+one memory is :func:`trime.loss.memory_joint_nll` (one-pass gradient where it applies).
 
 Logged (bits per non-pad token): ``loss`` (what is optimised), ``ori_loss`` (plain
 cross-entropy of the token head), ``norm_loss`` (the TRIME loss, when computed) and
@@ -27,12 +28,12 @@ from trime.errors import fail
 from trime.hooks import ffn_input_capture
 from trime.loss import (
     DEFAULT_BLOCK_SIZE,
+    MemoryInputs,
     Rule,
     Visibility,
     adaptive_softmax_terms,
     full_softmax_terms,
     joint_nll,
-    memory_logsumexp,
 )
 
 
@@ -122,33 +123,52 @@ class TrimeLoss(FairseqCriterion):
         if self.in_ce_warmup(model):
             loss = ce_loss
         else:
-            lse_all, lse_pos = self.memory_terms(reps, targets, valid, model, sample)
-            loss = joint_nll(token_score, token_log_partition, lse_all, lse_pos, valid=flat_valid).sum()
+            if type(self).memory_terms is TrimeLoss.memory_terms:
+                # one memory, loss = plain sum over rows: the one-pass memory_joint_nll
+                memory = self.memory(reps, targets, valid, model, sample)
+                loss = memory.joint_nll(token_score, token_log_partition, valid=flat_valid).sum()
+            else:  # a subclass combines its own (lse_all, lse_pos)
+                lse_all, lse_pos = self.memory_terms(reps, targets, valid, model, sample)
+                loss = joint_nll(token_score, token_log_partition, lse_all, lse_pos, valid=flat_valid).sum()
             logging_output["norm_loss"] = loss.data
         logging_output["loss"] = loss.data
         return loss, ntokens, logging_output
 
-    def memory_terms(self, reps: Tensor, targets: Tensor, valid: Tensor, model, sample) -> Tuple[Tensor, Tensor]:
-        """(lse_all, lse_pos) over this criterion's memory; reps (B, T, C), targets/valid (B, T)."""
-        return self.in_batch_memory_terms(reps, targets, valid)
+    def memory(self, reps: Tensor, targets: Tensor, valid: Tensor, model, sample) -> MemoryInputs:
+        """This criterion's memory (subclasses override this); reps (B, T, C), targets/valid (B, T)."""
+        return self.in_batch_memory(reps, targets, valid)
 
-    def in_batch_memory_terms(
+    def memory_terms(self, reps: Tensor, targets: Tensor, valid: Tensor, model, sample) -> Tuple[Tensor, Tensor]:
+        """(lse_all, lse_pos) over this criterion's memory (an override keeps the two-pass loss)."""
+        return self.memory(reps, targets, valid, model, sample).logsumexp()
+
+    def in_batch_memory(
         self, reps: Tensor, targets: Tensor, valid: Tensor, external_local: bool = True
-    ) -> Tuple[Tensor, Tensor]:
+    ) -> MemoryInputs:
         """Memory = this batch's own tokens under ``self.rule`` (no collective)."""
         batch, seq_len, dim = reps.shape
         flat_reps = reps.reshape(batch * seq_len, dim)
         flat_targets = targets.reshape(-1)
         visibility = Visibility.for_batch(self.rule, batch, seq_len, valid=valid, external_local=external_local)
-        return memory_logsumexp(
+        return MemoryInputs(
             flat_reps, flat_reps, flat_targets, flat_targets, visibility, block_size=self.memory_block_size
         )
+
+    def in_batch_memory_terms(
+        self, reps: Tensor, targets: Tensor, valid: Tensor, external_local: bool = True
+    ) -> Tuple[Tensor, Tensor]:
+        """(lse_all, lse_pos) of :meth:`in_batch_memory`."""
+        return self.in_batch_memory(reps, targets, valid, external_local).logsumexp()
+
+    def gathered_memory(self, tokens, key_ranks, rule: Rule, external_local: bool = True) -> MemoryInputs:
+        """Memory = the tokens of ``key_ranks`` from a cross-rank gather (``trime.distributed``)."""
+        return tokens.memory_inputs(key_ranks, rule, external_local, block_size=self.memory_block_size)
 
     def gathered_memory_terms(
         self, tokens, key_ranks, rule: Rule, external_local: bool = True
     ) -> Tuple[Tensor, Tensor]:
-        """Memory = the tokens of ``key_ranks`` from a cross-rank gather (``trime.distributed``)."""
-        return tokens.memory_logsumexp(key_ranks, rule, external_local, block_size=self.memory_block_size)
+        """(lse_all, lse_pos) of :meth:`gathered_memory`."""
+        return self.gathered_memory(tokens, key_ranks, rule, external_local).logsumexp()
 
     @staticmethod
     def reduce_metrics(logging_outputs: List[Dict]) -> None:

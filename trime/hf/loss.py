@@ -3,7 +3,7 @@
 Thin glue over :mod:`trime.loss`, like the fairseq criteria: one forward pass with the
 key capture on (:class:`trime.hf.model.KeyCapture`), the token head's (target logit,
 log-partition) from ``full_softmax_terms``, the memory sums from the blockwise
-``memory_logsumexp`` under a :class:`trime.loss.Visibility`, and ``joint_nll``.
+``memory_joint_nll`` under a :class:`trime.loss.Visibility` (memory sums and joint nll in one).
 
 Conventions are HF's own causal-LM loss: position t predicts token t+1 (``labels`` are
 shifted inside, never by the caller), a row's last position predicts nothing, and
@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from trime.distributed import gather_tokens, world_size_and_rank
 from trime.errors import fail
 from trime.hf.model import KeyCapture, unwrap_model
-from trime.loss import DEFAULT_BLOCK_SIZE, Rule, Visibility, full_softmax_terms, joint_nll, memory_logsumexp
+from trime.loss import DEFAULT_BLOCK_SIZE, MemoryInputs, Rule, Visibility, full_softmax_terms
 
 MEMORIES = ("none", "local", "long", "external")
 IGNORE_INDEX = -100
@@ -96,6 +96,33 @@ def memory_scale(dim: int, temperature: float = 1.0) -> float:
     return 1.0 / (math.sqrt(dim) * temperature)
 
 
+def memory_inputs(
+    keys: Tensor,
+    targets: Tensor,
+    valid: Tensor,
+    memory: str,
+    external_local: bool = True,
+    scale: Optional[float] = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    across_ranks: Optional[bool] = None,
+) -> MemoryInputs:
+    """The memory over (B, T, d) keys, flat (B*T,) queries; see :func:`causal_lm_loss`."""
+    rule = Rule(memory)
+    batch, seq_len, dim = keys.shape
+    safe_targets = targets.clamp(min=0)
+    world, rank = world_size_and_rank()
+    if across_ranks is None:
+        across_ranks = world > 1
+    if not across_ranks or rule is Rule.LOCAL or world == 1:
+        flat = keys.reshape(batch * seq_len, dim)
+        flat_targets = safe_targets.reshape(-1)
+        visibility = Visibility.for_batch(rule, batch, seq_len, valid=valid, external_local=external_local)
+        return MemoryInputs(flat, flat, flat_targets, flat_targets, visibility, scale=scale, block_size=block_size)
+    tokens = gather_tokens(keys, safe_targets, valid)
+    key_ranks = range(rank + 1) if rule is Rule.LONG else range(len(tokens.shapes))
+    return tokens.memory_inputs(key_ranks, rule, external_local, scale=scale, block_size=block_size)
+
+
 def memory_terms(
     keys: Tensor,
     targets: Tensor,
@@ -107,20 +134,7 @@ def memory_terms(
     across_ranks: Optional[bool] = None,
 ) -> tuple[Tensor, Tensor]:
     """(lse_all, lse_pos), flat (B*T,), of the memory over (B, T, d) keys; see :func:`causal_lm_loss`."""
-    rule = Rule(memory)
-    batch, seq_len, dim = keys.shape
-    safe_targets = targets.clamp(min=0)
-    world, rank = world_size_and_rank()
-    if across_ranks is None:
-        across_ranks = world > 1
-    if not across_ranks or rule is Rule.LOCAL or world == 1:
-        flat = keys.reshape(batch * seq_len, dim)
-        flat_targets = safe_targets.reshape(-1)
-        visibility = Visibility.for_batch(rule, batch, seq_len, valid=valid, external_local=external_local)
-        return memory_logsumexp(flat, flat, flat_targets, flat_targets, visibility, scale=scale, block_size=block_size)
-    tokens = gather_tokens(keys, safe_targets, valid)
-    key_ranks = range(rank + 1) if rule is Rule.LONG else range(len(tokens.shapes))
-    return tokens.memory_logsumexp(key_ranks, rule, external_local, scale=scale, block_size=block_size)
+    return memory_inputs(keys, targets, valid, memory, external_local, scale, block_size, across_ranks).logsumexp()
 
 
 def causal_lm_loss(
@@ -173,8 +187,9 @@ def causal_lm_loss(
         nll = ce
     else:
         scale = memory_scale(keys.shape[-1], temperature)
-        lse_all, lse_pos = memory_terms(keys, targets, valid, memory, external_local, scale, block_size, across_ranks)
-        nll = joint_nll(token_score, token_log_partition, lse_all, lse_pos, valid=flat_valid)
+        inputs = memory_inputs(keys, targets, valid, memory, external_local, scale, block_size, across_ranks)
+        # one memory and a plain mean over rows: the one-pass memory_joint_nll
+        nll = inputs.joint_nll(token_score, token_log_partition, valid=flat_valid)
     return CausalLMLossOutput(
         loss=nll.sum() / denominator,
         ori_loss=ce.sum() / denominator,
