@@ -318,14 +318,14 @@ class Evaluator:
             total = min(total, max_batches)
         return self._progress(windows.batches(self.batch_size, 0, total), total, f"trime-eval {split}")
 
-    def run(self, split: str, settings: MemorySettings) -> tuple[float, int, float]:
+    def run(self, split: str, settings: MemorySettings, cached: CachedRun | None = None) -> tuple[float, int, float]:
         """(NLL sum in nats, scored tokens, seconds) streaming over ``split``.
 
-        With a cache the split is collected (or loaded) whole and scored from memory;
-        the seconds are then those of its forward passes and searches plus the scoring.
+        With a cache (or ``cached``, a whole-split :meth:`collect` of ``split``) the split is scored
+        from memory; the seconds are then those of its forward passes and searches plus the scoring.
         """
-        if self.cache is not None:
-            cached = self.collect(split)
+        if self.cache is not None or cached is not None:
+            cached = cached or self.collect(split)
             started = time.perf_counter()
             log_probs = cached.log_probs(settings)
             seconds = cached.seconds + time.perf_counter() - started
@@ -571,9 +571,11 @@ def main(argv: list | None = None) -> dict:
         }
 
     sweep = None
+    gen_cached = None  # the whole --gen-subset, when a sweep collected it (its memory terms are reused)
     if args.sweep:
         if cached is None or args.tune_subset != args.gen_subset or args.tune_tokens is not None:
             cached = evaluator.collect(args.gen_subset)
+        gen_cached = cached
         sweep = run_sweep(args, evaluator, cached, settings, is_bytes)
 
     if sweep is not None and args.mem_size is None and sweep["parameter"] == "mem-size":
@@ -583,7 +585,7 @@ def main(argv: list | None = None) -> dict:
             rows.append({"subset": args.gen_subset, "memory": f"{label} mem-size={point['value']}", **metrics,
                          "seconds": None, "tokens_per_s": None})
     else:
-        nll, count, seconds = evaluator.run(args.gen_subset, settings)
+        nll, count, seconds = evaluator.run(args.gen_subset, settings, gen_cached)
         row = {"subset": args.gen_subset, "memory": label, **metric_line(nll, count, is_bytes)}
         row.update(seconds=seconds, tokens_per_s=count / seconds if seconds > 0 else None)
         rows.append(row)

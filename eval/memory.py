@@ -67,6 +67,10 @@ class MemorySettings:
     def uses_long(self) -> bool:
         return self.level in ("long", "external") and self.mem_size > 0
 
+    def context_key(self) -> tuple:
+        """What the local and long-term memory terms depend on (not the external memory's settings)."""
+        return (self.uses_local, self.mem_size if self.uses_long else 0, self.softmax_temp if self.uses_local else 0)
+
     def with_(self, **changes) -> "MemorySettings":
         return replace(self, **changes)
 
@@ -216,6 +220,53 @@ def long_memory_terms(
     return lse_all, lse_pos
 
 
+def context_memory_terms(
+    batch: WindowBatch, settings: MemorySettings, state: ScoreState, dim: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """(lse_all, lse_pos) of every scored row over its local and long-term memory; updates ``state``.
+
+    They depend only on :meth:`MemorySettings.context_key`, not on the external memory's settings.
+    """
+    dim = dim or batch.reps.shape[-1]
+    scale = 1.0 / math.sqrt(dim) / settings.softmax_temp
+    n = batch.num_scored
+    device = batch.targets.device
+    lse_all = torch.full((n,), _NEG_INF, device=device)
+    lse_pos = torch.full((n,), _NEG_INF, device=device)
+    key_valid = batch.key_valid.clone()
+    if settings.uses_long:
+        lse_all, lse_pos = long_memory_terms(batch, batch.queries, _window_offsets(batch), state, scale, key_valid)
+    else:
+        state.next_position += n
+    if settings.uses_local and n > 0:
+        a, p = local_memory_terms(batch, key_valid, scale)
+        lse_all, lse_pos = torch.logaddexp(lse_all, a), torch.logaddexp(lse_pos, p)
+    return lse_all, lse_pos
+
+
+def score_with_context_terms(
+    batch: WindowBatch,
+    settings: MemorySettings,
+    context_terms: tuple[Tensor, Tensor],
+    knn: "KnnSource | None" = None,
+    dim: int | None = None,
+) -> Tensor:
+    """Per-token log P(target) of one batch from its :func:`context_memory_terms`, the external memory and
+    the kNN-LM mixture."""
+    dim = dim or batch.reps.shape[-1]
+    lse_all, lse_pos = context_terms
+    knn_terms = None
+    if knn is not None and (settings.knn_in_joint or settings.lmbda > 0) and batch.num_scored > 0:
+        knn_terms = knn_row_terms(knn, batch.targets, settings, 1.0 / math.sqrt(dim) / settings.ext_temp)
+    if knn_terms is not None and settings.knn_in_joint:
+        lse_all, lse_pos = torch.logaddexp(lse_all, knn_terms[0]), torch.logaddexp(lse_pos, knn_terms[1])
+
+    log_prob = -joint_nll(batch.token_score, batch.token_logz, lse_all, lse_pos)
+    if knn_terms is not None and settings.lmbda > 0:
+        log_prob = interpolate(log_prob, knn_terms[2], settings.lmbda)
+    return log_prob
+
+
 def score_batch(
     batch: WindowBatch,
     settings: MemorySettings,
@@ -228,33 +279,8 @@ def score_batch(
     ``knn``: the batch's external-memory hits, or a function searching rows ``(start, stop)``
     (evaluated in chunks, see :func:`knn_row_terms`).
     """
-    dim = dim or batch.reps.shape[-1]
-    scale = 1.0 / math.sqrt(dim) / settings.softmax_temp
-    n = batch.num_scored
-    device = batch.targets.device
-    lse_all = torch.full((n,), _NEG_INF, device=device)
-    lse_pos = torch.full((n,), _NEG_INF, device=device)
-    queries = batch.queries
-    key_valid = batch.key_valid.clone()
-    if settings.uses_long:
-        lse_all, lse_pos = long_memory_terms(batch, queries, _window_offsets(batch), state, scale, key_valid)
-    else:
-        state.next_position += n
-
-    if settings.uses_local and n > 0:
-        a, p = local_memory_terms(batch, key_valid, scale)
-        lse_all, lse_pos = torch.logaddexp(lse_all, a), torch.logaddexp(lse_pos, p)
-
-    knn_terms = None
-    if knn is not None and (settings.knn_in_joint or settings.lmbda > 0) and n > 0:
-        knn_terms = knn_row_terms(knn, batch.targets, settings, 1.0 / math.sqrt(dim) / settings.ext_temp)
-    if knn_terms is not None and settings.knn_in_joint:
-        lse_all, lse_pos = torch.logaddexp(lse_all, knn_terms[0]), torch.logaddexp(lse_pos, knn_terms[1])
-
-    log_prob = -joint_nll(batch.token_score, batch.token_logz, lse_all, lse_pos)
-    if knn_terms is not None and settings.lmbda > 0:
-        log_prob = interpolate(log_prob, knn_terms[2], settings.lmbda)
-    return log_prob
+    terms = context_memory_terms(batch, settings, state, dim)
+    return score_with_context_terms(batch, settings, terms, knn, dim)
 
 
 def knn_row_terms(knn: "KnnSource", targets: Tensor, settings: MemorySettings, scale: float) -> tuple[Tensor, ...]:

@@ -1,7 +1,9 @@
 """Tuning ``--softmax-temp``, ``--external-temp`` and kNN-LM's lambda / interp-temp on cached forward passes.
 
 The model forward and the FAISS search run once (:class:`CachedRun`); every candidate
-setting then only re-scores the memory, which is what makes the search cheap.
+setting then only re-scores the memory, which is what makes the search cheap. The local +
+long-term terms are kept per softmax temperature, so trials of the external temperature,
+lambda or interp-temp re-score only the neighbours.
 
 - softmax temperature T: a geometric grid (extended while the best point is on its edge),
   then golden-section search between the grid neighbours of the best point (in log T);
@@ -21,9 +23,10 @@ from torch import Tensor
 from trime.eval.memory import (
     MemorySettings,
     ScoreState,
+    context_memory_terms,
     interpolate,
     knn_log_prob,
-    score_batch,
+    score_with_context_terms,
 )
 from trime.knn import KnnResults
 
@@ -33,6 +36,7 @@ TEMP_TOLERANCE = 0.03  # in log T: the NLL is flat near its optimum, so ~3% in T
 TEMP_LIMITS = (1 / 1024, 1024.0)  # how far the grid is extended when the optimum is on its edge
 INTERP_TEMP_GRID = tuple(2 ** (e / 4) for e in range(-8, 29))  # 0.25 .. 128
 LAMBDA_RANGE = (0.0, 0.99)
+CONTEXT_MEMO_ENTRIES = 64  # local + long terms kept per CachedRun (8 bytes per scored token each)
 
 
 def golden_section(
@@ -73,6 +77,7 @@ class CachedRun:
     dim: int
     seconds: float = 0.0
     _targets: Tensor | None = field(default=None, repr=False)
+    _context_memo: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -90,14 +95,28 @@ class CachedRun:
             return None
         return KnnResults.cat(self.knn)
 
+    def context_terms(self, settings: MemorySettings) -> list[tuple[Tensor, Tensor]]:
+        """Local + long-term memory terms of every batch (CPU), computed once per :meth:`~MemorySettings.context_key`:
+        trials that change only the external memory's settings (T_ext, lambda, interp-temp, k) reuse them."""
+        key = settings.context_key()
+        if key not in self._context_memo:
+            if len(self._context_memo) >= CONTEXT_MEMO_ENTRIES:
+                self._context_memo.pop(next(iter(self._context_memo)))  # the oldest
+            state = ScoreState.fresh(settings)
+            self._context_memo[key] = [
+                tuple(t.cpu() for t in context_memory_terms(b.to(self.device), settings, state, dim=self.dim))
+                for b in self.batches
+            ]
+        return self._context_memo[key]
+
     def log_probs(self, settings: MemorySettings) -> Tensor:
         """Per-token log P of every scored token (CPU, fp32) under ``settings``."""
-        state = ScoreState.fresh(settings)
         out = []
-        for batch, knn in zip(self.batches, self.knn):
+        for batch, knn, terms in zip(self.batches, self.knn, self.context_terms(settings)):
             batch = batch.to(self.device)
             knn = knn.to(self.device) if knn is not None else None
-            out.append(score_batch(batch, settings, state, knn, dim=self.dim).cpu())
+            terms = tuple(t.to(self.device) for t in terms)
+            out.append(score_with_context_terms(batch, settings, terms, knn, dim=self.dim).cpu())
         return torch.cat(out) if out else torch.zeros(0)
 
 

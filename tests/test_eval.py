@@ -247,8 +247,10 @@ def test_external_temperature_scales_only_the_datastore_neighbours(ckpts, wt2_sa
     ref = Reference(lm, "test", CONTEXT, 40)
     ext = (np.asarray(store.keys, dtype=np.float64), store.vals, 16)
     np.testing.assert_allclose(ours, ref.log_probs(range(4), 1.3, ext=ext, ext_temp=3.5), rtol=0, atol=2e-4)
-    tied = cached.log_probs(settings.with_(external_temp=None)).tolist()
+    tied = cached.log_probs(settings.with_(external_temp=None)).tolist()  # reuses the local + long terms
+    np.testing.assert_allclose(tied, ref.log_probs(range(4), 1.3, ext=ext), rtol=0, atol=2e-4)
     assert max(abs(a - b) for a, b in zip(ours, tied)) > 1e-2  # the knob is not a no-op
+    assert len(cached._context_memo) == 1
 
 
 def test_tune_external_temperature_and_fixed_lambda(ckpts, wt2_sample_bin, flat_store, tmp_path):
