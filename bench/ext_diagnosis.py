@@ -27,6 +27,10 @@ at the `` = Title = `` lines) with the plan ``bench/reproduce.py`` uses (``--pla
 Writes ``bench/results/ext-diagnosis.json``; the write-up is ``bench/results/ext-diagnosis.md``.
 Usage: ``.venv/bin/python bench/ext_diagnosis.py --data-bin DIR --plan PLAN.json`` (about a minute).
 
+Where the gain goes (``--gain --path CKPT --datastore DIR``; section ``gain.LABEL``): TrimeLM_ext's test ppl
+with the datastore in the joint softmax only (``--lmbda 0``), by kNN-LM interpolation only (``--memory long
+--knnlm``) and both, at each ``--ks``, each tuned on a valid prefix and with a ``--sweep`` curve (png).
+
 Index quality (``--path CKPT --datastore DIR`` instead of ``--plan``; section ``index_quality.LABEL``):
 recall@k of the datastore's IVF-PQ index against exact search over the same keys for the eval-time keys
 of ``--max-batches`` x 16 valid windows, the PQ score error against the spread of the exact top-k scores,
@@ -197,6 +201,26 @@ def eval_queries(lm, context: int, split: str, max_batches: int):
     return torch.cat(queries).numpy(), local_top[torch.isfinite(local_top)].numpy()
 
 
+def long_memory_scores(queries: np.ndarray, mem_size: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(top-1, mean of top-k) inner product of each query with the ``mem_size`` queries before it (the FIFO
+    of long-term memory over a consecutive stream), for the queries that have a full FIFO."""
+    import torch
+
+    q = torch.from_numpy(queries).float()
+    top1, topk = [], []
+    for start in range(mem_size, len(q), 256):
+        rows = q[start : start + 256]
+        keys = q[start - mem_size : start + len(rows) - 1]
+        scores = rows @ keys.T  # row r sees keys r .. r + mem_size - 1 (its own FIFO)
+        offset = torch.arange(len(rows))[:, None]
+        col = torch.arange(keys.shape[0])[None, :]
+        scores = scores.masked_fill((col < offset) | (col >= offset + mem_size), float("-inf"))
+        best = scores.topk(k, dim=1).values
+        top1.append(best[:, 0])
+        topk.append(best.mean(dim=1))
+    return torch.cat(top1).numpy(), torch.cat(topk).numpy()
+
+
 def index_quality(args) -> dict:
     """Recall@k of the datastore's IVF-PQ index vs exact search, PQ score error, key statistics, ppl exact vs PQ."""
     import subprocess
@@ -222,12 +246,17 @@ def index_quality(args) -> dict:
     error = (hits_pq.scores - hits_pq_exact.scores).numpy()
     spread = hits_exact.scores.numpy().std(axis=1)  # spread of the memory logits over the top-k, per query
     keys = np.asarray(pq.keys[:: max(1, pq.count // 200_000)], dtype=np.float32)
+    long_top1, long_topk = long_memory_scores(queries, args.mem_size, args.k)
     out = {
         "datastore": str(args.datastore), "index": pq.meta.get("index"), "count": pq.count, "dim": pq.dim,
         "queries": len(queries), "k": args.k, "nprobe": args.nprobe,
         "recall_at_k": float(recall), "exact_top1_in_index_top_k": float(top1),
         "pq_score_abs_error": _summary(np.abs(error)), "exact_topk_score_std_per_query": _summary(spread),
         "topk_score_exact": _summary(hits_exact.scores.numpy()[:, 0]),
+        "datastore_top1_score": _summary(hits_exact.scores.numpy()[:, 0]),
+        "datastore_topk_mean_score": _summary(hits_exact.scores.numpy().mean(axis=1)),
+        "long_memory_top1_score": _summary(long_top1),
+        "long_memory_topk_mean_score": _summary(long_topk),
         "local_memory_top1_score": _summary(local_top),
         "datastore_key_norm": _summary(np.linalg.norm(keys, axis=1)),
         "eval_key_norm": _summary(np.linalg.norm(queries, axis=1)),
@@ -238,7 +267,8 @@ def index_quality(args) -> dict:
         cmd = [str(Path(sys.executable).parent / "trime-eval"), str(args.data_bin), "--path", str(args.path),
                "--memory", "external", "--mem-size", str(args.mem_size), "--datastore", str(args.datastore),
                "--k", str(args.k), "--nprobe", str(args.nprobe), "--context-window", str(args.context_window),
-               "--tune", "--cpu", "--no-progress-bar", "--results-json", str(record), *extra]  # fmt: skip
+               "--tune", "--tune-tokens", str(args.tune_tokens), "--cpu", "--no-progress-bar",
+               "--results-json", str(record), *extra, *cache_args(args)]  # fmt: skip
         subprocess.run(cmd, check=True, capture_output=True)
         rec = json.loads(record.read_text())
         record.unlink()
@@ -246,6 +276,131 @@ def index_quality(args) -> dict:
         ppl[name] = {"test_ppl": test["ppl"], "tuned": (rec.get("tuning") or {}).get("chosen")}
     out["ppl_external"] = ppl
     return out
+
+
+def cache_args(args) -> list:
+    return ["--cache-dir", str(args.cache_dir)] if args.cache_dir else []
+
+
+LAMBDA_SWEEP = "0,0.02,0.05,0.1,0.2,0.3,0.5"
+EXTERNAL_TEMP_SWEEP = "0.5,1,1.5,2,3,4,6,8"
+
+
+def gain_modes(args, datastore: Path) -> dict:
+    """trime-eval flags and the curve (``--sweep``) of each way of using the datastore."""
+    long = ["--memory", "long", "--mem-size", str(args.mem_size)]
+    ext = ["--memory", "external", "--mem-size", str(args.mem_size), "--datastore", str(datastore)]
+    return {
+        "none (local + long)": (long, None),
+        "joint softmax only": (ext + ["--lmbda", "0"], f"external-temp={EXTERNAL_TEMP_SWEEP}"),
+        "interpolation only": (long + ["--knnlm", "--datastore", str(datastore)], f"lmbda={LAMBDA_SWEEP}"),
+        "joint + interpolation": (ext, f"lmbda={LAMBDA_SWEEP}"),
+    }
+
+
+MODE_TAGS = {"none (local + long)": "none", "joint softmax only": "joint-only",
+             "interpolation only": "interp-only", "joint + interpolation": "both"}  # fmt: skip
+
+
+def plot_gain(section: dict, png: Path) -> None:
+    """One figure of every --gain curve: the external-temp sweep (joint only) and the lambda sweeps, per k."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from trime.io_utils import atomic_path
+
+    fig, (ax_t, ax_l) = plt.subplots(1, 2, figsize=(10, 3.8))
+    baseline = next(r["test_ppl"] for r in section["rows"] if r["k"] is None)
+    for ax in (ax_t, ax_l):
+        ax.axhline(baseline, color="#999", linestyle="--", label="no datastore (local + long)")
+    for row in section["rows"]:
+        if not row.get("sweep"):
+            continue
+        xs, ys = zip(*row["sweep"]["points"])
+        ax = ax_t if row["sweep"]["parameter"] == "external-temp" else ax_l
+        ax.plot(xs, ys, marker="o", label=f"{row['mode']}, k={row['k']}")
+    ax_t.set_xlabel("external-temp (joint softmax only; tuned softmax-temp)")
+    ax_l.set_xlabel("lambda (kNN-LM interpolation weight; other knobs tuned)")
+    for ax in (ax_t, ax_l):
+        ax.set_ylabel("test ppl")
+        ax.set_ylim(min(min(y for _, y in r["sweep"]["points"]) for r in section["rows"] if r.get("sweep")) * 0.97,
+                    baseline * 1.12)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("TrimeLM_ext: where the datastore's gain goes (WikiText-2 test)")
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def where_gain_goes(args) -> dict:
+    """Test ppl of TrimeLM_ext with the datastore in the joint softmax only, by interpolation only, and both,
+    at each ``--ks``, tuned on a valid prefix, each with a ``--sweep`` curve (json + png)."""
+    import subprocess
+
+    out: dict = {"path": str(args.path), "datastore": str(args.datastore), "mem_size": args.mem_size,
+                 "context_window": args.context_window, "nprobe": args.nprobe, "tune_tokens": args.tune_tokens,
+                 "rows": []}  # fmt: skip
+    figures = Path(args.out).parent
+    for k in args.ks:
+        for mode, (flags, sweep) in gain_modes(args, args.datastore).items():
+            if sweep is None and k != args.ks[0]:
+                continue  # no datastore: the same at every k
+            tag = f"ext-gain-{args.label}-k{k}-{MODE_TAGS[mode]}"
+            record = figures / f".{tag}.json"
+            cmd = [str(Path(sys.executable).parent / "trime-eval"), str(args.data_bin), "--path", str(args.path),
+                   *flags, "--context-window", str(args.context_window), "--tune", "--tune-tokens",
+                   str(args.tune_tokens), "--cpu", "--no-progress-bar", "--results-json", str(record),
+                   *cache_args(args)]  # fmt: skip
+            if "--datastore" in flags:
+                cmd += ["--k", str(k), "--nprobe", str(args.nprobe)]
+            if sweep:
+                cmd += ["--sweep", sweep, "--sweep-prefix", str(figures / tag)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"ext_diagnosis: {' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+            rec = json.loads(record.read_text())
+            record.unlink()
+            test = [r for r in rec["results"] if r["subset"] == "test"][-1]
+            row = {"mode": mode, "k": k if "--datastore" in flags else None, "test_ppl": test["ppl"],
+                   "tuned": (rec.get("tuning") or {}).get("chosen"),
+                   "sweep": None if rec.get("sweep") is None else {
+                       "parameter": rec["sweep"]["parameter"],
+                       "points": [(p["value"], p["ppl"]) for p in rec["sweep"]["points"]],
+                       "png": f"{tag}.png"}}  # fmt: skip
+            out["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            (figures / f"{tag}.json").unlink(missing_ok=True)  # the curve is in the section; one figure below
+            (figures / f"{tag}.png").unlink(missing_ok=True)
+    plot_gain(out, figures / f"ext-gain-{args.label}.png")
+    return out
+
+
+def alignment(args) -> dict:
+    """Self-retrieval on ``--path``'s valid split (as tests/test_alignment.py, on a real model): a Flat L2 datastore
+    of the split, then trime-eval of the same split with kNN-LM at lambda 0.999 and interp-temp 1e-3, exact."""
+    import subprocess
+    import tempfile
+
+    bin_dir = Path(sys.executable).parent
+    with tempfile.TemporaryDirectory(dir=Path(args.out).parent) as tmp:
+        store = Path(tmp) / "valid-store"
+        subprocess.run([str(bin_dir / "trime-build-datastore"), str(args.data_bin), "--path", str(args.path),
+                        "--output", str(store), "--gen-subset", "valid", "--context-window", str(args.context_window),
+                        "--index-factory", "Flat", "--metric", "l2", "--cpu", "--no-progress-bar"],
+                       check=True, capture_output=True)  # fmt: skip
+        record = Path(tmp) / "r.json"
+        subprocess.run([str(bin_dir / "trime-eval"), str(args.data_bin), "--path", str(args.path), "--gen-subset",
+                        "valid", "--context-window", str(args.context_window), "--memory", "none", "--knnlm",
+                        "--datastore", str(store), "--k", "8", "--lmbda", "0.999", "--interp-temp", "1e-3",
+                        "--knn-search", "torch", "--cpu", "--no-progress-bar", "--results-json", str(record)],
+                       check=True, capture_output=True)  # fmt: skip
+        row = json.loads(record.read_text())["results"][-1]
+    return {"path": str(args.path), "split": "valid", "context_window": args.context_window,
+            "tokens": row["tokens"], "ppl": row["ppl"], "aligned_ppl_below": 1.01}  # fmt: skip
 
 
 def main() -> None:
@@ -271,7 +426,35 @@ def main() -> None:
     index.add_argument("--mem-size", type=int, default=512)
     index.add_argument("--context-window", type=int, default=32)
     index.add_argument("--max-batches", type=int, default=8, help="valid batches of 16 windows used as queries")
+    index.add_argument("--tune-tokens", type=int, default=50000, help="trime-eval --tune-tokens (as make reproduce)")
+    index.add_argument("--cache-dir", type=Path, default=None, help="trime-eval --cache-dir (reuse make reproduce's)")
+    index.add_argument(
+        "--gain",
+        action="store_true",
+        help="instead of index quality: where the gain goes (joint only / interpolation only / both, at --ks)",
+    )
+    index.add_argument("--ks", type=int, nargs="+", default=[256, 1024], help="k of the --gain evaluations")
+    index.add_argument("--alignment", action="store_true", help="instead of index quality: self-retrieval of valid")
+    index.add_argument("--render-gain", action="store_true", help="only redraw ext-gain-LABEL.png from --out")
     args = parser.parse_args()
+    if args.render_gain:
+        plot_gain(json.loads(args.out.read_text())["gain"][args.label], args.out.parent / f"ext-gain-{args.label}.png")
+        return
+    if args.plan is None and args.alignment:
+        if args.path is None:
+            parser.error("--alignment needs --path")
+        old = json.loads(args.out.read_text()) if args.out.exists() else {}
+        old.setdefault("alignment_real", {})[args.label] = {"date": today(), **alignment(args)}
+        write_json_atomic(args.out, old)
+        print(json.dumps(old["alignment_real"][args.label]))
+        return
+    if args.plan is None and args.gain:
+        if args.path is None or args.datastore is None:
+            parser.error("--gain needs --path and --datastore")
+        old = json.loads(args.out.read_text()) if args.out.exists() else {}
+        old.setdefault("gain", {})[args.label] = {"date": today(), **where_gain_goes(args)}
+        write_json_atomic(args.out, old)
+        return
     if args.plan is None:
         if args.path is None or args.datastore is None:
             parser.error("give --plan (training memory) or --path and --datastore (index quality)")

@@ -324,6 +324,8 @@ def eval_specs(budget: Budget, base_store: Optional[Path], ext_store: Optional[P
             ("TrimeLM_ext (no memory)", "trimelm_ext", "none", None, False),
             ("TrimeLM_ext (local + long)", "trimelm_ext", "long", None, False),
             ("TrimeLM_ext", "trimelm_ext", "external", ext_store, False),
+            # the same datastore by kNN-LM interpolation only, as the kNN-LM rows use the Transformer's
+            ("TrimeLM_ext (datastore by interpolation only)", "trimelm_ext", "long", ext_store, True),
         ]
     return specs
 
