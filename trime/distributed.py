@@ -113,17 +113,6 @@ class GatheredTokens:
         )
         return MemoryInputs(queries, keys, key_labels, query_targets, visibility, scale=scale, block_size=block_size)
 
-    def memory_logsumexp(
-        self,
-        key_ranks,
-        rule: Rule,
-        external_local: bool = True,
-        scale: float | None = None,
-        block_size: int = DEFAULT_BLOCK_SIZE,
-    ) -> tuple[Tensor, Tensor]:
-        """:func:`trime.loss.memory_logsumexp` of :meth:`memory_inputs`."""
-        return self.memory_inputs(key_ranks, rule, external_local, scale, block_size).logsumexp()
-
 def gather_tokens(reps: Tensor, labels: Tensor, valid: Tensor) -> GatheredTokens:
     """All ranks' (reps, labels, valid) of a (B, T, C) batch; a collective every rank must call.
 

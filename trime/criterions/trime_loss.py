@@ -154,21 +154,9 @@ class TrimeLoss(FairseqCriterion):
             flat_reps, flat_reps, flat_targets, flat_targets, visibility, block_size=self.memory_block_size
         )
 
-    def in_batch_memory_terms(
-        self, reps: Tensor, targets: Tensor, valid: Tensor, external_local: bool = True
-    ) -> Tuple[Tensor, Tensor]:
-        """(lse_all, lse_pos) of :meth:`in_batch_memory`."""
-        return self.in_batch_memory(reps, targets, valid, external_local).logsumexp()
-
     def gathered_memory(self, tokens, key_ranks, rule: Rule, external_local: bool = True) -> MemoryInputs:
         """Memory = the tokens of ``key_ranks`` from a cross-rank gather (``trime.distributed``)."""
         return tokens.memory_inputs(key_ranks, rule, external_local, block_size=self.memory_block_size)
-
-    def gathered_memory_terms(
-        self, tokens, key_ranks, rule: Rule, external_local: bool = True
-    ) -> Tuple[Tensor, Tensor]:
-        """(lse_all, lse_pos) of :meth:`gathered_memory`."""
-        return self.gathered_memory(tokens, key_ranks, rule, external_local).logsumexp()
 
     @staticmethod
     def reduce_metrics(logging_outputs: List[Dict]) -> None:

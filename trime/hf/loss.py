@@ -123,20 +123,6 @@ def memory_inputs(
     return tokens.memory_inputs(key_ranks, rule, external_local, scale=scale, block_size=block_size)
 
 
-def memory_terms(
-    keys: Tensor,
-    targets: Tensor,
-    valid: Tensor,
-    memory: str,
-    external_local: bool = True,
-    scale: Optional[float] = None,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    across_ranks: Optional[bool] = None,
-) -> tuple[Tensor, Tensor]:
-    """(lse_all, lse_pos), flat (B*T,), of the memory over (B, T, d) keys; see :func:`causal_lm_loss`."""
-    return memory_inputs(keys, targets, valid, memory, external_local, scale, block_size, across_ranks).logsumexp()
-
-
 def causal_lm_loss(
     model: nn.Module,
     input_ids: Tensor,
