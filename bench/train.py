@@ -19,10 +19,12 @@ coin (``--cross-sent-ratio``, default 0.9 as in the recipes) switches the local 
 off per step, exactly as in training.
 
 Timing: each criterion first runs ``--warmup`` untimed steps; then ``--rounds`` rounds
-follow, and in every round each criterion runs ``--steps`` timed steps, in an order
-rotated from round to round, so other processes on the machine slow all criteria
-alike. Reported: median words/s per criterion and the ratio of medians to the baseline
-(plus the per-round ratios, which pair neighbouring measurements).
+follow, and in every round each criterion runs ``--settle`` untimed and ``--steps`` timed
+steps, in an order rotated from round to round, so other processes on the machine slow
+all criteria alike. (The first step after switching trainers re-faults the memory the
+others freed, up to +60% on a 1 s step; a real run never switches, so it is not timed.)
+Reported: median words/s per criterion and the ratio of medians to the baseline (plus
+the per-round ratios, which pair neighbouring measurements).
 
 The memory cost of the long and external rules (~N^2/2 key scores for N tokens per
 step) does not depend on the model's depth, while the model's cost does: the ratio
@@ -135,11 +137,13 @@ def first_batches(task, count: int, segments: int, tokens_per_sample: int) -> li
 
 
 def interleaved_train_steps(
-    trainers: dict, batches: list, warmup: int, rounds: int, steps: int, sync=None, deadline: float | None = None
+    trainers: dict, batches: list, warmup: int, rounds: int, steps: int, sync=None, deadline: float | None = None,
+    settle: int = 0,
 ) -> tuple[dict[str, list[float]], list[dict]]:
     """Step times of every trainer: ``warmup`` untimed steps each, then ``rounds`` rounds of ``steps``
-    timed steps per trainer in an order rotated every round. ``sync`` (e.g. ``torch.cuda.synchronize``)
-    runs before and after each timed step; no new round starts after ``deadline`` (``time.perf_counter``).
+    timed steps per trainer in an order rotated every round, each turn led by ``settle`` untimed steps.
+    ``sync`` (e.g. ``torch.cuda.synchronize``) runs before and after each timed step; no new round starts
+    after ``deadline`` (``time.perf_counter``). Needs ``warmup + rounds * (settle + steps)`` batches.
     Returns (times per trainer, per-round {order, median_s})."""
     names = list(trainers)
     sync = sync or (lambda: None)
@@ -162,7 +166,10 @@ def interleaved_train_steps(
         order = names[r % len(names) :] + names[: r % len(names)]
         per_round = {}
         for name in order:
-            first = warmup + r * steps
+            first = warmup + r * (settle + steps)
+            for i in range(settle):
+                step(name, first + i)
+            first += settle
             ts = [step(name, first + i) for i in range(steps)]
             times[name].extend(ts)
             per_round[name] = statistics.median(ts)
@@ -230,12 +237,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name in criteria:
         task, trainers[name] = build_trainer(data_dir, name, args)
     params = sum(p.numel() for p in trainers[criteria[0]].model.parameters())
-    batches = first_batches(task, args.warmup + args.rounds * args.steps, preset["segments"], preset["tokens_per_sample"])
+    count = args.warmup + args.rounds * (args.settle + args.steps)
+    batches = first_batches(task, count, preset["segments"], preset["tokens_per_sample"])
     ntokens = int(batches[0]["ntokens"])
 
     warm_memory_kernels(args.dim, preset["tokens_per_sample"])
     load_before = os.getloadavg()
-    times, rounds = interleaved_train_steps(trainers, batches, args.warmup, args.rounds, args.steps)
+    times, rounds = interleaved_train_steps(trainers, batches, args.warmup, args.rounds, args.steps,
+                                            settle=args.settle)
     load_after = os.getloadavg()
 
     base = preset["baseline"] if preset["baseline"] in criteria else criteria[0]
@@ -264,6 +273,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "warmup_steps": args.warmup,
             "rounds": args.rounds,
             "steps_per_round": args.steps,
+            "settle_steps_per_round": args.settle,
             "threads": args.threads,
             "loadavg_before": [round(x, 2) for x in load_before],
             "loadavg_after": [round(x, 2) for x in load_after],
@@ -315,8 +325,10 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
             + (f": `{config['command']}`." if config.get("command") else "."),
             "",
             (
-                f"{t['warmup_steps']} warm-up step(s), then {t['rounds']} rounds x {t['steps_per_round']} "
-                f"timed steps per criterion; load average before/after: {t['loadavg_before']} / {t['loadavg_after']}; "
+                f"{t['warmup_steps']} warm-up step(s), then {t['rounds']} rounds x "
+                + (f"({t['settle_steps_per_round']} untimed + {t['steps_per_round']} timed)"
+                   if t.get("settle_steps_per_round") else f"{t['steps_per_round']} timed")
+                + f" steps per criterion; load average before/after: {t['loadavg_before']} / {t['loadavg_after']}; "
                 f"memory kernels: {_compile_text(config)}."
             ),
             "",
@@ -346,6 +358,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=2, help="timed steps per criterion per round")
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--settle", type=int, default=1,
+                   help="untimed steps that open each criterion's turn in a round: the first step after a switch "
+                        "re-faults memory another trainer freed, which a real (one-criterion) run never does")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--compile", default="auto", choices=["auto", "always", "never"],
