@@ -101,3 +101,40 @@ def test_hf_datastore_is_aligned_with_eval(tmp_path):
     row = self_retrieval_eval(data, model, "valid", store, "--knn-exact", "--tokens-per-sample", "64", context=16)
     assert row["tokens"] > 1000
     assert 1.0 <= row["ppl"] < MAX_PPL, row
+
+
+def _keys_only_forward_check(lm, sample, after_key) -> None:
+    """Keys of a keys-only forward equal the full forward's, and ``after_key`` (a module past the key) never runs."""
+    calls = []
+    handle = after_key.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        full = lm.forward(sample)
+        assert calls, "the full forward runs the module after the key"
+        calls.clear()
+        keys_only = lm.forward(sample, need_token_terms=False)
+        assert not calls, "the keys-only forward (datastore extraction) should stop at the key"
+        again = lm.forward(sample)  # the capture is reusable after a stopped pass
+        assert calls and again.token_score.numel() == full.token_score.numel()
+    finally:
+        handle.remove()
+    assert keys_only.token_score.numel() == 0
+    assert np.array_equal(keys_only.reps.numpy(), full.reps.numpy())
+    assert np.array_equal(keys_only.key_labels.numpy(), full.key_labels.numpy())
+
+
+def test_keys_only_forward_stops_at_the_key(fairseq_ckpts, wt2_sample_bin, tmp_path):
+    from trime.adapters import load_adapter
+
+    lm = load_adapter(fairseq_ckpts["trime"], wt2_sample_bin, cpu=True)
+    sample = next(lm.windows("valid", lm.window_settings(CONTEXT, None)).batches(4))
+    _keys_only_forward_check(lm, sample, lm.model.decoder.layers[-1].fc2)
+
+    pytest.importorskip("transformers")
+    import hf_helpers as H
+
+    data = tmp_path / "text"
+    data.mkdir()
+    (data / "valid.txt").write_text(H.SAMPLE_VALID.read_text(encoding="utf-8")[:3_000], encoding="utf-8")
+    hf = load_adapter(H.model_dir("gpt2"), data, cpu=True)
+    sample = next(hf.windows("valid", hf.window_settings(16, 64)).batches(4))
+    _keys_only_forward_check(hf, sample, hf.model.base_model.ln_f)

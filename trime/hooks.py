@@ -3,7 +3,9 @@
 In fairseq's pre-norm transformer LM this is the output of the last layer's
 ``final_layer_norm``, i.e. exactly what enters ``fc1``, so a forward *pre*-hook on
 ``decoder.layers[-1].fc1`` yields it without forking the model. The captured tensor
-keeps its autograd graph, so gradients flow into both queries and keys.
+keeps its autograd graph, so gradients flow into both queries and keys. A capture
+entered through :meth:`FFNInputCapture.until_keys` ends the forward pass right there
+(:class:`KeysCaptured`), for jobs that need only the keys (datastores).
 """
 
 import weakref
@@ -28,24 +30,37 @@ def last_ffn_layer(model: nn.Module) -> nn.Module:
     return layers[-1].fc1
 
 
+class KeysCaptured(Exception):
+    """Raised by a capture that stops the forward pass once the keys are recorded (and swallowed on exit)."""
+
+
 class FFNInputCapture:
     """Records the last FFN input of one forward pass, as (batch, time, dim)."""
 
     def __init__(self, fc1: nn.Module) -> None:
-        self._active = False
+        self._active = self._stop = False
         self._captured: Optional[Tensor] = None
         self._handle = fc1.register_forward_pre_hook(self._hook)
 
     def _hook(self, module: nn.Module, inputs) -> None:
         if self._active:
             self._captured = inputs[0]
+            if self._stop:
+                raise KeysCaptured
+
+    def until_keys(self) -> "FFNInputCapture":
+        """Enter as ``with capture.until_keys(): model(...)`` to skip everything after the key (last FFN, head)."""
+        self._stop = True
+        return self
 
     def __enter__(self) -> "FFNInputCapture":
         self._active, self._captured = True, None
         return self
 
-    def __exit__(self, *exc) -> None:
-        self._active = False
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        stopped = self._stop and exc_type is KeysCaptured
+        self._active = self._stop = False
+        return stopped
 
     def pop(self) -> Tensor:
         """The captured representations as (batch, time, dim); fairseq layers run time-major."""

@@ -156,7 +156,8 @@ class FairseqLM(ModelAdapter):
         bsz, length = src.shape
         starts = list(sample.get("start_indices", [0] * bsz))
         capture = ffn_input_capture(self.model)
-        with capture:
+        # without the head terms, the forward ends at the key (the last FFN and the head are skipped)
+        with capture if need_token_terms else capture.until_keys():
             features, _ = self.model(
                 src.to(self.device), src_lengths=sample["net_input"]["src_lengths"].to(self.device), features_only=True
             )

@@ -101,7 +101,7 @@ class HFLM(ModelAdapter):
         """Size of the keys, from a one-token forward (a ``--key-module`` may differ from the hidden size)."""
         from trime.hf.model import KeyCapture
 
-        with KeyCapture(self.model, self.key_module) as capture:
+        with KeyCapture(self.model, self.key_module, stop=True) as capture:
             self.model.base_model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), use_cache=False)
         return int(capture.keys((1, 1)).shape[-1])
 
@@ -178,7 +178,8 @@ class HFLM(ModelAdapter):
 
         input_ids = batch["input_ids"].to(self.device)
         attention_mask = batch["attention_mask"].to(self.device)
-        with KeyCapture(self.model, self.key_module) as capture:
+        # without the head terms, the forward ends at the key (the last MLP, the final norm and the head are skipped)
+        with KeyCapture(self.model, self.key_module, stop=not need_token_terms) as capture:
             hidden = self.model.base_model(
                 input_ids=input_ids, attention_mask=attention_mask, use_cache=False
             ).last_hidden_state

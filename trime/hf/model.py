@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from trime.errors import fail
+from trime.hooks import KeysCaptured
 
 # the module list of decoder layers, as the supported architectures name it (first match wins)
 LAYER_LISTS = ("transformer.h", "model.layers", "gpt_neox.layers", "model.decoder.layers", "transformer.layers")
@@ -108,27 +109,33 @@ class KeyCapture:
     >>> keys = capture.keys(input_ids.shape)  # (B, T, d), graph kept
 
     The hook is registered on entry and removed on exit, so nothing stays attached to
-    the model. ``model`` may be wrapped (DDP); the hook goes on the inner module.
+    the model. ``model`` may be wrapped (DDP); the hook goes on the inner module. With
+    ``stop=True`` the forward pass ends once the key is recorded (datastores need nothing
+    after it), and the ``with`` block swallows the :class:`~trime.hooks.KeysCaptured` that ends it.
     """
 
-    def __init__(self, model: nn.Module, key_module: Optional[str] = None) -> None:
+    def __init__(self, model: nn.Module, key_module: Optional[str] = None, stop: bool = False) -> None:
         self.name, self.module = find_key_module(model, key_module)
         self._captured: Optional[Tensor] = None
         self._handle = None
+        self._stop = stop
 
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         tensor = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
         self._captured = tensor
+        if self._stop:
+            raise KeysCaptured
 
     def __enter__(self) -> "KeyCapture":
         self._captured = None
         self._handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> bool:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        return self._stop and exc_type is KeysCaptured
 
     def keys(self, batch_shape: Optional[Tuple[int, int]] = None) -> Tensor:
         """The captured input as (B, T, d); ``batch_shape`` (B, T) un-flattens OPT's (B*T, d)."""
