@@ -409,6 +409,21 @@ def test_failing_compile_falls_back_to_eager(compile_state, monkeypatch, caplog)
     torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-5)
 
 
+def test_auto_compiles_once_small_calls_add_up(compile_state, monkeypatch):
+    """"auto": a big call compiles at once; small ones (evaluation's per-window calls) stay eager until
+    their pairs add up to _AUTO_MIN_TOTAL_PAIRS, then compile too."""
+    compile_state.set_compile("auto")
+    compile_state._compile_broken = None
+    monkeypatch.setattr(compile_state, "_compiler_missing", lambda device: None)
+    monkeypatch.setattr(compile_state, "_eager_pairs", 0)
+    monkeypatch.setattr(compile_state, "_AUTO_MIN_TOTAL_PAIRS", 1000)
+    cpu = torch.device("cpu")
+    assert compile_state._use_compiled(cpu, compile_state._AUTO_MIN_PAIRS)
+    assert [compile_state._use_compiled(cpu, 600) for _ in range(3)] == [False, False, True]
+    compile_state.set_compile("never")
+    assert not compile_state._use_compiled(cpu, compile_state._AUTO_MIN_PAIRS)
+
+
 def test_compile_mode_values(compile_state):
     for given, mode in (("1", "always"), ("off", "never"), ("AUTO", "auto")):
         compile_state.set_compile(given)

@@ -321,8 +321,12 @@ def _rows_nll_grad_(scores, row_label, col_label, col_bias, row_seg, row_pos, co
 _log = logging.getLogger(__name__)
 _COMPILE_ENV = "TRIME_COMPILE"
 # "auto": compile when a call scores at least this many (query, key) pairs: below it
-# the compile time cannot pay off, and eager runs are fast anyway
+# the compile time cannot pay off, and eager runs are fast anyway ...
 _AUTO_MIN_PAIRS = 1 << 22
+# ... or once the process's smaller calls have scored this many pairs eagerly: many small
+# calls (evaluation scores one window at a time) repay the compile (~10 s) in the work ahead
+_AUTO_MIN_TOTAL_PAIRS = 1 << 29
+_eager_pairs = 0  # pairs scored eagerly by calls that "auto" left uncompiled
 _compile_mode: Optional[str] = None  # None: read $TRIME_COMPILE on first use
 _compile_broken: Optional[str] = None  # why compiling failed (then eager for the process)
 _compiled: dict = {}
@@ -332,7 +336,8 @@ def set_compile(mode: str) -> None:
     """Choose how the memory kernels run: ``"auto"`` (default), ``"always"`` or ``"never"``.
 
     ``auto`` compiles them with ``torch.compile`` (dynamic shapes, so no recompiles as N
-    varies) for calls that score at least 4M (query, key) pairs, when a compiler is
+    varies) for calls that score at least 4M (query, key) pairs, and for every call once
+    the smaller ones have scored 512M pairs in all (evaluation), when a compiler is
     available (a C++ compiler on CPU, Triton on GPU). Without one, or if compiling
     fails, the eager kernels run and one warning is logged. ``$TRIME_COMPILE`` sets the
     initial mode (``auto``/``always``/``never``, also ``1``/``0``).
@@ -376,10 +381,12 @@ def _find_compiler_problem(device: torch.device) -> Optional[str]:
 
 
 def _use_compiled(device: torch.device, pairs: int) -> bool:
+    global _eager_pairs
     mode = compile_mode()
     if mode == "never" or _compile_broken is not None:
         return False
-    if mode == "auto" and pairs < _AUTO_MIN_PAIRS:
+    if mode == "auto" and pairs < _AUTO_MIN_PAIRS and _eager_pairs < _AUTO_MIN_TOTAL_PAIRS:
+        _eager_pairs += pairs
         return False
     missing = _compiler_missing(device)
     if missing is not None:
