@@ -17,9 +17,7 @@ Everything is driven through the public command-line tools, exactly as a user ru
 them; finished steps are reused on re-runs (``--work``), so an interrupted run resumes.
 The evaluations call ``trime-eval``'s entry point with its command line inside this
 process (the same code as the command), so torch, fairseq and the compiled memory
-kernels load once instead of once per row. Every step runs with glibc's allocator told
-to keep freed memory (:data:`ALLOCATOR_ENV`): large tensors are otherwise unmapped when
-freed and page-faulted back on every step, about 12% of a training step here.
+kernels load once instead of once per row.
 ``--quick`` runs the same pipeline on the shipped sample in a few minutes (tests).
 """
 
@@ -104,18 +102,12 @@ class Budget:
         ]
 
 
-# glibc malloc: serve large blocks from the heap and never hand freed memory back, so a
-# training or evaluation step reuses its pages instead of faulting in fresh ones
-ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40), "MALLOC_TOP_PAD_": str(1 << 30)}
-
-
 def run(cmd: Sequence, log: Path) -> str:
     """Run one tool, logging to ``log``; stop with the log's tail on failure."""
     log.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
     with open(log, "w") as f:
-        proc = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT,
-                              env={**os.environ, **ALLOCATOR_ENV})
+        proc = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT)
     return _finish_step(Path(str(cmd[0])).name, log, proc.returncode == 0, started)
 
 
@@ -421,12 +413,5 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(f"total {time.time() - started:.0f} s this run")
 
 
-def with_allocator_env() -> None:
-    """Re-start this script under :data:`ALLOCATOR_ENV` (glibc reads it at start-up) unless it is set."""
-    if any(os.environ.get(k) != v for k, v in ALLOCATOR_ENV.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ALLOCATOR_ENV})
-
-
 if __name__ == "__main__":
-    with_allocator_env()
     main()
