@@ -26,7 +26,7 @@ p_knn(y) = sum_{j: v_j = y} softmax_j(score_j / interp_temp) reuses the same sea
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -34,7 +34,7 @@ from torch import Tensor
 
 from trime.adapters.base import WindowBatch
 from trime.knn import KnnResults, knn_chunk_rows
-from trime.loss import Rule, Visibility, joint_nll, memory_logsumexp, scored_memory_logsumexp
+from trime.loss import Rule, Visibility, joint_nll, memory_logsumexp_at_scales, scored_memory_logsumexp
 
 LEVELS = ("none", "local", "long", "external")
 # external-memory hits of a batch: all of them, or a search of rows (start, stop)
@@ -138,8 +138,8 @@ def _window_visibility(rule: Rule, query_position: Tensor, key_position: Tensor,
     )
 
 
-def local_memory_terms(batch: WindowBatch, key_valid: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """(lse_all, lse_pos) over the local memory of every scored row.
+def local_memory_terms(batch: WindowBatch, key_valid: Tensor, scales: Sequence[float]) -> tuple[Tensor, Tensor]:
+    """(lse_all, lse_pos) over the local memory of every scored row, as (len(scales), N) for each logit scale.
 
     ``Rule.LOCAL`` with each window as a segment: a scored position sees the strictly
     earlier valid positions of its own window (context and new tokens). Every position
@@ -151,8 +151,8 @@ def local_memory_terms(batch: WindowBatch, key_valid: Tensor, scale: float) -> t
     scored = batch.scored.reshape(-1)
     visibility.query_valid = scored  # queries: the scored positions only
     reps, labels = batch.reps.reshape(bsz * length, dim), batch.key_labels.reshape(-1)
-    lse_all, lse_pos = memory_logsumexp(reps, reps, labels, labels, visibility, scale=scale)
-    return lse_all[scored], lse_pos[scored]
+    lse_all, lse_pos = memory_logsumexp_at_scales(reps, reps, labels, labels, visibility, scales)
+    return lse_all[:, scored], lse_pos[:, scored]
 
 
 def _window_offsets(batch: WindowBatch) -> list[int]:
@@ -163,9 +163,11 @@ def _window_offsets(batch: WindowBatch) -> list[int]:
 
 
 def long_memory_terms(
-    batch: WindowBatch, queries: Tensor, offsets: list[int], state: ScoreState, scale: float, key_valid: Tensor
+    batch: WindowBatch, queries: Tensor, offsets: list[int], state: ScoreState, scales: Sequence[float],
+    key_valid: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """(lse_all, lse_pos) over the FIFO for every scored row; updates the FIFO and ``key_valid``.
+    """(lse_all, lse_pos) over the FIFO for every scored row, as (len(scales), N); updates the FIFO and
+    ``key_valid``.
 
     The FIFO as window b sees it is a contiguous slice [lo_b, hi_b) of the buffer
     ``cache + this batch's scored tokens`` (the last ``capacity`` entries before the
@@ -204,15 +206,15 @@ def long_memory_terms(
     in_fifo = (torch.arange(length, device=device)[None, :] < starts[:, None]) & (positions >= limit[:, None])
     key_valid &= ~in_fifo
 
-    lse_all = torch.full((n,), _NEG_INF, device=device)
-    lse_pos = torch.full((n,), _NEG_INF, device=device)
+    lse_all = torch.full((len(scales), n), _NEG_INF, device=device)
+    lse_pos = torch.full((len(scales), n), _NEG_INF, device=device)
     for b, (lo, hi) in enumerate(slices):
         r0, r1 = offsets[b], offsets[b + 1]
         if hi <= lo or r1 <= r0:
             continue
         visibility = _window_visibility(Rule.LONG, buf_pos[cached + r0 : cached + r1], buf_pos[lo:hi], None)
-        lse_all[r0:r1], lse_pos[r0:r1] = memory_logsumexp(
-            queries[r0:r1], buf_keys[lo:hi], buf_labels[lo:hi], batch.targets[r0:r1], visibility, scale=scale
+        lse_all[:, r0:r1], lse_pos[:, r0:r1] = memory_logsumexp_at_scales(
+            queries[r0:r1], buf_keys[lo:hi], buf_labels[lo:hi], batch.targets[r0:r1], visibility, scales
         )
     # the FIFO after this batch: the last `capacity` entries since the last reset
     mem.keep(buf_keys, buf_labels, buf_pos, start=floor)
@@ -227,19 +229,28 @@ def context_memory_terms(
 
     They depend only on :meth:`MemorySettings.context_key`, not on the external memory's settings.
     """
+    lse_all, lse_pos = context_memory_terms_at_temps(batch, settings, [settings.softmax_temp], state, dim)
+    return lse_all[0], lse_pos[0]
+
+
+def context_memory_terms_at_temps(
+    batch: WindowBatch, settings: MemorySettings, temps: Sequence[float], state: ScoreState, dim: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """:func:`context_memory_terms` at each softmax temperature of ``temps`` (instead of ``settings``'), as
+    (len(temps), N): the memory scores are computed once for all of them. Updates ``state`` once."""
     dim = dim or batch.reps.shape[-1]
-    scale = 1.0 / math.sqrt(dim) / settings.softmax_temp
+    scales = [1.0 / math.sqrt(dim) / t for t in temps]
     n = batch.num_scored
     device = batch.targets.device
-    lse_all = torch.full((n,), _NEG_INF, device=device)
-    lse_pos = torch.full((n,), _NEG_INF, device=device)
+    lse_all = torch.full((len(scales), n), _NEG_INF, device=device)
+    lse_pos = torch.full((len(scales), n), _NEG_INF, device=device)
     key_valid = batch.key_valid.clone()
     if settings.uses_long:
-        lse_all, lse_pos = long_memory_terms(batch, batch.queries, _window_offsets(batch), state, scale, key_valid)
+        lse_all, lse_pos = long_memory_terms(batch, batch.queries, _window_offsets(batch), state, scales, key_valid)
     else:
         state.next_position += n
     if settings.uses_local and n > 0:
-        a, p = local_memory_terms(batch, key_valid, scale)
+        a, p = local_memory_terms(batch, key_valid, scales)
         lse_all, lse_pos = torch.logaddexp(lse_all, a), torch.logaddexp(lse_pos, p)
     return lse_all, lse_pos
 

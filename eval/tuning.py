@@ -5,8 +5,10 @@ setting then only re-scores the memory, which is what makes the search cheap. Th
 long-term terms are kept per softmax temperature, so trials of the external temperature,
 lambda or interp-temp re-score only the neighbours.
 
-- softmax temperature T: a geometric grid (extended while the best point is on its edge),
-  then golden-section search between the grid neighbours of the best point (in log T);
+- softmax temperature T: a geometric grid (extended while the best point is on its edge), then
+  rounds of 7 points spread evenly (in log T) between the best point's neighbours, each round 4x
+  narrower, until they are TEMP_TOLERANCE apart. The candidates of one round are scored together:
+  the local + long memory scores are computed once per round, not once per temperature;
 - external temperature T_ext (the datastore's neighbours in the joint softmax): the same search on
   a grid of T x 1/4 .. 4, with the tuned T fixed;
 - interpolation: for each interp-temp on a fixed geometric grid (p_knn depends only on
@@ -23,7 +25,7 @@ from torch import Tensor
 from trime.eval.memory import (
     MemorySettings,
     ScoreState,
-    context_memory_terms,
+    context_memory_terms_at_temps,
     interpolate,
     knn_log_prob,
     score_with_context_terms,
@@ -98,16 +100,26 @@ class CachedRun:
     def context_terms(self, settings: MemorySettings) -> list[tuple[Tensor, Tensor]]:
         """Local + long-term memory terms of every batch (CPU), computed once per :meth:`~MemorySettings.context_key`:
         trials that change only the external memory's settings (T_ext, lambda, interp-temp, k) reuse them."""
-        key = settings.context_key()
-        if key not in self._context_memo:
-            if len(self._context_memo) >= CONTEXT_MEMO_ENTRIES:
+        self.prefetch(settings, [settings.softmax_temp])
+        return self._context_memo[settings.context_key()]
+
+    def prefetch(self, settings: MemorySettings, temps: Sequence[float]) -> None:
+        """Compute the context terms of ``settings`` at each softmax temperature of ``temps`` that is not
+        memoised yet, in one pass over the batches (each memory score is computed once for all of them)."""
+        keyed = {settings.with_(softmax_temp=t).context_key(): t for t in temps}
+        missing = [t for key, t in keyed.items() if key not in self._context_memo]
+        if not missing:
+            return
+        state = ScoreState.fresh(settings)
+        per_temp: list[list[tuple[Tensor, Tensor]]] = [[] for _ in missing]
+        for b in self.batches:
+            lse_all, lse_pos = context_memory_terms_at_temps(b.to(self.device), settings, missing, state, dim=self.dim)
+            for i in range(len(missing)):
+                per_temp[i].append((lse_all[i].cpu(), lse_pos[i].cpu()))
+        for t, terms in zip(missing, per_temp):
+            while len(self._context_memo) >= CONTEXT_MEMO_ENTRIES:
                 self._context_memo.pop(next(iter(self._context_memo)))  # the oldest
-            state = ScoreState.fresh(settings)
-            self._context_memo[key] = [
-                tuple(t.cpu() for t in context_memory_terms(b.to(self.device), settings, state, dim=self.dim))
-                for b in self.batches
-            ]
-        return self._context_memo[key]
+            self._context_memo[settings.with_(softmax_temp=t).context_key()] = terms
 
     def log_probs(self, settings: MemorySettings) -> Tensor:
         """Per-token log P of every scored token (CPU, fp32) under ``settings``."""
@@ -143,22 +155,37 @@ def best_interpolation(joint: Tensor, knn_by_temp: dict[float, Tensor]) -> tuple
     return best
 
 
-def _grid_then_golden(objective_log: Callable[[float], float], grid: Sequence[float]) -> None:
-    """Evaluate ``grid`` (extended x2 per step while the best point is on an edge, up to TEMP_LIMITS), then
-    golden-section search (in log T) between the best point's neighbours."""
-    grid = sorted(grid)
-    values = [objective_log(math.log(t)) for t in grid]
-    i = min(range(len(grid)), key=values.__getitem__)
-    while i == len(grid) - 1 and grid[-1] * 2 <= TEMP_LIMITS[1]:
-        grid.append(grid[-1] * 2)
-        values.append(objective_log(math.log(grid[-1])))
-        i = min(range(len(grid)), key=values.__getitem__)
-    while i == 0 and grid[0] / 2 >= TEMP_LIMITS[0]:
-        grid.insert(0, grid[0] / 2)
-        values.insert(0, objective_log(math.log(grid[0])))
-        i = min(range(len(grid)), key=values.__getitem__)
-    lo, hi = grid[max(0, i - 1)], grid[min(len(grid) - 1, i + 1)]
-    golden_section(objective_log, math.log(lo), math.log(hi), tol=TEMP_TOLERANCE)
+REFINE_POINTS = 7  # candidates per refinement round (scored together), spread evenly between two neighbours
+
+
+def _grid_then_refine(objective_logs: Callable[[list[float]], list[float]], grid: Sequence[float]) -> None:
+    """Minimise over log T: ``grid`` (extended x2 per step while the best point is on an edge, up to
+    TEMP_LIMITS), then rounds of REFINE_POINTS points between the best point's neighbours until the
+    neighbours are TEMP_TOLERANCE apart. ``objective_logs`` scores a list of log T at once."""
+    start = sorted(math.log(t) for t in grid)
+    values = dict(zip(start, objective_logs(start)))
+
+    def bracket() -> tuple[int, list[float]]:
+        xs = sorted(values)
+        return min(range(len(xs)), key=lambda j: values[xs[j]]), xs
+
+    i, xs = bracket()
+    while i == len(xs) - 1 and math.exp(xs[-1]) * 2 <= TEMP_LIMITS[1]:
+        x = xs[-1] + math.log(2)
+        values[x] = objective_logs([x])[0]
+        i, xs = bracket()
+    while i == 0 and math.exp(xs[0]) / 2 >= TEMP_LIMITS[0]:
+        x = xs[0] - math.log(2)
+        values[x] = objective_logs([x])[0]
+        i, xs = bracket()
+    for _ in range(32):  # each round narrows the bracket 4x
+        lo, hi = xs[max(0, i - 1)], xs[min(len(xs) - 1, i + 1)]
+        if hi - lo <= TEMP_TOLERANCE:
+            return
+        step = (hi - lo) / (REFINE_POINTS + 1)
+        new = [lo + step * j for j in range(1, REFINE_POINTS + 1) if lo + step * j not in values]
+        values.update(zip(new, objective_logs(new)))
+        i, xs = bracket()
 
 
 EXTERNAL_TEMP_STEPS = (0.25, 0.5, 1.0, 2.0, 4.0)  # x the tuned softmax-temp: the external temperature's grid
@@ -211,11 +238,15 @@ def tune(
             results[key] = (evaluate(settings), settings)
         return results[key][0][0]
 
+    def score_temps(log_temps: list[float]) -> list[float]:
+        run.prefetch(base, [math.exp(x) for x in log_temps])  # one pass over the memory scores for all of them
+        return [score(base.with_(softmax_temp=math.exp(x))) for x in log_temps]
+
     def best() -> tuple[tuple[float, float, float], MemorySettings]:
         return min(results.values(), key=lambda r: r[0][0])
 
     if tune_temp:
-        _grid_then_golden(lambda x: score(base.with_(softmax_temp=math.exp(x))), temp_grid)
+        _grid_then_refine(score_temps, temp_grid)
         best_temp = best()[1].softmax_temp
         if not TEMP_LIMITS[0] * 2 <= best_temp <= TEMP_LIMITS[1] / 2:
             log(f"trime-eval: note: the best softmax-temp {best_temp:.4g} is at the search limit: "
@@ -224,8 +255,9 @@ def tune(
         score(base)
     if tune_external:
         current = best()[1]
-        _grid_then_golden(
-            lambda x: score(current.with_(external_temp=math.exp(x))), [current.ext_temp * f for f in EXTERNAL_TEMP_STEPS]
+        _grid_then_refine(
+            lambda xs: [score(current.with_(external_temp=math.exp(x))) for x in xs],
+            [current.ext_temp * f for f in EXTERNAL_TEMP_STEPS],
         )
     (nll, lam, itemp), settings = best()
     return TuneResult(settings.with_(lmbda=lam, interp_temp=itemp), nll, trials)

@@ -575,6 +575,55 @@ def test_library_errors_are_one_line(ckpts, wt2_sample_bin, tmp_path):
     assert "could not be read" in str(err.value)
 
 
+def test_grid_refinement_finds_the_optimum_in_few_rounds():
+    """Rounds of candidates scored together: the optimum to TEMP_TOLERANCE (in log T) in 1 + 3 rounds from
+    the default grid, and the grid is extended when the optimum lies beyond it."""
+    import math
+
+    from trime.eval.tuning import TEMP_GRID, TEMP_TOLERANCE, _grid_then_refine
+
+    for optimum, rounds in ((1.7, 4), (40.0, 3 + 4)):
+        calls = []
+
+        def objective(xs, optimum=optimum, calls=calls):
+            calls.append(list(xs))
+            return [(x - math.log(optimum)) ** 2 for x in xs]
+
+        _grid_then_refine(objective, TEMP_GRID)
+        tried = [x for c in calls for x in c]
+        assert abs(min(tried, key=lambda x: abs(x - math.log(optimum))) - math.log(optimum)) < TEMP_TOLERANCE / 2
+        assert len(calls) == rounds and len(tried) > 2 * len(calls)
+
+
+def test_tuning_scores_each_round_in_one_pass_with_single_pass_results(ckpts, wt2_sample_bin, monkeypatch):
+    """The context terms of a round's temperatures come from one pass over the batches, and equal what a
+    single-temperature scoring gives (the tuned record's best trial is reproduced by a fresh run)."""
+    import trime.eval.tuning as tuning
+    from trime.adapters import load_adapter
+    from trime.eval.evaluate import Evaluator
+    from trime.eval.memory import MemorySettings
+
+    lm = load_adapter(ckpts["trime"], wt2_sample_bin, cpu=True)
+    evaluator = Evaluator(lm, lm.window_settings(CONTEXT, None), batch_size=8, progress=False)
+    run = evaluator.collect("valid", evaluator.batches_for_tokens("valid", 2000))
+    passes = []
+    multi = tuning.context_memory_terms_at_temps
+
+    def counting(batch, settings, temps, state, dim=None):
+        passes.append(len(temps))
+        return multi(batch, settings, temps, state, dim)
+
+    monkeypatch.setattr(tuning, "context_memory_terms_at_temps", counting)
+    base = MemorySettings(level="long", mem_size=64)
+    result = tuning.tune(run, base, tune_temp=True, tune_interp=False, log=lambda line: None)
+    assert len(result.trials) >= 3 * len(passes) / len(run.batches)  # several temperatures per pass
+    best = min(result.trials, key=lambda t: t["nll"])
+    assert result.settings.softmax_temp == best["softmax_temp"]
+    fresh = evaluator.collect("valid", evaluator.batches_for_tokens("valid", 2000))
+    nll = tuning.mean_nll(fresh.log_probs(base.with_(softmax_temp=best["softmax_temp"])))
+    assert abs(nll - best["nll"]) < 1e-5 * best["nll"]
+
+
 def test_golden_section_and_interpolation_search():
     from trime.eval.tuning import best_interpolation, golden_section
 

@@ -7,6 +7,7 @@ import torch
 
 from dense_reference import dense_nll, dense_visibility
 from trime.loss import (
+    memory_logsumexp_at_scales,
     Rule,
     Visibility,
     adaptive_softmax_terms,
@@ -635,3 +636,40 @@ def test_memory_joint_nll_bf16_and_empty_memory():
     ref.sum().backward()
     torch.testing.assert_close(nll.double(), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(r16.grad.double(), rb.grad, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize(
+    "rule,external_local", [("long", True), ("external", True), ("external", False), ("local", True)]
+)
+@pytest.mark.parametrize("mode", ["never", "always"])
+def test_logsumexp_at_scales_equals_one_call_per_scale(compile_state, rule, external_local, mode):
+    """One pass at several scales (evaluation's temperature trials) = separate calls, on every schedule:
+    in-batch local / symmetric external / general long, plus a general call with other keys and groups;
+    eager and compiled."""
+    compile_state.set_compile(mode)
+    torch.manual_seed(3)
+    batch, seq_len, dim = 3, 10, 8
+    reps = torch.randn(batch * seq_len, dim)
+    targets = torch.randint(0, 4, (batch * seq_len,))
+    valid = torch.rand(batch, seq_len) > 0.2
+    scales = [0.1, 0.35, 1.0, 2.5]
+    vis = Visibility.for_batch(Rule(rule), batch, seq_len, valid=valid, external_local=external_local)
+    cases = [(reps, reps, targets, targets, vis)]
+    if rule == "long":  # queries after a separate FIFO of keys, in two groups
+        keys, key_labels = torch.randn(17, dim), torch.randint(0, 4, (17,))
+        general = Visibility(
+            rule=Rule.LONG, query_segment=torch.zeros(6, dtype=torch.long), query_position=torch.arange(20, 26),
+            key_segment=torch.zeros(17, dtype=torch.long), key_position=torch.arange(17),
+            query_group=torch.tensor([0, 0, 0, 1, 1, 1]), key_group=(torch.arange(17) > 8).long(),
+        )
+        cases.append((reps[:6], keys, key_labels, targets[:6], general))
+    for queries, keys, key_labels, query_targets, visibility in cases:
+        lse_all, lse_pos = memory_logsumexp_at_scales(queries, keys, key_labels, query_targets, visibility, scales,
+                                                      block_size=7)
+        assert lse_all.shape == lse_pos.shape == (len(scales), queries.shape[0])
+        for i, scale in enumerate(scales):
+            ref_all, ref_pos = memory_logsumexp(queries, keys, key_labels, query_targets, visibility, scale=scale,
+                                                block_size=7)
+            torch.testing.assert_close(lse_all[i], ref_all, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(lse_pos[i], ref_pos, rtol=1e-5, atol=1e-5)
+        assert torch.isfinite(lse_all).any() and not torch.equal(lse_all[0], lse_all[-1])

@@ -44,7 +44,7 @@ import math
 import os
 import shutil
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -257,6 +257,11 @@ def _rows_lse(scores, row_label, col_label, col_bias, row_seg, row_pos, col_seg,
     """Per query row: (lse over visible keys, lse over visible positive keys) of one tile."""
     x = scores + col_bias + _structure_bias(row_seg, row_pos, col_seg, col_pos, rule)
     return _lse_pair(x, row_label == col_label, dim=-1)
+
+
+def _rows_lse_scaled(scores, factors, row_label, col_label, col_bias, row_seg, row_pos, col_seg, col_pos, rule):
+    """:func:`_rows_lse` of the tile multiplied by each of ``factors`` (S, 1, 1): (S, rows) results."""
+    return _rows_lse(scores * factors, row_label, col_label, col_bias, row_seg, row_pos, col_seg, col_pos, rule)
 
 
 def _cols_lse(scores, row_label, col_label, row_bias):
@@ -595,28 +600,49 @@ def _group_mask_(scores: Tensor, v: Visibility, start: int, end: int, lo: int, h
         scores.masked_fill_(v.key_group[None, lo:hi] != v.query_group[start:end, None], _NEG_INF)
 
 
-def _forward(p: _Problem, kernels: _Kernels) -> Tuple[Tensor, Tensor]:
+def _at_factors(scores: Tensor, factors: Sequence[float]) -> Iterator[Tuple[int, Tensor]]:
+    """(index, tile) of ``scores`` multiplied by each factor (the tile itself for a factor of 1)."""
+    for i, factor in enumerate(factors):
+        yield i, scores if factor == 1.0 else scores * factor
+
+
+def _factor_tensor(factors: Sequence[float], device: torch.device, dims: int) -> Optional[Tensor]:
+    """``factors`` as an (S, 1, ..., 1) tensor to scale a ``dims``-d tile S ways at once, or None for one factor of 1."""
+    if len(factors) == 1 and factors[0] == 1.0:
+        return None
+    return torch.tensor(list(factors), dtype=torch.float32, device=device).view(-1, *([1] * dims))
+
+
+def _forward(p: _Problem, kernels: _Kernels, factors: Sequence[float] = (1.0,)) -> Tuple[Tensor, Tensor]:
+    """(lse_all, lse_pos) as (len(factors), N): the scores of every tile are computed once (at ``p.scale``)
+    and reduced at ``p.scale`` x each factor."""
     n = p.visibility.num_queries
     device = p.queries.device
-    lse_all = torch.full((n,), _NEG_INF, dtype=torch.float32, device=device)
+    lse_all = torch.full((len(factors), n), _NEG_INF, dtype=torch.float32, device=device)
     lse_pos = torch.full_like(lse_all, _NEG_INF)
     schedule = p.schedule()
     if schedule == "general":
         tiles = list(p.general_tiles())
         ws = _workspace(p, max(((e - s) * (hi - lo) for s, e, lo, hi in tiles), default=0))
+        scaled = _factor_tensor(factors, device, 2)
         for start, end, lo, hi in tiles:
             scores = torch.mm(p.queries[start:end] * p.scale, p.keys[lo:hi].T, out=_tile(ws, (end - start, hi - lo)))
             _group_mask_(scores, p.visibility, start, end, lo, hi)
             label, seg, pos = p.rows(start, end)
             c_label, c_bias, c_seg, c_pos = p.cols(lo, hi)
-            a, b = kernels._rows_lse(scores, label, c_label, c_bias, seg, pos, c_seg, c_pos, p.rule)
+            if scaled is None:
+                a, b = kernels._rows_lse(scores, label, c_label, c_bias, seg, pos, c_seg, c_pos, p.rule)
+            else:  # every factor in one fused call: (S, rows)
+                a, b = kernels._rows_lse_scaled(scores, scaled, label, c_label, c_bias, seg, pos, c_seg, c_pos, p.rule)
             # a query's keys may span several tiles (external memory over many ranks)
-            lse_all[start:end] = torch.logaddexp(lse_all[start:end], a)
-            lse_pos[start:end] = torch.logaddexp(lse_pos[start:end], b)
+            lse_all[:, start:end] = torch.logaddexp(lse_all[:, start:end], a)
+            lse_pos[:, start:end] = torch.logaddexp(lse_pos[:, start:end], b)
     elif schedule == "local_batched":
+        scaled = _factor_tensor(factors, device, 3)
         for start, end, g, seq_len, _, _, scores in _local_batched_tiles(p):
-            a, b = _rows_lse(scores, *_local_vectors(p, start, end, g, seq_len))  # eager: see _local_vectors
-            lse_all[start:end], lse_pos[start:end] = a.reshape(-1), b.reshape(-1)
+            vectors = _local_vectors(p, start, end, g, seq_len)
+            a, b = _rows_lse(scores if scaled is None else scores * scaled, *vectors)  # eager: see _local_vectors
+            lse_all[:, start:end], lse_pos[:, start:end] = a.reshape(len(factors), -1), b.reshape(len(factors), -1)
     else:
         tiles = list(p.symmetric_tiles())
         ws = _workspace(p, max(((e - s) * (n - k0) for s, e, k0 in tiles), default=0))
@@ -627,18 +653,20 @@ def _forward(p: _Problem, kernels: _Kernels) -> Tuple[Tensor, Tensor]:
             scores = torch.mm(h[start:end] * p.scale, h[k0:].T, out=_tile(ws, (end - start, n - k0)))
             label, seg, pos = p.rows(start, end)
             c_label, c_bias, c_seg, c_pos = p.cols(k0, n)
-            a, b = kernels._rows_lse(scores, label, c_label, c_bias, seg, pos, c_seg, c_pos, p.rule)
-            lse_all[start:end] = torch.logaddexp(lse_all[start:end], a)
-            lse_pos[start:end] = torch.logaddexp(lse_pos[start:end], b)
             off = end - k0  # columns from here on are later segments: use the tile for them as well
-            if off < n - k0:
-                a, b = kernels._cols_lse(scores[:, off:], label, c_label[:, off:].clone(), p.q_bias[start:end, None].clone())
-                lse_all[end:] = torch.logaddexp(lse_all[end:], a)
-                lse_pos[end:] = torch.logaddexp(lse_pos[end:], b)
+            for i, x in _at_factors(scores, factors):
+                a, b = kernels._rows_lse(x, label, c_label, c_bias, seg, pos, c_seg, c_pos, p.rule)
+                lse_all[i, start:end] = torch.logaddexp(lse_all[i, start:end], a)
+                lse_pos[i, start:end] = torch.logaddexp(lse_pos[i, start:end], b)
+                if off < n - k0:
+                    a, b = kernels._cols_lse(x[:, off:], label, c_label[:, off:].clone(),
+                                             p.q_bias[start:end, None].clone())
+                    lse_all[i, end:] = torch.logaddexp(lse_all[i, end:], a)
+                    lse_pos[i, end:] = torch.logaddexp(lse_pos[i, end:], b)
     if p.visibility.query_valid is not None:  # pad queries see nothing
-        valid = p.visibility.query_valid.to(device)
-        lse_all.masked_fill_(~valid, _NEG_INF)
-        lse_pos.masked_fill_(~valid, _NEG_INF)
+        invalid = ~p.visibility.query_valid.to(device)[None, :]
+        lse_all.masked_fill_(invalid, _NEG_INF)
+        lse_pos.masked_fill_(invalid, _NEG_INF)
     return lse_all, lse_pos
 
 
@@ -733,7 +761,7 @@ class _MemoryLogSumExp(torch.autograd.Function):
         with torch.no_grad():
             problem = _Problem.build(queries, keys, key_labels, query_targets, visibility, scale, block_size, same)
             kernels = _Kernels(_use_compiled(queries.device, problem.pairs()))
-            lse_all, lse_pos = _forward(problem, kernels)
+            lse_all, lse_pos = (x[0] for x in _forward(problem, kernels))
         ctx.save_for_backward(queries, keys, key_labels, query_targets, lse_all, lse_pos)
         ctx.visibility, ctx.scale, ctx.block_size, ctx.same = visibility, scale, block_size, same
         return lse_all, lse_pos
@@ -839,7 +867,7 @@ class _MemoryJointNLL(torch.autograd.Function):
                                                              need_k)
                 ctx.grads = (grad_q, grad_k)
             else:
-                lse_all, lse_pos = _forward(problem, kernels)
+                lse_all, lse_pos = (x[0] for x in _forward(problem, kernels))
             nll, w_all, w_pos, d_score, d_log_partition = _joint_terms(lse_all, lse_pos, score, log_partition, keep)
         ctx.save_for_backward(queries, keys, key_labels, query_targets, lse_all, lse_pos)
         ctx.weights = (w_all, w_pos, d_score, d_log_partition)
@@ -924,6 +952,34 @@ def memory_logsumexp(
     if scale is None:
         scale = 1.0 / math.sqrt(queries.shape[1])
     return _MemoryLogSumExp.apply(queries, keys, key_labels, query_targets, visibility, float(scale), int(block_size))
+
+
+def memory_logsumexp_at_scales(
+    queries: Tensor,
+    keys: Tensor,
+    key_labels: Tensor,
+    query_targets: Tensor,
+    visibility: Visibility,
+    scales: Sequence[float],
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> Tuple[Tensor, Tensor]:
+    """:func:`memory_logsumexp` at several logit scales in one pass, without gradient: (S, N) tensors.
+
+    Each score tile is computed once and reduced at every scale, so S temperatures (the
+    candidates of evaluation-time tuning) cost one set of matrix products instead of S.
+    """
+    if queries.dim() != 2 or keys.dim() != 2 or queries.shape[1] != keys.shape[1]:
+        raise ValueError(f"queries {tuple(queries.shape)} and keys {tuple(keys.shape)} must be (N, d) and (M, d)")
+    if visibility.num_queries != queries.shape[0] or visibility.num_keys != keys.shape[0]:
+        raise ValueError("visibility metadata does not match the number of queries/keys")
+    scales = [float(x) for x in scales]
+    if not scales or min(scales) <= 0:
+        raise ValueError(f"scales must be a non-empty list of positive numbers, got {scales}")
+    same = _same_tensor(queries, keys, key_labels, query_targets)
+    with torch.no_grad():
+        problem = _Problem.build(queries, keys, key_labels, query_targets, visibility, scales[0], int(block_size), same)
+        kernels = _Kernels(_use_compiled(queries.device, problem.pairs() * len(scales)))
+        return _forward(problem, kernels, [x / scales[0] for x in scales])
 
 
 def memory_joint_nll(
