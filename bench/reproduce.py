@@ -17,7 +17,10 @@ Everything is driven through the public command-line tools, exactly as a user ru
 them; finished steps are reused on re-runs (``--work``), so an interrupted run resumes.
 The evaluations call ``trime-eval``'s entry point with its command line inside this
 process (the same code as the command), so torch, fairseq and the compiled memory
-kernels load once instead of once per row.
+kernels load once instead of once per row. The four trainings and the two datastore
+builds are independent: ``--jobs N`` (default 2) runs N of them at a time with
+cores / N threads each; on 2 cores two one-thread trainings finish 14% sooner than one
+after the other at two threads (small matrices scale poorly across threads).
 ``--quick`` runs the same pipeline on the shipped sample in a few minutes (tests).
 """
 
@@ -27,7 +30,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -102,13 +107,29 @@ class Budget:
         ]
 
 
-def run(cmd: Sequence, log: Path) -> str:
-    """Run one tool, logging to ``log``; stop with the log's tail on failure."""
+_STEP_RECORD_LOCK = threading.Lock()  # steps of one phase may finish at the same time (--jobs)
+
+
+def run(cmd: Sequence, log: Path, threads: Optional[int] = None) -> str:
+    """Run one tool, logging to ``log`` (with ``threads`` CPU threads if given); stop with the log's tail on failure."""
     log.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with open(log, "w") as f:
-        proc = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, env=env)
     return _finish_step(Path(str(cmd[0])).name, log, proc.returncode == 0, started)
+
+
+def run_parallel(tasks: Sequence, jobs: int) -> list:
+    """Call every zero-argument ``tasks`` entry, ``jobs`` at a time; results in order (the first failure is raised)."""
+    if jobs <= 1:
+        return [task() for task in tasks]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return [f.result() for f in [pool.submit(task) for task in tasks]]
+
+
+def threads_per_job(jobs: int) -> int:
+    return max(1, int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1) // max(1, jobs))
 
 
 def run_in_process(name: str, entry, argv: Sequence, log: Path) -> str:
@@ -138,11 +159,16 @@ def _finish_step(name: str, log: Path, ok: bool, started: float) -> str:
         raise SystemExit(f"reproduce: {name} failed (log {log}):\n{tail}")
     seconds = time.time() - started
     print(f"    {name} done in {seconds:.0f} s ({log.name})", flush=True)
-    record = log.parent / "step-seconds.json"  # wall time of every finished step, kept across resumed runs
-    steps = json.loads(record.read_text()) if record.exists() else {}
-    steps[log.stem] = round(seconds, 1)
-    write_json_atomic(record, steps)
+    record_seconds(log.parent / "step-seconds.json", log.stem, seconds)  # kept across resumed runs
     return text
+
+
+def record_seconds(record: Path, name: str, seconds: float, add: bool = False) -> None:
+    """Store (or with ``add``, accumulate) ``seconds`` under ``name`` in the json file ``record``."""
+    with _STEP_RECORD_LOCK:
+        steps = json.loads(record.read_text()) if record.exists() else {}
+        steps[name] = round(seconds + (steps.get(name, 0.0) if add else 0.0), 1)
+        write_json_atomic(record, steps)
 
 
 def done_marker(path: Path) -> bool:
@@ -186,30 +212,37 @@ def model_flags(budget: Budget) -> Dict[str, List[str]]:
     return models
 
 
-def train_all(data: Path, budget: Budget, work: Path, plan: Optional[Path]) -> Dict[str, Path]:
-    ckpts = {}
-    for name, flags in model_flags(budget).items():
-        save = work / "checkpoints" / name
-        ckpt = save / "checkpoint_last.pt"
-        marker = save / "DONE"
-        if not done_marker(marker):
-            print(f"  training {name}", flush=True)
-            extra = ["--predefined-batches", plan] if name == "trimelm_ext" else []
-            started = time.time()
-            log = run([BIN / "trime-train", data, *flags, *extra, *budget.model_args(), "--save-dir", save],
-                      work / "logs" / f"train-{name}.log")
-            wps = [float(x.split("=")[1]) for x in log.replace(",", " ").split() if x.startswith("wps=")]
-            write_json_atomic(marker, {"seconds": time.time() - started, "wps": wps})
-        ckpts[name] = ckpt
-    return ckpts
+def train_model(name: str, data: Path, budget: Budget, work: Path, plan: Optional[Path],
+                threads: Optional[int] = None) -> Path:
+    """Train model ``name`` of :func:`model_flags` (once; a DONE marker records its time) -> its checkpoint."""
+    save = work / "checkpoints" / name
+    marker = save / "DONE"
+    if not done_marker(marker):
+        print(f"  training {name}", flush=True)
+        extra = ["--predefined-batches", plan] if name == "trimelm_ext" else []
+        started = time.time()
+        log = run([BIN / "trime-train", data, *model_flags(budget)[name], *extra, *budget.model_args(),
+                   "--save-dir", save], work / "logs" / f"train-{name}.log", threads)
+        wps = [float(x.split("=")[1]) for x in log.replace(",", " ").split() if x.startswith("wps=")]
+        write_json_atomic(marker, {"seconds": time.time() - started, "wps": wps})
+    return save / "checkpoint_last.pt"
 
 
-def build_datastore(data: Path, ckpt: Path, out: Path, budget: Budget, work: Path) -> Path:
+def train_all(data: Path, budget: Budget, work: Path, plan: Optional[Path], jobs: int = 1) -> Dict[str, Path]:
+    """Train every model of :func:`model_flags`, ``jobs`` at a time (the slowest first)."""
+    names = sorted(model_flags(budget), key=lambda n: n not in ("trimelm_long", "trimelm_ext"))
+    threads = threads_per_job(jobs) if jobs > 1 else None
+    paths = run_parallel([lambda n=n: train_model(n, data, budget, work, plan, threads) for n in names], jobs)
+    return {name: dict(zip(names, paths))[name] for name in model_flags(budget)}
+
+
+def build_datastore(data: Path, ckpt: Path, out: Path, budget: Budget, work: Path,
+                    threads: Optional[int] = None) -> Path:
     if not (out / "meta.json").exists() or not (out / "index.faiss").exists():
         print(f"  datastore from {ckpt.parent.name}", flush=True)
         run([BIN / "trime-build-datastore", data, "--path", ckpt, "--output", out, "--cpu",
              "--context-window", budget.context_window, "--train-sample", "200000", "--no-progress-bar"],
-            work / "logs" / f"datastore-{ckpt.parent.name}.log")
+            work / "logs" / f"datastore-{ckpt.parent.name}.log", threads)
     return out
 
 
@@ -264,7 +297,8 @@ def paper_reference(byte_level: bool) -> Tuple[Dict[str, float], str, str]:
 
 
 def write_report(rows: List[dict], budget: Budget, args, data: Path, timings: dict, steps: dict,
-                 total_s: float, out: Path) -> None:
+                 phases: dict, out: Path) -> None:
+    total_s = sum(phases.values())
     metric = "bpc" if budget.byte_level else "ppl"
     paper, paper_base_label, paper_caption = paper_reference(budget.byte_level)
     ours = {r["label"]: r["test"] for r in rows}
@@ -299,8 +333,9 @@ def write_report(rows: List[dict], budget: Budget, args, data: Path, timings: di
         )
     lines += [
         "",
-        f"Wall time {total_s / 60:.0f} min in all (steps finished in earlier, resumed runs included). "
-        "Training (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + ". "
+        f"Wall time {total_s / 60:.1f} min in all (phases finished in earlier, resumed runs included): "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()) + f"; trainings and datastores {args.jobs} at a time. "
+        "Training (s, each): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + ". "
         "Other steps (s): " + ", ".join(f"{k} {v:.0f}" for k, v in steps.items() if not k.startswith("train-")) + ".",
         "",
     ]
@@ -309,7 +344,8 @@ def write_report(rows: List[dict], budget: Budget, args, data: Path, timings: di
         tmp.write_text("\n".join(lines) + "\n")
     payload = {"machine": machine, "date": today(), "quick": args.quick, "dataset": args.dataset, "data": str(data),
                "metric": metric, "budget": vars(budget), "rows": rows, "training_seconds": timings,
-               "step_seconds": steps, "total_seconds": round(total_s, 1), "paper_test": paper}
+               "step_seconds": steps, "phase_seconds": phases, "jobs": args.jobs,
+               "total_seconds": round(total_s, 1), "paper_test": paper}
     write_json_atomic(out.with_suffix(".json"), json.loads(json.dumps(payload, default=str)))
     import matplotlib
 
@@ -372,7 +408,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--work", type=Path, default=None, help="working directory (reused to resume)")
     parser.add_argument("--out", type=Path, default=None,
                         help="output prefix (default bench/results/reproduce[-enwik8][-quick])")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="trainings / datastore builds run at a time, each with cores / JOBS threads (default 2)")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     byte_level = args.dataset == "enwik8-prefix"
     budget = Budget(args.quick, args.max_update, byte_level=byte_level)
@@ -381,6 +421,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     out = args.out or REPO / "bench" / "results" / f"reproduce{suffix}"
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    phases_file = work / "logs" / "phase-seconds.json"  # wall time of each phase (its steps may overlap)
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    phase_started = [time.time()]
+
+    def phase_done(name: str) -> None:
+        record_seconds(phases_file, name, time.time() - phase_started[0], add=True)
+        phase_started[0] = time.time()
 
     print("1/5 data", flush=True)
     data = prepare_data(args, work)
@@ -391,14 +438,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if not plan.exists():
             run([BIN / "trime-bm25-batches", data, "--tokens-per-sample", budget.tokens_per_sample, "--output", plan,
                  "--lucene", "--no-progress-bar"], work / "logs" / "bm25.log")
-    print("3/5 training", flush=True)
-    ckpts = train_all(data, budget, work, plan)
+    phase_done("data")
+    print(f"3/5 training ({args.jobs} at a time)", flush=True)
+    ckpts = train_all(data, budget, work, plan, args.jobs)
     timings = {n: json.loads((c.parent / "DONE").read_text())["seconds"] for n, c in ckpts.items()}
+    phase_done("training")
     base_store = ext_store = None
     if not byte_level:
         print("4/5 datastores", flush=True)
-        base_store = build_datastore(data, ckpts["transformer"], work / "datastore-transformer", budget, work)
-        ext_store = build_datastore(data, ckpts["trimelm_ext"], work / "datastore-trimelm_ext", budget, work)
+        threads = threads_per_job(args.jobs) if args.jobs > 1 else None
+        base_store, ext_store = run_parallel(
+            [lambda m=m: build_datastore(data, ckpts[m], work / f"datastore-{m}", budget, work, threads)
+             for m in ("transformer", "trimelm_ext")], args.jobs)
+        phase_done("datastores")
     print("5/5 evaluation (tune on valid, report test)", flush=True)
     rows = []
     for label, model, memory, store, knnlm in eval_specs(budget, base_store, ext_store):
@@ -406,10 +458,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         record = evaluate(label, ckpts[model], data, memory, budget, work, store, knnlm)
         rows.append({"label": label, "model": model, "memory": memory + (" + kNN" if knnlm else ""),
                      "test": test_ppl(record), "tuned": tuned(record)})
+    phase_done("evaluation")
     steps_file = work / "logs" / "step-seconds.json"
     steps = json.loads(steps_file.read_text()) if steps_file.exists() else {}
-    total = sum(steps.values()) if steps else time.time() - started
-    write_report(rows, budget, args, data, timings, steps, total, out)
+    phases = json.loads(phases_file.read_text())
+    write_report(rows, budget, args, data, timings, steps, phases, out)
     print(f"total {time.time() - started:.0f} s this run")
 
 

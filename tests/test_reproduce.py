@@ -11,6 +11,8 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 EXPECTED_ROWS = [
     ("Transformer", "none"),
     ("Transformer + continuous cache", "long"),
@@ -46,6 +48,11 @@ def test_reproduce_quick_enwik8_report_and_resume(repo_root, tmp_path):
     markdown = out.with_suffix(".md").read_text()
     assert all(f"| {label} | {memory} |" in markdown for label, memory in EXPECTED_ROWS)
     assert out.with_suffix(".png").stat().st_size > 0
+    # --jobs 2 (default): the trainings overlap, so the phase's wall time is below the sum of theirs
+    phases = report["phase_seconds"]
+    assert report["jobs"] == 2 and set(phases) == {"data", "training", "evaluation"}
+    assert phases["training"] < 0.9 * sum(report["training_seconds"].values())
+    assert report["total_seconds"] == pytest.approx(sum(phases.values()), abs=0.2)
 
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
