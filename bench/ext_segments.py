@@ -1,0 +1,110 @@
+"""Issue 11: TrimeLM_ext trained with more segments per step, at the same number of updates.
+
+The paper's in-training external memory is 4 x 3072 tokens gathered across GPUs; ``make reproduce``'s
+is 16 x 256 = 4,096 tokens. This trains ``make reproduce``'s TrimeLM_ext (same model, flags, BM25 plan
+and 300 updates) with ``--segments-per-batch`` segments per update (default 48: 12,288 tokens, a 3x
+larger in-batch memory), builds its datastore and evaluates the four TrimeLM_ext rows of
+``make reproduce`` with the same evaluation budget, through the same functions as ``bench/reproduce.py``.
+
+Each update also sees 3x the tokens, so the row to read is the datastore's gain over the model's
+own local + long memory (``external`` vs ``long``), compared with the same gain of the 16-segment
+model in ``bench/results/reproduce.json`` (``--baseline``).
+
+Usage (after ``make reproduce``; reuses its data-bin and plan, about 35 min on 2 cores):
+``.venv/bin/python bench/ext_segments.py --data-bin reproduce-work/data-bin --plan reproduce-work/bm25-plan.json``
+Writes ``bench/results/ext-segments.{json,md}``; finished steps are reused on re-runs (``--work``).
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Dict
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from common import machine_info, today  # noqa: E402
+from reproduce import Budget, build_datastore, eval_specs, evaluate, test_ppl, train_model, tuned  # noqa: E402
+
+from trime.io_utils import atomic_path, write_json_atomic  # noqa: E402
+
+MODEL = "trimelm_ext"
+
+
+def baseline_rows(path: Path) -> Dict[str, float]:
+    """label -> test ppl of the TrimeLM_ext rows of a ``bench/reproduce.py`` results json."""
+    if not path.is_file():
+        return {}
+    return {r["label"]: r["test"] for r in json.loads(path.read_text())["rows"] if r["model"] == MODEL}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-bin", type=Path, required=True, help="make reproduce's data-bin (trime-prepare wikitext-2)")
+    parser.add_argument("--plan", type=Path, required=True, help="make reproduce's BM25 plan (trime-bm25-batches)")
+    parser.add_argument("--segments-per-batch", type=int, default=48, help="segments of 256 tokens per update")
+    parser.add_argument("--work", type=Path, default=REPO / "ext-segments-work", help="working directory (resumes)")
+    parser.add_argument("--baseline", type=Path, default=REPO / "bench" / "results" / "reproduce.json",
+                        help="make reproduce's results json (the 16-segment TrimeLM_ext rows)")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ext-segments")
+    args = parser.parse_args()
+    for flag, path in (("--data-bin", args.data_bin / "dict.txt"), ("--plan", args.plan)):
+        if not path.is_file():
+            raise SystemExit(f"ext_segments: {flag}: {path} does not exist; run make reproduce first")
+    budget = Budget(quick=False, max_update=None)
+    budget.segments_per_batch = args.segments_per_batch
+    work = args.work / f"segments-{args.segments_per_batch}"
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    ckpt = train_model(MODEL, args.data_bin, budget, work, args.plan)
+    store = build_datastore(args.data_bin, ckpt, work / f"datastore-{MODEL}", budget, work)
+    rows = []
+    for label, model, memory, datastore, knnlm in eval_specs(budget, None, store):
+        if model != MODEL:
+            continue
+        print(f"  {label}", flush=True)
+        record = evaluate(label, ckpt, args.data_bin, memory, budget, work, datastore, knnlm)
+        rows.append({"label": label, "memory": memory + (" + kNN" if knnlm else ""), "test": test_ppl(record),
+                     "tuned": tuned(record)})
+    steps = json.loads((work / "logs" / "step-seconds.json").read_text())
+    base = baseline_rows(args.baseline)
+    ours = {r["label"]: r["test"] for r in rows}
+    local_long = "TrimeLM_ext (local + long)"
+
+    def gain(table: Dict[str, float], label: str) -> str:
+        if label not in table or local_long not in table:
+            return "–"
+        return f"{100 * (table[label] / table[local_long] - 1):+.1f}%"
+
+    n = args.segments_per_batch
+    lines = [
+        f"# TrimeLM_ext with {n} segments per update (issue 11)",
+        "",
+        f"Machine: {machine_info().get('cpu_model')}; date {today()}; `bench/ext_segments.py --segments-per-batch {n}`. "
+        f"Model and flags of `make reproduce`'s TrimeLM_ext ({budget.describe()}), its BM25 plan, "
+        f"{budget.max_update} updates of {n} x {budget.tokens_per_sample} = {n * budget.tokens_per_sample:,} tokens "
+        f"(`make reproduce`: 16 x 256 = 4,096). Evaluation as `make reproduce` (context {budget.context_window}, "
+        f"memory {budget.mem_size}, k = {budget.k}, tuned on valid, test reported).",
+        "",
+        f"| row | test ppl, 16 per update (`reproduce.json`) | vs its local + long | test ppl, {n} per update "
+        "| vs its local + long | tuned |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        old = base.get(r["label"])
+        knobs = ", ".join(f"{k} {v:.3g}" for k, v in r["tuned"].items() if isinstance(v, (int, float)))
+        lines.append(f"| {r['label']} | {f'{old:.2f}' if old else '–'} | {gain(base, r['label'])} | {r['test']:.2f} "
+                     f"| {gain(ours, r['label'])} | {knobs or '–'} |")
+    lines += ["", "Step seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in steps.items()) + ".", ""]
+    with atomic_path(args.out.with_suffix(".md")) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    write_json_atomic(args.out.with_suffix(".json"), {
+        "machine": machine_info(), "date": today(), "segments_per_batch": n, "budget": vars(budget),
+        "rows": rows, "baseline_rows": base, "step_seconds": steps, "seconds_this_run": round(time.time() - started),
+    })
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
