@@ -25,7 +25,9 @@ from typing import Dict
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 from common import machine_info, today  # noqa: E402
-from reproduce import Budget, build_datastore, eval_specs, evaluate, test_ppl, train_model, tuned  # noqa: E402
+from reproduce import (  # noqa: E402
+    Budget, build_datastore, eval_specs, evaluate, format_knobs, test_ppl, train_model, tuned,
+)
 
 from trime.io_utils import atomic_path, write_json_atomic  # noqa: E402
 
@@ -93,7 +95,7 @@ def main() -> None:
     ]
     for r in rows:
         old = base.get(r["label"])
-        knobs = ", ".join(f"{k} {v:.3g}" for k, v in r["tuned"].items() if isinstance(v, (int, float)))
+        knobs = format_knobs(r["tuned"])
         lines.append(f"| {r['label']} | {f'{old:.2f}' if old else '–'} | {gain(base, r['label'])} | {r['test']:.2f} "
                      f"| {gain(ours, r['label'])} | {knobs or '–'} |")
     lines += ["", "Step seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in steps.items()) + ".", ""]

@@ -289,6 +289,11 @@ def tuned(record: dict) -> dict:
     return chosen
 
 
+def format_knobs(chosen: dict) -> str:
+    """The tuned knobs of a row for a table cell ("softmax_temp 1.3, lmbda 0.12")."""
+    return ", ".join(f"{k} {v:.3g}" for k, v in chosen.items() if isinstance(v, (int, float)))
+
+
 def paper_reference(byte_level: bool) -> Tuple[Dict[str, float], str, str]:
     """(paper test numbers, the row they are relative to, a caption) for the side-by-side."""
     if byte_level:
@@ -325,7 +330,7 @@ def write_report(rows: List[dict], budget: Budget, args, data: Path, timings: di
         value = paper.get(r["label"])
         paper_cols = (f"{value:.2f} | {100 * (value / paper[paper_base_label] - 1):+.1f}%"
                       if value is not None and paper_base_label in paper else "– | –")
-        knobs = ", ".join(f"{k} {v:.3g}" for k, v in r["tuned"].items() if isinstance(v, (int, float)))
+        knobs = format_knobs(r["tuned"])
         shown = f"{r['test']:.3f}" if budget.byte_level else f"{r['test']:.2f}"
         lines.append(
             f"| {r['label']} | {r['memory']} | {shown} | {100 * (r['test'] / base - 1):+.1f}% | "
