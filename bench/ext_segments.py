@@ -51,6 +51,8 @@ def main() -> None:
                         help="make reproduce's results json (the 16-segment TrimeLM_ext rows)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ext-segments")
     args = parser.parse_args()
+    if args.segments_per_batch < 1:
+        parser.error(f"--segments-per-batch must be >= 1, got {args.segments_per_batch}")
     for flag, path in (("--data-bin", args.data_bin / "dict.txt"), ("--plan", args.plan)):
         if not path.is_file():
             raise SystemExit(f"ext_segments: {flag}: {path} does not exist; run make reproduce first")
