@@ -25,7 +25,10 @@ PACKAGE_DIR = {
     "trime.retrieval": "retrieval",
     "trime.eval": "eval",
 }
-PACKAGES = ["trime", "trime.criterions", "trime.models", "trime.tasks", "trime.hf", "trime.adapters", "trime.data_prep", "trime.retrieval", "trime.eval"]
+PACKAGES = [
+    "trime", "trime.criterions", "trime.models", "trime.tasks", "trime.hf", "trime.adapters",
+    "trime.data_prep", "trime.retrieval", "trime.eval",
+]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
