@@ -36,8 +36,6 @@ MODEL = "trimelm_ext"
 
 def baseline_rows(path: Path) -> Dict[str, float]:
     """label -> test ppl of the TrimeLM_ext rows of a ``bench/reproduce.py`` results json."""
-    if not path.is_file():
-        return {}
     return {r["label"]: r["test"] for r in json.loads(path.read_text())["rows"] if r["model"] == MODEL}
 
 
@@ -53,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.segments_per_batch < 1:
         parser.error(f"--segments-per-batch must be >= 1, got {args.segments_per_batch}")
-    for flag, path in (("--data-bin", args.data_bin / "dict.txt"), ("--plan", args.plan)):
+    for flag, path in (("--data-bin", args.data_bin / "dict.txt"), ("--plan", args.plan), ("--baseline", args.baseline)):
         if not path.is_file():
             raise SystemExit(f"ext_segments: {flag}: {path} does not exist; run make reproduce first")
     budget = Budget(quick=False, max_update=None)

@@ -129,6 +129,7 @@ def run_parallel(tasks: Sequence, jobs: int) -> list:
 
 
 def threads_per_job(jobs: int) -> int:
+    """CPU threads for each of ``jobs`` concurrent steps: this run's threads (OMP_NUM_THREADS or cores) / jobs."""
     return max(1, int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1) // max(1, jobs))
 
 
