@@ -1,4 +1,4 @@
-"""Packaging for trime.
+"""Packaging for trime: TRIME for fairseq (a plugin) and Hugging Face causal LMs (the ``hf`` extra).
 
 The design card's top-level folders ``data_prep/``, ``retrieval/`` and ``eval/`` are
 installed as ``trime.data_prep``, ``trime.retrieval`` and ``trime.eval`` so that no
@@ -53,7 +53,10 @@ class BuildPyWithAutoload(build_py):
 setup(
     name="trime",
     version="0.1.0",
-    description="TRIME: training language models with memory augmentation, as a fairseq plugin",
+    description=(
+        "TRIME: training language models with memory augmentation, "
+        "for fairseq (a plugin) and Hugging Face causal LMs"
+    ),
     long_description=open(os.path.join(HERE, "README.md")).read(),
     long_description_content_type="text/markdown",
     license="MIT",
