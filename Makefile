@@ -12,13 +12,13 @@ TORCH_VERSION ?= 2.13.0
 
 .PHONY: venv install demo test reproduce reproduce-enwik8 bench lint clean gpu-bringalong gpu-check
 
-$(DEPS_STAMP): requirements.txt requirements-hf.txt
+$(DEPS_STAMP): requirements.txt requirements-hf.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q torch==$(TORCH_VERSION) numpy cython
 	# fairseq-fixed is built against the torch above and must not pull torchaudio/another torch
 	$(PIP) install -q --no-build-isolation --no-deps fairseq-fixed==0.12.3.1
-	$(PIP) install -q -r requirements.txt pytest ruff
+	$(PIP) install -q -r requirements.txt -r requirements-dev.txt
 	# the [hf] extra (trime.hf, trime-hf-train), so that `make test` runs the Hugging Face tests too
 	$(PIP) install -q -r requirements-hf.txt
 	touch $@
@@ -63,8 +63,13 @@ gpu-bringalong:
 gpu-check:
 	GPU_BRINGALONG=$(GPU_BRINGALONG) bash bench/gpu_check.sh
 
+# ruff, then the import contracts of .importlinter on the installed layout (data_prep/,
+# retrieval/ and eval/ become trime.data_prep, trime.retrieval and trime.eval there).
+LINT_TREE := build/lint
 lint: $(INSTALL_STAMP)
 	$(VENV)/bin/ruff check .
+	rm -rf $(LINT_TREE) && mkdir -p $(dir $(LINT_TREE)) && $(PY) setup.py -q build_py --build-lib $(LINT_TREE) > $(LINT_TREE).log 2>&1 || { cat $(LINT_TREE).log; exit 1; }
+	cd $(LINT_TREE) && PYTHONPATH=. $(CURDIR)/$(VENV)/bin/lint-imports $(CURDIR)/.importlinter --no-cache
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo-out reproduce*-work
