@@ -72,7 +72,7 @@ setup(
     extras_require={
         "gpu": ["faiss-gpu-cu12"],
         "hf": read_requirements("requirements-hf.txt"),
-        "dev": ["pytest", "ruff"],
+        "dev": read_requirements("requirements-dev.txt"),
     },
     entry_points={
         "console_scripts": [
