@@ -26,12 +26,13 @@ from pathlib import Path
 
 import torch
 from trime.eval.cache import EvalCache, entry_key, split_files_identity
-from trime.eval.memory import LEVELS, MemorySettings, ScoreState, score_batch
+from trime.eval.memory import MemorySettings, ScoreState, score_batch
 from trime.eval.tuning import CachedRun, tune
 
 from trime.adapters import batch_size_for, load_adapter
 from trime.errors import fail
 from trime.knn import KnnResults, knn_chunk_rows
+from trime.memories import MEMORIES
 from trime.io_utils import atomic_path, identity_key, quiet_libraries, write_json_atomic
 
 SWEEPABLE = {
@@ -70,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         "text splits (train.txt/valid.txt/test.txt or wiki.SPLIT.tokens)",
     )
     p.add_argument("--path", required=True, help="fairseq checkpoint, or Hugging Face model dir (with config.json)")
-    p.add_argument("--memory", choices=LEVELS, default="none", help="memory level (cumulative; default none)")
+    p.add_argument("--memory", choices=MEMORIES, default="none", help="memory level (cumulative; default none)")
     p.add_argument(
         "--gen-subset",
         default="test",

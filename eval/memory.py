@@ -35,8 +35,8 @@ from torch import Tensor
 from trime.adapters.base import WindowBatch
 from trime.knn import KnnResults, knn_chunk_rows
 from trime.loss import Rule, Visibility, joint_nll, memory_logsumexp_at_scales, scored_memory_logsumexp
+from trime.memories import MEMORIES
 
-LEVELS = ("none", "local", "long", "external")
 # external-memory hits of a batch: all of them, or a search of rows (start, stop)
 KnnSource = KnnResults | Callable[[int, int], KnnResults]
 _NEG_INF = float("-inf")
@@ -61,11 +61,11 @@ class MemorySettings:
 
     @property
     def uses_local(self) -> bool:
-        return self.level in ("local", "long", "external")
+        return self.level in MEMORIES[MEMORIES.index("local") :]  # levels are cumulative
 
     @property
     def uses_long(self) -> bool:
-        return self.level in ("long", "external") and self.mem_size > 0
+        return self.level in MEMORIES[MEMORIES.index("long") :] and self.mem_size > 0
 
     def context_key(self) -> tuple:
         """What the local and long-term memory terms depend on (not the external memory's settings)."""

@@ -25,7 +25,7 @@ from trime.errors import TrimeError
 from trime.hf import (
     KeyCapture,
     causal_lm_loss,
-    find_key_module,
+    hf_key_module,
     load_model_and_tokenizer,
     tokenize_text,
     tokenizer_identity,
@@ -51,7 +51,7 @@ def models():
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_key_module_is_the_last_layers_mlp(models, arch):
-    assert find_key_module(models[arch])[0] == EXPECTED_KEY_MODULES[arch]
+    assert hf_key_module(models[arch])[0] == EXPECTED_KEY_MODULES[arch]
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
@@ -155,7 +155,7 @@ def test_half_precision_models_accumulate_in_fp32(dtype):
 def test_capture_keeps_the_graph_and_removes_its_hook(models):
     model = models["gpt_neox"]
     ids = sample_batch(1, 6)
-    capture = KeyCapture(model)
+    capture = KeyCapture.hf(model)
     with capture:
         model(input_ids=ids)
     keys = capture.keys(ids.shape)

@@ -32,8 +32,8 @@ from hf_helpers import (
 
 from trime.errors import TrimeError
 from trime.hf.data import BlockDataset, text_blocks, train_order
-from trime.hf.train import local_off_draw
 from trime.hf.train import main as train_main
+from trime.memories import local_off
 from trime.retrieval.bm25_batches import main as bm25_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -129,11 +129,11 @@ def test_ordered_layouts_hand_consecutive_batches_to_consecutive_ranks(texts, pl
 
 
 def test_external_coin_is_a_pure_function_of_seed_step_and_rank():
-    draws = [local_off_draw(1, step, 0, 0, 0.5) for step in range(200)]
-    assert draws == [local_off_draw(1, step, 0, 0, 0.5) for step in range(200)]
-    assert 60 < sum(draws) < 140 and draws != [local_off_draw(1, step, 0, 1, 0.5) for step in range(200)]
-    assert not any(local_off_draw(1, s, 0, 0, 0.0) for s in range(50))
-    assert all(local_off_draw(1, s, 0, 0, 1.0) for s in range(50))
+    draws = [local_off(1, 0, step, 0, 0.5) for step in range(200)]
+    assert draws == [local_off(1, 0, step, 0, 0.5) for step in range(200)]
+    assert 60 < sum(draws) < 140 and draws != [local_off(1, 1, step, 0, 0.5) for step in range(200)]
+    assert not any(local_off(1, 0, s, 0, 0.0) for s in range(50))
+    assert all(local_off(1, 0, s, 0, 1.0) for s in range(50))
 
 
 @pytest.mark.parametrize("memory", ["local", "external"])

@@ -1,25 +1,49 @@
-"""Capture TRIME's keys/queries: the input of the last decoder layer's FFN.
+"""TRIME's keys and queries: the input of the last decoder layer's feed-forward block, after its norm.
 
-In fairseq's pre-norm transformer LM this is the output of the last layer's
-``final_layer_norm``, i.e. exactly what enters ``fc1``, so a forward *pre*-hook on
-``decoder.layers[-1].fc1`` yields it without forking the model. The captured tensor
-keeps its autograd graph, so gradients flow into both queries and keys. A capture
-entered through :meth:`FFNInputCapture.until_keys` ends the forward pass right there
-(:class:`KeysCaptured`), for jobs that need only the keys (datastores).
+One capture, :class:`KeyCapture`, serves both front-ends; they differ in where that
+module is and in the layout of its input:
+
+- fairseq (:func:`fairseq_key_module`): in the pre-norm transformer LM the output of the
+  last layer's ``final_layer_norm`` is exactly what enters ``decoder.layers[-1].fc1``;
+  fairseq layers run time-major, (T, B, d).
+- Hugging Face (:func:`hf_key_module`): the input of the last decoder layer's MLP module.
+  GPT-2 (and GPT-J, Falcon, Bloom, ...): ``ln_2`` -> ``mlp``; Llama, Mistral, Qwen2:
+  ``post_attention_layernorm`` -> ``mlp``; GPT-NeoX / Pythia: ``post_attention_layernorm``
+  -> ``mlp`` (with ``use_parallel_residual`` the MLP reads the norm of the layer *input*,
+  still the norm's output); OPT: ``final_layer_norm`` -> ``fc1`` (no ``mlp`` module; OPT
+  flattens the batch to (B*T, d) before it). Another module can be named explicitly
+  (``key_module="model.layers.3.mlp"``, ``--key-module`` on the command line).
+
+A forward pre-hook yields the input without forking the model. It is registered when the
+``with`` block is entered and removed on exit, so nothing stays attached to the model.
+The captured tensor keeps its autograd graph, so gradients flow into queries and keys.
+With ``stop=True`` the forward pass ends once the keys are recorded (:class:`KeysCaptured`,
+swallowed by the ``with`` block), for jobs that need only the keys (datastores).
+Nothing here imports fairseq or transformers.
 """
 
-import weakref
-from typing import Optional
+from typing import Optional, Tuple
 
 from torch import Tensor, nn
 
 from trime.errors import fail
 
-_captures: "weakref.WeakKeyDictionary[nn.Module, FFNInputCapture]" = weakref.WeakKeyDictionary()
+# the module list of decoder layers, as the supported HF architectures name it (first match wins)
+HF_LAYER_LISTS = ("transformer.h", "model.layers", "gpt_neox.layers", "model.decoder.layers", "transformer.layers")
+# the feed-forward block inside an HF decoder layer, in order of preference
+HF_FFN_NAMES = ("mlp", "fc1")
+KEY_MODULE_FLAG = "key_module='NAME' (trime-hf-train / trime-eval --key-module NAME)"
 
 
-def last_ffn_layer(model: nn.Module) -> nn.Module:
-    """The last decoder layer's first FFN projection, or a clear error if there is none."""
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DDP/accelerate wrappers (``.module``), else ``model`` itself."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def fairseq_key_module(model: nn.Module) -> Tuple[str, nn.Module]:
+    """(dotted name, module) of a fairseq LM's keys: the last decoder layer's ``fc1``, or a one-line error."""
     decoder = getattr(model, "decoder", None)
     layers = getattr(decoder, "layers", None)
     if layers is None or len(layers) == 0 or not hasattr(layers[-1], "fc1"):
@@ -27,56 +51,112 @@ def last_ffn_layer(model: nn.Module) -> nn.Module:
             f"model {type(model).__name__} has no decoder.layers[-1].fc1 to take TRIME keys from; "
             "use a fairseq transformer language model (e.g. --arch transformer_lm or transformer_lm_wiki103)"
         )
-    return layers[-1].fc1
+    return f"decoder.layers.{len(layers) - 1}.fc1", layers[-1].fc1
+
+
+def _hf_decoder_layers(model: nn.Module) -> Tuple[Optional[str], Optional[nn.ModuleList]]:
+    for name in HF_LAYER_LISTS:
+        try:
+            layers = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            return name, layers
+    return None, None
+
+
+def hf_key_module(model: nn.Module, key_module: Optional[str] = None) -> Tuple[str, nn.Module]:
+    """(dotted name, module) of a Hugging Face causal LM's keys: the last decoder layer's MLP by default.
+
+    ``key_module`` names another submodule of the (unwrapped) model. Fails with one line
+    naming what was looked for and the option to select another module.
+    """
+    model = unwrap_model(model)
+    kind = type(model).__name__
+    if key_module:
+        try:
+            return key_module, model.get_submodule(key_module)
+        except AttributeError:
+            fail(f"key_module {key_module!r} is not a submodule of {kind}; name one of model.named_modules()")
+    layers_name, layers = _hf_decoder_layers(model)
+    if layers is None:
+        fail(
+            f"unsupported architecture {kind}: found no decoder layer list ({', '.join(HF_LAYER_LISTS)}) to take "
+            f"TRIME keys from; pass {KEY_MODULE_FLAG} naming the module whose input are the keys"
+        )
+    last = len(layers) - 1
+    for ffn in HF_FFN_NAMES:
+        module = getattr(layers[last], ffn, None)
+        if isinstance(module, nn.Module):
+            return f"{layers_name}.{last}.{ffn}", module
+    fail(
+        f"unsupported architecture {kind}: its last decoder layer {layers_name}.{last} has no "
+        f"{' or '.join(HF_FFN_NAMES)} module to take TRIME keys from; pass {KEY_MODULE_FLAG}, "
+        f"e.g. key_module='{layers_name}.{last}.<feed-forward module>'"
+    )
 
 
 class KeysCaptured(Exception):
-    """Raised by a capture that stops the forward pass once the keys are recorded (and swallowed on exit)."""
+    """Raised by a ``stop=True`` capture once the keys are recorded, ending the forward pass (swallowed on exit)."""
 
 
-class FFNInputCapture:
-    """Records the last FFN input of one forward pass, as (batch, time, dim)."""
+class KeyCapture:
+    """Context manager recording the key module's input during one forward pass.
 
-    def __init__(self, fc1: nn.Module) -> None:
-        self._active = self._stop = False
+    >>> with KeyCapture.hf(model) as capture:  # or KeyCapture.fairseq(model)
+    ...     model(input_ids)
+    >>> keys = capture.keys(input_ids.shape)  # (B, T, d), graph kept
+
+    ``time_major``: the module's input is (T, B, d) (fairseq). ``stop``: end the forward
+    pass once the keys are recorded; nothing after the key module runs.
+    """
+
+    def __init__(self, name: str, module: nn.Module, *, time_major: bool = False, stop: bool = False) -> None:
+        self.name, self.module = name, module
+        self.time_major, self.stop = time_major, stop
         self._captured: Optional[Tensor] = None
-        self._handle = fc1.register_forward_pre_hook(self._hook)
+        self._handle = None
 
-    def _hook(self, module: nn.Module, inputs) -> None:
-        if self._active:
-            self._captured = inputs[0]
-            if self._stop:
-                raise KeysCaptured
+    @classmethod
+    def fairseq(cls, model: nn.Module, *, stop: bool = False) -> "KeyCapture":
+        """The capture of a fairseq transformer LM (:func:`fairseq_key_module`, time-major)."""
+        return cls(*fairseq_key_module(model), time_major=True, stop=stop)
 
-    def until_keys(self) -> "FFNInputCapture":
-        """Enter as ``with capture.until_keys(): model(...)`` to skip everything after the key (last FFN, head)."""
-        self._stop = True
-        return self
+    @classmethod
+    def hf(cls, model: nn.Module, key_module: Optional[str] = None, *, stop: bool = False) -> "KeyCapture":
+        """The capture of a Hugging Face causal LM (:func:`hf_key_module`); ``model`` may be DDP-wrapped."""
+        return cls(*hf_key_module(model, key_module), stop=stop)
 
-    def __enter__(self) -> "FFNInputCapture":
-        self._active, self._captured = True, None
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._captured = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
+        if self.stop:
+            raise KeysCaptured
+
+    def __enter__(self) -> "KeyCapture":
+        self._captured = None
+        self._handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        stopped = self._stop and exc_type is KeysCaptured
-        self._active = self._stop = False
-        return stopped
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        return self.stop and exc_type is KeysCaptured
 
-    def pop(self) -> Tensor:
-        """The captured representations as (batch, time, dim); fairseq layers run time-major."""
-        if self._captured is None:
-            fail("the last decoder layer's FFN did not run during the forward pass; cannot take TRIME keys")
-        reps, self._captured = self._captured, None
-        return reps.transpose(0, 1)
-
-    def remove(self) -> None:
-        self._handle.remove()
-
-
-def ffn_input_capture(model: nn.Module) -> FFNInputCapture:
-    """The (cached) capture attached to ``model``'s last FFN."""
-    fc1 = last_ffn_layer(model)
-    capture = _captures.get(fc1)
-    if capture is None:
-        capture = _captures[fc1] = FFNInputCapture(fc1)
-    return capture
+    def keys(self, batch_shape: Optional[Tuple[int, int]] = None) -> Tensor:
+        """The captured input as (B, T, d); ``batch_shape`` (B, T) un-flattens a (B*T, d) input (OPT) and is checked."""
+        captured = self._captured
+        if captured is None:
+            fail(f"the key module {self.name} did not run during the forward pass; cannot take TRIME keys")
+        if self.time_major:
+            captured = captured.transpose(0, 1)
+        if batch_shape is not None:
+            batch, seq_len = int(batch_shape[0]), int(batch_shape[1])
+            if captured.dim() == 2 and captured.shape[0] == batch * seq_len:
+                captured = captured.view(batch, seq_len, -1)
+            if captured.shape[:2] != (batch, seq_len):
+                fail(
+                    f"the input of key module {self.name} has shape {tuple(captured.shape)}, not (batch {batch}, "
+                    f"time {seq_len}, dim); pass {KEY_MODULE_FLAG} naming a per-token module"
+                )
+        return captured

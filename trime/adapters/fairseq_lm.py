@@ -28,7 +28,7 @@ from trime.adapters.base import (
 )
 from trime.databin import check_data_bin, split_parts
 from trime.errors import fail
-from trime.hooks import ffn_input_capture, last_ffn_layer
+from trime.hooks import KeyCapture, fairseq_key_module
 from trime.io_utils import file_identity, sha256_file
 
 # What torch.load / unpickling raise for a file that is not a readable checkpoint.
@@ -44,12 +44,12 @@ class FairseqLM(ModelAdapter):
         self.model, self.task, self.cfg = model, task, cfg
         self.path, self.data_dir = path, data_dir
         self.device, self.dtype = device, dtype
-        self.dim = last_ffn_layer(model).in_features
+        self.key_source, key_module = fairseq_key_module(model)
+        self.dim = key_module.in_features
         self.ckpt_tokens_per_sample = int(cfg.task.tokens_per_sample)
         self.identity = identity  # file_identity of the checkpoint, taken when it was loaded
         self.vocab = {"sha256": dict_sha256, "size": len(task.source_dictionary)}
         self.architecture = str(getattr(cfg.model, "arch", None) or getattr(cfg.model, "_name", "") or "")
-        self.key_source = f"decoder.layers.{len(model.decoder.layers) - 1}.fc1"
 
     @property
     def dictionary(self):
@@ -99,7 +99,7 @@ class FairseqLM(ModelAdapter):
                 )
             raise
         model = models[0]
-        last_ffn_layer(model)  # a clear error for models without TRIME keys
+        fairseq_key_module(model)  # a clear error for models without TRIME keys
         device = pick_device(cpu)
         dtype = PRECISIONS[precision]
         if dtype is not torch.float32:
@@ -155,13 +155,12 @@ class FairseqLM(ModelAdapter):
         target = sample["target"]
         bsz, length = src.shape
         starts = list(sample.get("start_indices", [0] * bsz))
-        capture = ffn_input_capture(self.model)
         # without the head terms, the forward ends at the key (the last FFN and the head are skipped)
-        with capture if need_token_terms else capture.until_keys():
+        with KeyCapture.fairseq(self.model, stop=not need_token_terms) as capture:
             features, _ = self.model(
                 src.to(self.device), src_lengths=sample["net_input"]["src_lengths"].to(self.device), features_only=True
             )
-        reps = capture.pop().detach()  # (B, T, d)
+        reps = capture.keys((bsz, length)).detach()  # (B, T, d)
         positions = torch.arange(length)[None, :]
         is_context = positions < torch.tensor(starts)[:, None]
         scored = (~is_context) & target.ne(pad)

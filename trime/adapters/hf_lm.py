@@ -1,7 +1,7 @@
 """The Hugging Face adapter: an ``AutoModelForCausalLM`` dir scored over raw text splits.
 
-``DATA`` is a folder of text splits (``{split}.txt`` or ``wiki.{split}.tokens``). Pinned
-windowing (issue 10): the whole split file is tokenized as one string without special
+``DATA`` is a folder of text splits (``{split}.txt`` or ``wiki.{split}.tokens``).
+Windowing: the whole split file is tokenized as one string without special
 tokens (:func:`trime.hf.text.tokenize_text_file`); with S = tokens-per-sample -
 context-window, window b scores the new tokens [b*S, (b+1)*S) of the stream after up to
 context-window earlier tokens (at least one, so that its first new token is predicted);
@@ -11,7 +11,7 @@ A window's model input ends one token before its last new token (that token pred
 nothing inside the window), so row position t holds the stream token ``lo + t`` and
 predicts ``lo + t + 1``; like fairseq's windows, every position is labelled with its
 next token and the context positions are memory keys. Keys are the input of the last
-decoder layer's MLP (:class:`trime.hf.model.KeyCapture`); token-head terms come from the
+decoder layer's MLP (:meth:`trime.hooks.KeyCapture.hf`); token-head terms come from the
 output embeddings applied to the base model's last hidden state, for scored rows only.
 transformers is imported only when a model is loaded.
 """
@@ -35,6 +35,7 @@ from trime.adapters.base import (
     token_terms_in_blocks,
 )
 from trime.errors import fail
+from trime.hooks import KeyCapture, hf_key_module
 from trime.io_utils import file_identity, identity_key, read_json
 from trime.loss import full_softmax_terms
 
@@ -78,14 +79,13 @@ class HFLM(ModelAdapter):
     frontend = "hf"
 
     def __init__(self, model, tokenizer, path: Path, data_dir: Path, device, dtype, key_module: str | None = None):
-        from trime.hf.model import find_key_module
         from trime.hf.text import tokenizer_identity
 
         self.model, self.tokenizer = model, tokenizer
         self.path, self.data_dir = path, data_dir
         self.device, self.dtype = device, dtype
         self.key_module = key_module
-        self.key_source, _ = find_key_module(model, key_module)
+        self.key_source, _ = hf_key_module(model, key_module)
         if model.base_model is model:
             fail(f"--path {path}: {type(model).__name__} has no base model under its LM head; use a decoder-only LM")
         config = model.config
@@ -99,9 +99,7 @@ class HFLM(ModelAdapter):
     @torch.no_grad()
     def _key_dim(self) -> int:
         """Size of the keys, from a one-token forward (a ``--key-module`` may differ from the hidden size)."""
-        from trime.hf.model import KeyCapture
-
-        with KeyCapture(self.model, self.key_module, stop=True) as capture:
+        with KeyCapture.hf(self.model, self.key_module, stop=True) as capture:
             self.model.base_model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), use_cache=False)
         return int(capture.keys((1, 1)).shape[-1])
 
@@ -130,7 +128,7 @@ class HFLM(ModelAdapter):
 
     def trained_block_size(self) -> int | None:
         """The ``--block-size`` the model was trained with, when ``trime-hf-train`` wrote it."""
-        from trime.hf.train import RECORD
+        from trime.hf.model import RECORD
 
         record = self.path / RECORD
         if not record.is_file():
@@ -174,12 +172,10 @@ class HFLM(ModelAdapter):
     @torch.no_grad()
     def forward(self, batch: dict, need_token_terms: bool = True) -> WindowBatch:
         """Run the model on one batch of :class:`TextWindows`; keys of every position, head terms of scored ones."""
-        from trime.hf.model import KeyCapture
-
         input_ids = batch["input_ids"].to(self.device)
         attention_mask = batch["attention_mask"].to(self.device)
         # without the head terms, the forward ends at the key (the last MLP, the final norm and the head are skipped)
-        with KeyCapture(self.model, self.key_module, stop=not need_token_terms) as capture:
+        with KeyCapture.hf(self.model, self.key_module, stop=not need_token_terms) as capture:
             hidden = self.model.base_model(
                 input_ids=input_ids, attention_mask=attention_mask, use_cache=False
             ).last_hidden_state

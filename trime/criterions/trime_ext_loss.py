@@ -22,7 +22,6 @@ from other ranks are constants; this rank's keys (all of its segments) receive g
 import logging
 from dataclasses import dataclass, field
 
-import numpy as np
 from fairseq import metrics
 from fairseq.criterions import register_criterion
 from omegaconf import II
@@ -32,6 +31,7 @@ from trime.criterions.trime_loss import TrimeLoss, TrimeLossConfig
 from trime.distributed import gather_tokens, is_dummy_batch, world_size_and_rank
 from trime.errors import fail
 from trime.loss import DEFAULT_BLOCK_SIZE, MemoryInputs, Rule
+from trime.memories import local_off
 
 
 @dataclass
@@ -51,11 +51,6 @@ class TrimeExtLossConfig(TrimeLossConfig):
 
 
 logger = logging.getLogger(__name__)
-
-
-def local_off_coin(seed: int, rank: int, update: int, forward: int) -> float:
-    """A uniform [0, 1) number that depends only on its arguments (same value on every run and resume)."""
-    return float(np.random.default_rng([seed % 2**63, rank, update, forward]).random())
 
 
 @register_criterion("trime_ext_loss", dataclass=TrimeExtLossConfig)
@@ -107,7 +102,8 @@ class TrimeExtLoss(TrimeLoss):
     def draw_local_off(self) -> bool:
         """One coin flip: True (local memory off) with probability ``cross_sent_ratio``.
 
-        The coin of forward j of update u on rank r is ``local_off_coin(seed, r, u, j)``; called
+        The coin of forward j of update u on rank r is :func:`trime.memories.local_off` of
+        ``(seed, r, u, j)``, the coin ``trime-hf-train`` draws for step u, micro-batch j; called
         outside a fairseq trainer, successive calls number themselves 0, 1, 2 ... as updates.
         """
         _, rank = world_size_and_rank()
@@ -117,7 +113,7 @@ class TrimeExtLoss(TrimeLoss):
         else:
             update, forward = self._update, self._forward_in_update
             self._forward_in_update += 1
-        return local_off_coin(self.seed, rank, update, forward) < self.cross_sent_ratio
+        return local_off(self.seed, rank, update, forward, self.cross_sent_ratio)
 
     def forward(self, model, sample, reduce: bool = True):
         self._local_off = None

@@ -25,7 +25,7 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks.language_modeling import LanguageModelingTask
 
 from trime.errors import fail
-from trime.hooks import ffn_input_capture
+from trime.hooks import KeyCapture
 from trime.loss import (
     DEFAULT_BLOCK_SIZE,
     MemoryInputs,
@@ -103,10 +103,9 @@ class TrimeLoss(FairseqCriterion):
         return model.training and self.epoch <= self.ce_warmup_epoch
 
     def forward(self, model, sample, reduce: bool = True):
-        capture = ffn_input_capture(model)
-        with capture:
+        with KeyCapture.fairseq(model) as capture:
             net_output = model(**sample["net_input"])
-        reps = capture.pop()  # (B, T, C)
+        reps = capture.keys()  # (B, T, C)
         targets = model.get_targets(sample, net_output)  # (B, T)
         valid = targets.ne(self.padding_idx)
         flat_valid = valid.reshape(-1)

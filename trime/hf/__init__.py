@@ -4,8 +4,9 @@ The HF front-end over the model-agnostic core in :mod:`trime.loss`:
 
 - :func:`causal_lm_loss` — the TRIME loss (local, long or external memory) of an
   ``AutoModelForCausalLM`` batch, with HF's shift/padding conventions;
-- :func:`find_key_module`, :class:`KeyCapture` — the keys: the input of the last decoder
-  layer's MLP, after its norm;
+- :class:`KeyCapture` (``KeyCapture.hf(model)``), :func:`hf_key_module` — the keys: the
+  input of the last decoder layer's MLP, after its norm (defined in :mod:`trime.hooks`,
+  shared with the fairseq front-end);
 - :func:`load_model_and_tokenizer`, :func:`load_model`, :func:`load_tokenizer` — local
   ``save_pretrained`` dirs or hub names, with one-line errors;
 - :func:`tokenize_text_file`, :func:`tokenizer_identity` — a text file as one token stream,
@@ -17,17 +18,15 @@ The HF front-end over the model-agnostic core in :mod:`trime.loss`:
 package imports transformers only inside the functions that need it.
 """
 
-from trime.hf.loss import MEMORIES, CausalLMLossOutput, causal_lm_loss, shifted_targets
+from trime.hf.loss import CausalLMLossOutput, causal_lm_loss, shifted_targets
 from trime.hf.model import (
-    KeyCapture,
+    RECORD,
     check_model_dir,
-    find_key_module,
     is_hf_model_dir,
     load_model,
     load_model_and_tokenizer,
     load_tokenizer,
     resolve_dtype,
-    unwrap_model,
 )
 from trime.hf.text import (
     read_text_file,
@@ -38,14 +37,17 @@ from trime.hf.text import (
     tokenizer_identity,
     train_bpe_tokenizer,
 )
+from trime.hooks import KeyCapture, hf_key_module, unwrap_model
+from trime.memories import MEMORIES
 
 __all__ = [
     "MEMORIES",
+    "RECORD",
     "CausalLMLossOutput",
     "KeyCapture",
     "causal_lm_loss",
     "check_model_dir",
-    "find_key_module",
+    "hf_key_module",
     "is_hf_model_dir",
     "load_model",
     "load_model_and_tokenizer",

@@ -27,8 +27,10 @@ import torch
 
 from trime.errors import fail
 from trime.hf.text import tokenize_text_file
+from trime.memories import MEMORIES
 
-ORDERED_MEMORIES = ("long", "external")
+# memories whose keys span blocks: their blocks come in a fixed order (consecutive, or the BM25 plan)
+ORDERED_MEMORIES = MEMORIES[MEMORIES.index("long") :]
 
 
 def text_blocks(path: str, tokenizer: Any, block_size: int, option: str = "--train-file", model: str = "") -> np.ndarray:

@@ -1,7 +1,7 @@
 """TRIME loss of a Hugging Face causal LM: :func:`causal_lm_loss`.
 
 Thin glue over :mod:`trime.loss`, like the fairseq criteria: one forward pass with the
-key capture on (:class:`trime.hf.model.KeyCapture`), the token head's (target logit,
+key capture on (:meth:`trime.hooks.KeyCapture.hf`), the token head's (target logit,
 log-partition) from ``full_softmax_terms``, the memory sums from the blockwise
 ``memory_joint_nll`` under a :class:`trime.loss.Visibility` (memory sums and joint nll in one).
 
@@ -32,10 +32,10 @@ from torch import Tensor, nn
 
 from trime.distributed import gather_tokens, world_size_and_rank
 from trime.errors import fail
-from trime.hf.model import KeyCapture, unwrap_model
+from trime.hooks import KeyCapture
 from trime.loss import DEFAULT_BLOCK_SIZE, MemoryInputs, Rule, Visibility, full_softmax_terms
+from trime.memories import MEMORIES
 
-MEMORIES = ("none", "local", "long", "external")
 IGNORE_INDEX = -100
 
 
@@ -159,7 +159,7 @@ def causal_lm_loss(
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         fail(f"attention_mask {tuple(attention_mask.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
     batch, seq_len = input_ids.shape
-    with KeyCapture(unwrap_model(model), key_module) as capture:
+    with KeyCapture.hf(model, key_module) as capture:
         output = model(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
     keys = capture.keys((batch, seq_len))
     logits = output.logits if hasattr(output, "logits") else output[0]

@@ -1,23 +1,10 @@
-"""Hugging Face causal LMs as TRIME models: where the keys come from, and loading.
-
-TRIME's keys and queries are the input of the last decoder layer's feed-forward block,
-after its norm. In transformers that is the input of the last layer's MLP module:
-
-- GPT-2 (and GPT-J, Falcon, Bloom, ...): ``ln_2`` -> ``mlp``;
-- Llama, Mistral, Qwen2 and friends: ``post_attention_layernorm`` -> ``mlp``;
-- GPT-NeoX / Pythia: ``post_attention_layernorm`` -> ``mlp`` (with
-  ``use_parallel_residual`` the MLP reads the norm of the layer *input*, still the norm's
-  output);
-- OPT: ``final_layer_norm`` -> ``fc1`` (there is no ``mlp`` module; OPT flattens the
-  batch to (B*T, d) before it).
-
-:func:`find_key_module` finds that module; :class:`KeyCapture` records its input during
-one forward pass with the autograd graph kept, so gradients flow through queries and
-keys. Another module can be named explicitly (``key_module="model.layers.3.mlp"``,
-``--key-module`` on the command line).
+"""Hugging Face causal LMs as TRIME models: loading, and the training record.
 
 :func:`load_model_and_tokenizer` loads a ``save_pretrained`` directory (or a hub name
-when online) with one-line errors for the usual mistakes.
+when online) with one-line errors for the usual mistakes, and checks that the model
+offers TRIME keys (:func:`trime.hooks.hf_key_module`: the input of the last decoder
+layer's MLP, or the module named by ``key_module``). ``trime-hf-train`` writes
+:data:`RECORD` into its output dir; evaluation reads the training block size from it.
 """
 
 from __future__ import annotations
@@ -27,19 +14,16 @@ from pathlib import Path
 from typing import Any, Optional, Tuple, Union
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from trime.errors import fail
-from trime.hooks import KeysCaptured
+from trime.hooks import hf_key_module
 
-# the module list of decoder layers, as the supported architectures name it (first match wins)
-LAYER_LISTS = ("transformer.h", "model.layers", "gpt_neox.layers", "model.decoder.layers", "transformer.layers")
-# the feed-forward block inside a decoder layer, in order of preference
-FFN_NAMES = ("mlp", "fc1")
+# the training record that trime-hf-train writes beside the model (arguments, data identities, block size)
+RECORD = "trime_hf_train.json"
 # files of which a saved tokenizer has at least one
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "spiece.model", "merges.txt")
-KEY_MODULE_FLAG = "key_module='NAME' (trime-hf-train / trime-eval --key-module NAME)"
 
 DTYPES = {
     "float32": torch.float32,
@@ -50,108 +34,6 @@ DTYPES = {
     "fp16": torch.float16,
     "float64": torch.float64,
 }
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside DDP/accelerate wrappers (``.module``), else ``model`` itself."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
-
-
-def _decoder_layers(model: nn.Module) -> Tuple[Optional[str], Optional[nn.ModuleList]]:
-    for name in LAYER_LISTS:
-        try:
-            layers = model.get_submodule(name)
-        except AttributeError:
-            continue
-        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-            return name, layers
-    return None, None
-
-
-def find_key_module(model: nn.Module, key_module: Optional[str] = None) -> Tuple[str, nn.Module]:
-    """(dotted name, module) whose input are TRIME's keys: the last decoder layer's MLP by default.
-
-    ``key_module`` names another submodule of the (unwrapped) model. Fails with one line
-    naming what was looked for and the option to select another module.
-    """
-    model = unwrap_model(model)
-    kind = type(model).__name__
-    if key_module:
-        try:
-            return key_module, model.get_submodule(key_module)
-        except AttributeError:
-            fail(f"key_module {key_module!r} is not a submodule of {kind}; name one of model.named_modules()")
-    layers_name, layers = _decoder_layers(model)
-    if layers is None:
-        fail(
-            f"unsupported architecture {kind}: found no decoder layer list ({', '.join(LAYER_LISTS)}) to take "
-            f"TRIME keys from; pass {KEY_MODULE_FLAG} naming the module whose input are the keys"
-        )
-    last = len(layers) - 1
-    for ffn in FFN_NAMES:
-        module = getattr(layers[last], ffn, None)
-        if isinstance(module, nn.Module):
-            return f"{layers_name}.{last}.{ffn}", module
-    fail(
-        f"unsupported architecture {kind}: its last decoder layer {layers_name}.{last} has no "
-        f"{' or '.join(FFN_NAMES)} module to take TRIME keys from; pass {KEY_MODULE_FLAG}, "
-        f"e.g. key_module='{layers_name}.{last}.<feed-forward module>'"
-    )
-
-
-class KeyCapture:
-    """Context manager recording the key module's input during one forward pass.
-
-    >>> with KeyCapture(model) as capture:
-    ...     out = model(input_ids)
-    >>> keys = capture.keys(input_ids.shape)  # (B, T, d), graph kept
-
-    The hook is registered on entry and removed on exit, so nothing stays attached to
-    the model. ``model`` may be wrapped (DDP); the hook goes on the inner module. With
-    ``stop=True`` the forward pass ends once the key is recorded (datastores need nothing
-    after it), and the ``with`` block swallows the :class:`~trime.hooks.KeysCaptured` that ends it.
-    """
-
-    def __init__(self, model: nn.Module, key_module: Optional[str] = None, stop: bool = False) -> None:
-        self.name, self.module = find_key_module(model, key_module)
-        self._captured: Optional[Tensor] = None
-        self._handle = None
-        self._stop = stop
-
-    def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        tensor = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
-        self._captured = tensor
-        if self._stop:
-            raise KeysCaptured
-
-    def __enter__(self) -> "KeyCapture":
-        self._captured = None
-        self._handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-        return self._stop and exc_type is KeysCaptured
-
-    def keys(self, batch_shape: Optional[Tuple[int, int]] = None) -> Tensor:
-        """The captured input as (B, T, d); ``batch_shape`` (B, T) un-flattens OPT's (B*T, d)."""
-        captured = self._captured
-        if captured is None:
-            fail(f"the key module {self.name} did not run during the forward pass; cannot take TRIME keys")
-        if batch_shape is not None:
-            batch, seq_len = int(batch_shape[0]), int(batch_shape[1])
-            if captured.dim() == 2 and captured.shape[0] == batch * seq_len:
-                captured = captured.view(batch, seq_len, -1)
-            if captured.shape[:2] != (batch, seq_len):
-                fail(
-                    f"the input of key module {self.name} has shape {tuple(captured.shape)}, not (batch {batch}, "
-                    f"time {seq_len}, dim); pass {KEY_MODULE_FLAG} naming a per-token module"
-                )
-        return captured
 
 
 # ----------------------------------------------------------------------------- loading
@@ -244,7 +126,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as err:
         fail(f"{option} {path}: cannot load the model weights ({_first_line(err)})")
-    find_key_module(model, key_module)  # unsupported architectures fail here, before any work
+    hf_key_module(model, key_module)  # unsupported architectures fail here, before any work
     if device is not None:
         model = model.to(device)
     return model

@@ -15,7 +15,8 @@ Memories (``--memory``), as the fairseq criteria and the ``trime_lm`` task do:
   earlier tokens of the own block, in BM25-plan order (``--bm25-plan`` from
   ``trime-bm25-batches TRAIN --model M --tokens-per-sample L``). In training the own-block
   memory is switched off with probability ``--cross-sent-ratio`` per forward, drawn as a
-  pure function of (seed, step, micro-batch, rank), so a resumed run draws the same.
+  pure function of (seed, rank, step, micro-batch) (:func:`trime.memories.local_off`, the
+  fairseq ``trime_ext_loss`` coin), so a resumed run draws the same.
 
 Logged, in nats per predicted token: ``loss`` (what is optimised: the plain cross-entropy
 during ``--ce-warmup-steps``, the TRIME loss after), ``ori_loss`` (cross-entropy of the
@@ -35,17 +36,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 
 from trime.batch_plans import TEXT_PLAN_KIND, PlanTarget, load_plan_for
 from trime.errors import fail
+from trime.hf.model import RECORD
 from trime.io_utils import write_json_atomic
 from trime.loss import DEFAULT_BLOCK_SIZE
+from trime.memories import MEMORIES, local_off
 
-MEMORY_CHOICES = ("none", "local", "long", "external")
 PROG = "trime-hf-train"
-RECORD = "trime_hf_train.json"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--key-module", help="module whose input are the TRIME keys (default: the last layer's MLP)")
 
     g = p.add_argument_group("TRIME")
-    g.add_argument("--memory", choices=MEMORY_CHOICES, default="local", help="training memory (default local)")
+    g.add_argument("--memory", choices=MEMORIES, default="local", help="training memory (default local)")
     g.add_argument("--bm25-plan", help="batch plan for --memory external (trime-bm25-batches TRAIN --model M ...)")
     g.add_argument("--cross-sent-ratio", type=float, default=0.9,
                    help="external: probability per training forward of switching off the own-block memory (0.9)")
@@ -176,11 +176,6 @@ def plan_target(train_file: str, model: str, tokenizer: Any, block_size: int, nu
     )
 
 
-def local_off_draw(seed: int, step: int, micro: int, rank: int, ratio: float) -> bool:
-    """The external memory's coin: True (own-block memory off) with probability ``ratio``; pure in its inputs."""
-    return bool(np.random.default_rng([seed, step, micro, rank]).random() < ratio)
-
-
 # ----------------------------------------------------------------------------- the Trainer
 
 
@@ -225,7 +220,7 @@ def make_trainer_class():
             step = self.state.global_step
             micro = self._micro[1] if self._micro[0] == step else 0
             self._micro = (step, micro + 1)
-            off = local_off_draw(self.args.seed, step, micro, world_size_and_rank()[1], self.cross_sent_ratio)
+            off = local_off(self.args.seed, world_size_and_rank()[1], step, micro, self.cross_sent_ratio)
             sums = self._sums[True]
             sums["off"] += int(off)
             sums["draws"] += 1
