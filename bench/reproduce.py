@@ -41,7 +41,7 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO / "bench"))
 from common import machine_info, today  # noqa: E402
 
-from trime.data_prep.prepare import read_data_meta  # noqa: E402
+from trime.databin import read_data_meta  # noqa: E402
 from trime.io_utils import atomic_path, write_json_atomic  # noqa: E402
 
 # The poster's 247M WikiText-103 test perplexities (reference section 5.2).

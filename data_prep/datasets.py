@@ -8,10 +8,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from trime.databin import BYTE, WORD  # the data levels recorded in trime_meta.json
 from trime.errors import fail
 
-WORD = "word"
-BYTE = "byte"
 SPLITS = ("train", "valid", "test")
 
 # Standard enwik8 split (Transformer-XL, fairseq): [0, 90M) train, [90M, 95M) valid, [95M, 100M) test.

@@ -10,8 +10,8 @@ and every split decodes back to its original bytes.
 
 The data-bin is built in a temporary folder beside ``--dest`` and renamed into place, and
 carries ``trime_meta.json`` (dataset, ``level``, raw checksums, split, token counts, dict
-checksum). Downstream tools call :func:`read_data_meta` / :func:`is_byte_level`, e.g. to
-report bits per character for byte-level data.
+checksum), read back by :func:`trime.databin.read_data_meta` / :func:`trime.databin.is_byte_level`
+(e.g. to report bits per character for byte-level data).
 """
 
 import argparse
@@ -37,10 +37,10 @@ from typing import BinaryIO
 import numpy as np
 
 import trime
+from trime.databin import META_NAME, read_data_meta
 from trime.errors import TrimeError, fail
 from trime.io_utils import (
     atomic_path,
-    read_json,
     require_free_disk,
     sha256_file,
     write_json_atomic,
@@ -61,7 +61,6 @@ from .datasets import (
 
 PathLike = str | os.PathLike
 
-META_NAME = "trime_meta.json"
 META_FORMAT = 1
 DICT_NAME = "dict.txt"
 # Raw inputs at least this large make the run "long": print a line per step.
@@ -72,25 +71,6 @@ _READ_ERRORS = (OSError, EOFError, lzma.LZMAError, zipfile.BadZipFile, zlib.erro
 
 
 # --------------------------------------------------------------------------- meta helpers
-
-
-def read_data_meta(data_dir: PathLike) -> dict:
-    """The ``trime_meta.json`` of a data-bin written by ``trime-prepare``; ``{}`` if it has none."""
-    data_dir = str(data_dir)
-    if not os.path.isdir(data_dir) and ":" in data_dir:  # fairseq's "shard1:shard2" data paths
-        data_dir = data_dir.split(":")[0]
-    path = Path(data_dir) / META_NAME
-    if not path.is_file():
-        return {}
-    meta = read_json(path, what="data-bin meta file")
-    if not isinstance(meta, dict):
-        fail(f"data-bin meta file {path} is not a JSON object; delete it and re-run trime-prepare")
-    return meta
-
-
-def is_byte_level(data_dir: PathLike) -> bool:
-    """True if ``data_dir`` holds byte-level data (each token is one byte; report bits per character)."""
-    return read_data_meta(data_dir).get("level") == BYTE
 
 
 def _output_files() -> list[str]:

@@ -18,7 +18,6 @@ See :mod:`trime.eval.memory` for the exact probability.
 
 import argparse
 import datetime
-import json
 import math
 import sys
 import time
@@ -30,6 +29,7 @@ from trime.eval.memory import MemorySettings, ScoreState, score_batch
 from trime.eval.tuning import CachedRun, tune
 
 from trime.adapters import batch_size_for, load_adapter
+from trime.databin import is_byte_level
 from trime.errors import fail
 from trime.knn import KnnResults, knn_chunk_rows
 from trime.memories import MEMORIES
@@ -43,19 +43,6 @@ SWEEPABLE = {
     "external-temp": ("external_temp", float),
     "interp-temp": ("interp_temp", float),
 }
-
-
-def byte_level(data_dir: Path) -> bool:
-    """True for byte-level data-bins (report bits per character), from ``trime_meta.json``."""
-    try:
-        from trime.data_prep.prepare import is_byte_level
-    except ImportError:  # data_prep not installed: read the meta file directly
-        meta_path = data_dir / "trime_meta.json"
-        if not meta_path.is_file():
-            return False
-        with open(meta_path) as f:
-            return json.load(f).get("level") == "byte"
-    return is_byte_level(data_dir)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -524,7 +511,7 @@ def main(argv: list | None = None) -> dict:
                 "using it (--allow-other-checkpoint)",
                 file=sys.stderr,
             )
-    is_bytes = byte_level(data_dir)
+    is_bytes = is_byte_level(data_dir)
     settings = memory_settings(args)
     evaluator = Evaluator(
         lm,

@@ -1,10 +1,12 @@
-"""Up-front checks of fairseq data-bins, shared by every trime entry point.
+"""Up-front checks of fairseq data-bins, and their ``trime_meta.json``, shared by every trime entry point.
 
 fairseq opens a data-bin lazily and fails deep inside with a traceback (a missing
 directory is a ``FileNotFoundError`` on ``dict.txt``, an empty split is ``ValueError:
 cannot mmap an empty file`` followed by an ``AttributeError`` in ``__del__``). These
 checks run before fairseq touches the files and fail with one line naming the
-directory, the split and the fix. Nothing here imports torch or fairseq.
+directory, the split and the fix. ``trime-prepare`` records the data's level (``word`` or
+``byte``) in ``trime_meta.json`` (:func:`read_data_meta`); byte-level data reports bits per
+character (:func:`is_byte_level`). Nothing here imports torch or fairseq.
 """
 
 import os
@@ -12,8 +14,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from trime.errors import fail
+from trime.io_utils import read_json, sha256_file
 
 BINARIZE_HINT = "create it with trime-prepare or fairseq-preprocess"
+# the meta file trime-prepare writes into a data-bin, and the data levels it records
+META_NAME = "trime_meta.json"
+WORD = "word"
+BYTE = "byte"
 
 
 def split_parts(data_dir: Path, split: str) -> list[str]:
@@ -65,8 +72,6 @@ def check_data_paths(data: str, splits: Iterable[str] = (), first_dir_splits: It
 
 def dataset_identity(data_dir: os.PathLike) -> dict[str, object]:
     """Cheap identity of a data-bin's training data: sha256 of dict.txt and of each ``train*.idx``, and ``.bin`` sizes."""
-    from trime.io_utils import sha256_file
-
     data_dir = Path(data_dir)
     parts = check_data_bin(data_dir, ["train"])["train"]
     ident: dict[str, object] = {"dict_sha256": sha256_file(data_dir / "dict.txt")}
@@ -74,3 +79,22 @@ def dataset_identity(data_dir: os.PathLike) -> dict[str, object]:
         ident[f"{name}_idx_sha256"] = sha256_file(data_dir / f"{name}.idx")
         ident[f"{name}_bin_bytes"] = (data_dir / f"{name}.bin").stat().st_size
     return ident
+
+
+def read_data_meta(data_dir: os.PathLike) -> dict:
+    """The ``trime_meta.json`` of a data-bin written by ``trime-prepare``; ``{}`` if it has none."""
+    data_dir = str(data_dir)
+    if not os.path.isdir(data_dir) and os.pathsep in data_dir:  # fairseq's "shard1:shard2" data paths
+        data_dir = data_dir.split(os.pathsep)[0]
+    path = Path(data_dir) / META_NAME
+    if not path.is_file():
+        return {}
+    meta = read_json(path, what="data-bin meta file")
+    if not isinstance(meta, dict):
+        fail(f"data-bin meta file {path} is not a JSON object; delete it and re-run trime-prepare")
+    return meta
+
+
+def is_byte_level(data_dir: os.PathLike) -> bool:
+    """True if ``data_dir`` holds byte-level data (each token is one byte; report bits per character)."""
+    return read_data_meta(data_dir).get("level") == BYTE
