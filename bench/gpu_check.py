@@ -599,10 +599,10 @@ def section_train(cfg: dict, rec: Recorder) -> None:
         rec["checkpoint_seconds"] = time.time() - t0
     # FLOPs as executed, counted by torch (matrix products), one step per criterion; the memory kernels
     # run eagerly here so that the counter sees plain torch ops (not a torch.compile'd graph)
-    import trime.loss
+    from trime.loss_compile import compile_mode, set_compile
 
-    mode = trime.loss.compile_mode()
-    trime.loss.set_compile("never")
+    mode = compile_mode()
+    set_compile("never")
     try:
         for name, trainer in trainers.items():
             if rec.left() < 10:
@@ -615,7 +615,7 @@ def section_train(cfg: dict, rec: Recorder) -> None:
             mfu[name]["counted_flops_per_s"] = counted / summary[name]["median_step_s"]
             rec.save()
     finally:
-        trime.loss.set_compile(mode)
+        set_compile(mode)
 
 
 # ----------------------------------------------------------------------------- section: knn
@@ -856,10 +856,10 @@ def run_section_child(name: str, cfg_path: str, partial: str) -> int:
         rec["oom"] = _is_oom(exc) if isinstance(exc, Exception) else False
         return 1
     finally:
-        loss_module = sys.modules.get("trime.loss")
-        if loss_module is not None and hasattr(loss_module, "compile_mode"):  # how the memory kernels ran
-            rec["trime_loss_compile"] = {"mode": loss_module.compile_mode(),
-                                         "eager_because": getattr(loss_module, "_compile_broken", None)}
+        compile_module = sys.modules.get("trime.loss_compile")
+        if compile_module is not None:  # how the memory kernels ran
+            rec["trime_loss_compile"] = {"mode": compile_module.compile_mode(),
+                                         "eager_because": compile_module.STATE.broken}
     return 0
 
 

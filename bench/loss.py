@@ -20,7 +20,7 @@ segment of length L; TrimeLM), ``long`` (every earlier token of the batch;
 TrimeLM_long with ``trime_long_loss_same_device``) and ``ext`` (every token of the
 other segments plus the earlier ones of the own segment; ``trime_ext_loss`` with its
 local memory on; the dense replica uses the same block mask). ``--compile`` sets
-``trime.loss.set_compile`` in the children; kernels are compiled in an untimed
+``trime.loss_compile.set_compile`` in the children; kernels are compiled in an untimed
 warm-up. ``memterm_trime_*`` and
 ``memterm_dense_*`` time the memory part alone (token terms held constant, no N x V
 head), which shows how each implementation's own memory grows with N: with
@@ -105,7 +105,7 @@ def _trime_memory_nll(h, targets, rule, seg_len, block_size, token_score, token_
 
 
 def _trime_loss(h, weight, targets, rule, seg_len, block_size):
-    from trime.loss import full_softmax_terms
+    from trime.heads import full_softmax_terms
 
     token_score, token_logz = full_softmax_terms(h @ weight.T, targets)
     return _trime_memory_nll(h, targets, rule, seg_len, block_size, token_score, token_logz)
@@ -196,9 +196,9 @@ def _setup_torch(threads: int, compile_mode: Optional[str] = None):
 
     torch.set_num_threads(threads)
     if compile_mode:
-        import trime.loss
+        from trime.loss_compile import set_compile
 
-        trime.loss.set_compile(compile_mode)
+        set_compile(compile_mode)
     return torch
 
 
@@ -207,18 +207,18 @@ def _warm_compile(cfg: Dict[str, Any]) -> None:
 
     torch.compile's kernels are built for dynamic shapes: the full-size calls reuse them.
     """
-    import trime.loss
+    from trime.loss_compile import compile_mode, set_compile
 
-    mode = trime.loss.compile_mode()
+    mode = compile_mode()
     if mode == "never":
         return
-    trime.loss.set_compile("always")
+    set_compile("always")
     small = dict(cfg, n=2 * cfg["seg_len"])
     sh, sw, st = _make_inputs(small)
     for m in cfg.get("methods") or [cfg["method"]]:
         if m.startswith(("trime", "memterm_trime")):
             _step(m, sh, sw, st, small)()
-    trime.loss.set_compile(mode)
+    set_compile(mode)
 
 
 def _make_inputs(cfg: Dict[str, Any]):
@@ -688,7 +688,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=None, help="memory_logsumexp block size (default: the library's)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every child")
     p.add_argument("--compile", default="auto", choices=["auto", "always", "never"],
-                   help="trime.loss.set_compile mode in every child (compiling happens in an untimed warm-up)")
+                   help="trime.loss_compile.set_compile mode in every child (compiling happens in an untimed warm-up)")
     p.add_argument("--dense-limit-gb", type=float, default=8.0, help="skip the dense variant above this N x N estimate (CPU)")
     p.add_argument("--big-n", type=int, default=8192, help="from this N on, use fewer repeats (CPU)")
     p.add_argument("--full-warmup-max-n", type=int, default=2048,

@@ -204,11 +204,12 @@ def warm_memory_kernels(dim: int, seq_len: int) -> None:
     import torch
 
     import trime.loss as loss
+    from trime.loss_compile import compile_mode, set_compile
 
-    mode = loss.compile_mode()
+    mode = compile_mode()
     if mode == "never":
         return
-    loss.set_compile("always")
+    set_compile("always")
     try:
         for rule, local in ((loss.Rule.LONG, True), (loss.Rule.EXTERNAL, True), (loss.Rule.EXTERNAL, False)):
             h = torch.randn(3 * seq_len, dim, requires_grad=True)
@@ -217,16 +218,16 @@ def warm_memory_kernels(dim: int, seq_len: int) -> None:
             lse_all, lse_pos = loss.memory_logsumexp(h, h, targets, targets, vis)
             (torch.where(torch.isfinite(lse_all), lse_all, 0) + torch.where(torch.isfinite(lse_pos), lse_pos, 0)).sum().backward()
     finally:
-        loss.set_compile(mode)
+        set_compile(mode)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    import trime.loss
+    from trime import loss_compile
 
     torch.set_num_threads(args.threads)
-    trime.loss.set_compile(args.compile)
+    loss_compile.set_compile(args.compile)
     preset = PRESETS[args.data]
     if args.data_bin:
         data_dir = Path(args.data_bin)
@@ -268,7 +269,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "batch": {"segments": preset["segments"], "tokens_per_sample": preset["tokens_per_sample"], "tokens": ntokens},
         "cross_sent_ratio": args.cross_sent_ratio,
         # how the memory kernels ran (torch.compile'd, or eager and why)
-        "compile": {"mode": trime.loss.compile_mode(), "eager_because": trime.loss._compile_broken},
+        "compile": {"mode": loss_compile.compile_mode(), "eager_because": loss_compile.STATE.broken},
         "timing": {
             "warmup_steps": args.warmup,
             "rounds": args.rounds,
@@ -364,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--compile", default="auto", choices=["auto", "always", "never"],
-                   help="trime.loss.set_compile: torch.compile the memory kernels (compiled during the warm-up)")
+                   help="trime.loss_compile.set_compile: torch.compile the memory kernels (compiled during the warm-up)")
     p.add_argument("--work-dir", default=None, help="where the data-bin is built (default: a temp dir)")
     p.add_argument("--out", default=str(_REPO / "bench" / "results" / "train"))
     p.add_argument("--tag", default="small", help="name of this configuration in the result files")

@@ -34,7 +34,15 @@ from torch import Tensor
 
 from trime.adapters.base import WindowBatch
 from trime.knn import KnnResults, knn_chunk_rows
-from trime.loss import Rule, Visibility, joint_nll, memory_logsumexp_at_scales, scored_memory_logsumexp
+from trime.loss import (
+    Rule,
+    Visibility,
+    in_batch_memory,
+    joint_nll,
+    memory_logsumexp_at_scales,
+    memory_scale,
+    scored_memory_logsumexp,
+)
 from trime.memories import MEMORIES
 
 # external-memory hits of a batch: all of them, or a search of rows (start, stop)
@@ -146,12 +154,9 @@ def local_memory_terms(batch: WindowBatch, key_valid: Tensor, scales: Sequence[f
     is a key and the scored ones are the queries (a scored position's label is its
     target), so :mod:`trime.loss`'s in-batch path scores whole windows per block.
     """
-    bsz, length, dim = batch.reps.shape
-    visibility = Visibility.for_batch(Rule.LOCAL, bsz, length, valid=key_valid)
+    memory = in_batch_memory(batch.reps, batch.key_labels, key_valid, Rule.LOCAL, query_valid=batch.scored)
+    lse_all, lse_pos = memory.logsumexp_at_scales(scales)
     scored = batch.scored.reshape(-1)
-    visibility.query_valid = scored  # queries: the scored positions only
-    reps, labels = batch.reps.reshape(bsz * length, dim), batch.key_labels.reshape(-1)
-    lse_all, lse_pos = memory_logsumexp_at_scales(reps, reps, labels, labels, visibility, scales)
     return lse_all[:, scored], lse_pos[:, scored]
 
 
@@ -239,7 +244,7 @@ def context_memory_terms_at_temps(
     """:func:`context_memory_terms` at each softmax temperature of ``temps`` (instead of ``settings``'), as
     (len(temps), N): the memory scores are computed once for all of them. Updates ``state`` once."""
     dim = dim or batch.reps.shape[-1]
-    scales = [1.0 / math.sqrt(dim) / t for t in temps]
+    scales = [memory_scale(dim, t) for t in temps]
     n = batch.num_scored
     device = batch.targets.device
     lse_all = torch.full((len(scales), n), _NEG_INF, device=device)
@@ -268,7 +273,7 @@ def score_with_context_terms(
     lse_all, lse_pos = context_terms
     knn_terms = None
     if knn is not None and (settings.knn_in_joint or settings.lmbda > 0) and batch.num_scored > 0:
-        knn_terms = knn_row_terms(knn, batch.targets, settings, 1.0 / math.sqrt(dim) / settings.ext_temp)
+        knn_terms = knn_row_terms(knn, batch.targets, settings, memory_scale(dim, settings.ext_temp))
     if knn_terms is not None and settings.knn_in_joint:
         lse_all, lse_pos = torch.logaddexp(lse_all, knn_terms[0]), torch.logaddexp(lse_pos, knn_terms[1])
 

@@ -6,14 +6,13 @@ import pytest
 import torch
 
 from dense_reference import dense_nll, dense_visibility
+from trime.heads import adaptive_softmax_terms, full_softmax_terms
 from trime.loss import (
-    memory_logsumexp_at_scales,
     Rule,
     Visibility,
-    adaptive_softmax_terms,
-    full_softmax_terms,
     joint_nll,
     memory_logsumexp,
+    memory_logsumexp_at_scales,
     scored_memory_logsumexp,
 )
 
@@ -284,13 +283,13 @@ def trime_nll(reps, targets, vis, token_terms, block_size):
 
 @pytest.fixture
 def compile_state():
-    """Restores trime.loss's compile mode (and a failure that switched compiling off) after the test."""
-    import trime.loss as loss_module
+    """trime.loss_compile; its compile mode and a failure that switched compiling off are restored after the test."""
+    from trime import loss_compile
 
-    mode, broken = loss_module.compile_mode(), loss_module._compile_broken
-    yield loss_module
-    loss_module.set_compile(mode)
-    loss_module._compile_broken = broken
+    mode, broken = loss_compile.compile_mode(), loss_compile.STATE.broken
+    yield loss_compile
+    loss_compile.set_compile(mode)
+    loss_compile.STATE.broken = broken
 
 
 @pytest.mark.parametrize(
@@ -353,7 +352,7 @@ def test_compiled_kernels_equal_eager_and_dense(compile_state, rule, external_lo
         nll = trime_nll(a, targets, vis, terms, block_size=32)
         nll.sum().backward()
         results[mode] = (nll.detach(), a.grad)
-    assert compile_state._compile_broken is None, compile_state._compile_broken  # it really compiled
+    assert compile_state.STATE.broken is None, compile_state.STATE.broken  # it really compiled
     for x, y in zip(results["always"], results["never"]):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
     b = reps.double().requires_grad_(True)
@@ -366,16 +365,16 @@ def test_compiled_kernels_equal_eager_and_dense(compile_state, rule, external_lo
 def test_compiled_general_path_with_groups_and_detached_keys(compile_state):
     compile_state.set_compile("always")
     test_grouped_and_gathered_keys_with_detached_block()
-    assert compile_state._compile_broken is None
+    assert compile_state.STATE.broken is None
 
 
 def test_missing_compiler_falls_back_to_eager_and_logs_once(compile_state, monkeypatch, caplog):
     reps, targets, valid, terms, reference = dense_case("long", True, 3, 8, 4, 3, 14, 0)
     vis = Visibility.for_batch(Rule.LONG, 3, 8, valid=valid)
     compile_state.set_compile("always")
-    compile_state._compile_broken = None
-    monkeypatch.setattr(compile_state, "_compiler_missing", lambda device: "no C++ compiler found (g++)")
-    with caplog.at_level("WARNING", logger="trime.loss"):
+    compile_state.STATE.broken = None
+    monkeypatch.setattr(compile_state, "compiler_problem", lambda device: "no C++ compiler found (g++)")
+    with caplog.at_level("WARNING", logger="trime.loss_compile"):
         first = trime_nll(reps, targets, vis, terms, 4)
         second = trime_nll(reps, targets, vis, terms, 4)
     assert [r.getMessage() for r in caplog.records].count(
@@ -395,11 +394,11 @@ def test_failing_compile_falls_back_to_eager(compile_state, monkeypatch, caplog)
         return call
 
     compile_state.set_compile("always")
-    compile_state._compile_broken = None
-    monkeypatch.setattr(compile_state, "_compiled", {})
+    compile_state.STATE.broken = None
+    monkeypatch.setattr(compile_state.STATE, "compiled", {})
     monkeypatch.setattr(torch, "compile", broken_compile)
     a = reps.clone().requires_grad_(True)
-    with caplog.at_level("WARNING", logger="trime.loss"):
+    with caplog.at_level("WARNING", logger="trime.loss_compile"):
         nll = trime_nll(a, targets, vis, terms, 8)
     assert "InductorError: C++ compile failed" in caplog.text and "long log" not in caplog.text
     b = reps.double().requires_grad_(True)
@@ -412,17 +411,17 @@ def test_failing_compile_falls_back_to_eager(compile_state, monkeypatch, caplog)
 
 def test_auto_compiles_once_small_calls_add_up(compile_state, monkeypatch):
     """"auto": a big call compiles at once; small ones (evaluation's per-window calls) stay eager until
-    their pairs add up to _AUTO_MIN_TOTAL_PAIRS, then compile too."""
+    their pairs add up to AUTO_MIN_TOTAL_PAIRS, then compile too."""
     compile_state.set_compile("auto")
-    compile_state._compile_broken = None
-    monkeypatch.setattr(compile_state, "_compiler_missing", lambda device: None)
-    monkeypatch.setattr(compile_state, "_eager_pairs", 0)
-    monkeypatch.setattr(compile_state, "_AUTO_MIN_TOTAL_PAIRS", 1000)
+    compile_state.STATE.broken = None
+    monkeypatch.setattr(compile_state, "compiler_problem", lambda device: None)
+    monkeypatch.setattr(compile_state.STATE, "eager_pairs", 0)
+    monkeypatch.setattr(compile_state, "AUTO_MIN_TOTAL_PAIRS", 1000)
     cpu = torch.device("cpu")
-    assert compile_state._use_compiled(cpu, compile_state._AUTO_MIN_PAIRS)
-    assert [compile_state._use_compiled(cpu, 600) for _ in range(3)] == [False, False, True]
+    assert compile_state.use_compiled(cpu, compile_state.AUTO_MIN_PAIRS)
+    assert [compile_state.use_compiled(cpu, 600) for _ in range(3)] == [False, False, True]
     compile_state.set_compile("never")
-    assert not compile_state._use_compiled(cpu, compile_state._AUTO_MIN_PAIRS)
+    assert not compile_state.use_compiled(cpu, compile_state.AUTO_MIN_PAIRS)
 
 
 def test_compile_mode_values(compile_state):
@@ -607,7 +606,7 @@ def test_memory_joint_nll_compiled_equals_eager_and_dense(compile_state, rule, e
         nll = memory_joint_nll(q, k, targets, targets, vis, score, logz, valid=valid, block_size=32)
         nll.sum().backward()
         results[mode] = (nll.detach(), q.grad, k.grad)
-    assert compile_state._compile_broken is None, compile_state._compile_broken  # it really compiled
+    assert compile_state.STATE.broken is None, compile_state.STATE.broken  # it really compiled
     for x, y in zip(results["always"], results["never"]):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
     qb, kb = reps.double().requires_grad_(True), reps.double().requires_grad_(True)
@@ -673,3 +672,116 @@ def test_logsumexp_at_scales_equals_one_call_per_scale(compile_state, rule, exte
             torch.testing.assert_close(lse_all[i], ref_all, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(lse_pos[i], ref_pos, rtol=1e-5, atol=1e-5)
         assert torch.isfinite(lse_all).any() and not torch.equal(lse_all[0], lse_all[-1])
+
+
+# ----------------------------------------------------------------------------- one way to build a memory; module surface
+
+
+def test_memory_scale_is_one_over_sqrt_dim_times_temperature():
+    from trime.errors import TrimeError
+    from trime.loss import memory_scale
+
+    assert memory_scale(64) == 1 / 8
+    assert memory_scale(16, 2.0) == 1 / 8
+    for bad in (0.0, -1.0):
+        with pytest.raises(TrimeError, match="temperature must be > 0"):
+            memory_scale(16, bad)
+
+
+@pytest.mark.parametrize("rule,external_local", [("local", True), ("long", True), ("external", False)])
+def test_in_batch_memory_flattens_the_batch_and_restricts_queries(rule, external_local):
+    """The assembled inputs give what a hand-built for_batch call gives; a query mask leaves only its rows
+    (the others see nothing), every valid token still being a key."""
+    from trime.loss import in_batch_memory, memory_scale
+
+    batch, seq_len, dim, vocab = 3, 6, 4, 3
+    reps, targets, valid, _ = make_batch(batch, seq_len, dim, vocab, seed=31, pad_tail=2)
+    reps3, targets2 = reps.view(batch, seq_len, dim), targets.view(batch, seq_len)
+    memory = in_batch_memory(reps3, targets2, valid, Rule(rule), external_local, scale=0.3, block_size=4)
+    assert memory.queries is memory.keys and memory.queries.shape == (batch * seq_len, dim)
+    vis = Visibility.for_batch(Rule(rule), batch, seq_len, valid=valid, external_local=external_local)
+    expected = memory_logsumexp(reps, reps, targets, targets, vis, scale=0.3, block_size=4)
+    for x, y in zip(memory.logsumexp(), expected):
+        assert torch.equal(x, y)
+
+    scored = valid.clone()
+    scored[:, :2] = False  # only later positions are queries; the first two stay keys
+    masked = in_batch_memory(reps3, targets2, valid, Rule(rule), external_local, query_valid=scored)
+    lse_all, lse_pos = masked.logsumexp_at_scales([memory_scale(dim)])
+    full_all, full_pos = memory_logsumexp(reps, reps, targets, targets, vis)
+    rows = scored.reshape(-1)
+    assert torch.isneginf(lse_all[0, ~rows]).all() and torch.isneginf(lse_pos[0, ~rows]).all()
+    torch.testing.assert_close(lse_all[0, rows], full_all[rows], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lse_pos[0, rows], full_pos[rows], rtol=1e-6, atol=1e-6)
+    assert torch.isfinite(lse_all[0, rows]).any()
+
+
+def test_kernel_registry_and_public_names(compile_state, monkeypatch):
+    """Kernels are looked up in the explicit registry only (compiled: through their compiled twin, built once);
+    __all__ names every public entry point."""
+    import trime.loss as loss_module
+
+    eager = compile_state.Kernels(loss_module._KERNELS, compiled=False)
+    assert eager.rows_lse is loss_module._rows_lse
+    with pytest.raises(AttributeError, match="no kernel"):
+        _ = eager._structure_bias  # a module function, but not a registered kernel
+    built = []
+
+    def fake_compile(fn, **kwargs):
+        built.append(fn)
+        return lambda *args: fn(*args) + 1
+
+    def double(x):
+        return 2 * x
+
+    compile_state.STATE.broken = None
+    monkeypatch.setattr(compile_state.STATE, "compiled", {})
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    compiled = compile_state.Kernels({"double": double}, compiled=True)
+    assert [compiled.double(torch.tensor(3.0)).item() for _ in range(2)] == [7.0, 7.0]
+    assert built == [double] and compile_state.STATE.compiled == {double: compile_state.STATE.compiled[double]}
+    for name in loss_module.__all__:
+        assert hasattr(loss_module, name), name
+    assert {"memory_logsumexp_at_scales", "memory_scale", "in_batch_memory"} <= set(loss_module.__all__)
+    assert not hasattr(loss_module, "set_compile") and not hasattr(loss_module, "full_softmax_terms")
+
+
+def test_math_modules_import_no_framework():
+    """trime.loss, trime.loss_compile and trime.heads import neither fairseq nor transformers, at any level."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "trime"
+    for name in ("loss.py", "loss_compile.py", "heads.py"):
+        tree = ast.parse((root / name).read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for module in modules:
+                assert module.split(".")[0] not in ("fairseq", "transformers"), (name, module)
+
+
+def test_token_head_terms_duck_types_the_model():
+    """A full-softmax decoder gets full_softmax_terms of its output; an adaptive one its adaptive terms."""
+    from types import SimpleNamespace
+
+    from trime.heads import token_head_terms
+
+    g = torch.Generator().manual_seed(5)
+    logits, targets = torch.randn(2, 4, 7, generator=g), torch.randint(0, 7, (2, 4), generator=g)
+    plain = SimpleNamespace(decoder=SimpleNamespace())
+    for x, y in zip(token_head_terms(plain, (logits,), targets), full_softmax_terms(logits, targets)):
+        assert torch.equal(x, y)
+    calls = []
+
+    class Head:
+        cutoff = [7]
+
+        def __call__(self, features, flat_targets):
+            calls.append(features.shape)
+            return [features], [flat_targets]
+
+    adaptive = SimpleNamespace(decoder=SimpleNamespace(adaptive_softmax=Head()))
+    score, logz = token_head_terms(adaptive, (logits,), targets)
+    assert calls == [(8, 7)]
+    torch.testing.assert_close(logz, torch.logsumexp(logits.reshape(8, 7), 1))

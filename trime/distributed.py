@@ -86,7 +86,6 @@ class GatheredTokens:
             torch.cat(positions),
         )
 
-
     def memory_inputs(
         self,
         key_ranks,
@@ -112,6 +111,7 @@ class GatheredTokens:
             external_local=external_local,
         )
         return MemoryInputs(queries, keys, key_labels, query_targets, visibility, scale=scale, block_size=block_size)
+
 
 def gather_tokens(reps: Tensor, labels: Tensor, valid: Tensor) -> GatheredTokens:
     """All ranks' (reps, labels, valid) of a (B, T, C) batch; a collective every rank must call.

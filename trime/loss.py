@@ -21,10 +21,12 @@ Cost (N in-batch tokens): the long memory computes only the scores of earlier ke
 in tiles of at most 256 rows (unused scores: rows/N of the work); the in-batch
 external memory computes each pair of segments once and uses the tile for both sides,
 rows and columns, in forward and backward (s_ij = s_ji when the queries are the
-keys). The exp/mask/scale passes of a tile are one function each (``_rows_lse``,
-``_rows_grad_``, ...) that ``torch.compile`` fuses into single loops reading the
-scores once or twice, with an eager fallback (:func:`set_compile`). Score tiles live
-in one reused workspace per call, so no pass allocates (and page-faults) a new tile.
+keys). Every pass (forward, recomputing backward, one-pass forward) walks the same
+tiles (``_tiles``) and only says what it does with each. The exp/mask/scale passes of a
+tile are one kernel each (``_rows_lse``, ``_rows_grad_``, ..., registered in
+``_KERNELS``) that ``torch.compile`` fuses into single loops reading the scores once or
+twice, with an eager fallback (:mod:`trime.loss_compile`). Score tiles live in one
+reused workspace per call, so no pass allocates (and page-faults) a new tile.
 
 A loss that is a plain sum (or mean) over rows of one memory's nll should call
 :func:`memory_joint_nll`: where a tile holds all the keys of its rows (local and long
@@ -33,35 +35,33 @@ tile into its gradient while it is resident (3 matrix products a tile in all ins
 4, one fused elementwise kernel instead of two), and its backward only scales the
 result; a non-uniform upstream gradient takes the recomputing backward.
 
-This module never imports fairseq; ``adaptive_softmax_terms`` only duck-types
-fairseq's ``AdaptiveSoftmax`` (``forward(input, target) -> (outputs, new_targets)``).
+The token head's terms (Z_t p_tok(y) and Z_t) come from :mod:`trime.heads`. This module
+imports neither fairseq nor transformers.
 """
 
 import enum
-import importlib.util
-import logging
 import math
-import os
-import shutil
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+from trime import loss_compile
+from trime.errors import fail
+
 __all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "MemoryInputs",
     "Rule",
     "Visibility",
-    "memory_logsumexp",
-    "memory_joint_nll",
-    "MemoryInputs",
-    "scored_memory_logsumexp",
+    "in_batch_memory",
     "joint_nll",
-    "full_softmax_terms",
-    "adaptive_softmax_terms",
-    "DEFAULT_BLOCK_SIZE",
-    "set_compile",
-    "compile_mode",
+    "memory_joint_nll",
+    "memory_logsumexp",
+    "memory_logsumexp_at_scales",
+    "memory_scale",
+    "scored_memory_logsumexp",
 ]
 
 DEFAULT_BLOCK_SIZE = 1024
@@ -212,7 +212,8 @@ class Visibility:
 # gradient by one elementwise "kernel" below. They are plain torch functions; with
 # torch.compile (inductor: C++ on CPU, Triton on GPU) each becomes one fused loop
 # that never writes an intermediate tile to memory, and eagerly they run as ordinary
-# torch ops with the same results up to fp32 round-off.
+# torch ops with the same results up to fp32 round-off. Calls reach them through the
+# ``_KERNELS`` registry (:mod:`trime.loss_compile` picks compiled or eager).
 #
 # Visibility inside a tile comes from per-row and per-column vectors, never from a
 # materialised mask: ``col_bias`` is 0 for a usable key and -inf for padding; the
@@ -280,7 +281,7 @@ def _rows_grad_(scores, row_label, col_label, col_bias, row_seg, row_pos, col_se
     scores.copy_(_grad_terms(x, row_label == col_label, *row_stats))
 
 
-def _symmetric_grad_(scores, row_label, col_label, col_bias, row_bias, row_seg, row_pos, col_seg, col_pos, rule,
+def _symmetric_grad_(scores, row_label, col_label, col_bias, row_seg, row_pos, col_seg, col_pos, rule, row_bias,
                      row_stats, col_stats):
     """Overwrite a symmetric tile's scores with the gradient of its rows' and its columns' terms."""
     positive = row_label == col_label
@@ -321,118 +322,20 @@ def _rows_nll_grad_(scores, row_label, col_label, col_bias, row_seg, row_pos, co
     return lse_all, lse_pos
 
 
-# ---- compilation ----------------------------------------------------------------
-
-_log = logging.getLogger(__name__)
-_COMPILE_ENV = "TRIME_COMPILE"
-# "auto": compile when a call scores at least this many (query, key) pairs: below it
-# the compile time cannot pay off, and eager runs are fast anyway ...
-_AUTO_MIN_PAIRS = 1 << 22
-# ... or once the process's smaller calls have scored this many pairs eagerly: many small
-# calls (evaluation scores one window at a time) repay the compile (~10 s) in the work ahead
-_AUTO_MIN_TOTAL_PAIRS = 1 << 29
-_eager_pairs = 0  # pairs scored eagerly by calls that "auto" left uncompiled
-_compile_mode: Optional[str] = None  # None: read $TRIME_COMPILE on first use
-_compile_broken: Optional[str] = None  # why compiling failed (then eager for the process)
-_compiled: dict = {}
+# the tile kernels by name, as the passes call them (``kernels.rows_lse(...)``)
+_KERNELS = {
+    "rows_lse": _rows_lse,
+    "rows_lse_scaled": _rows_lse_scaled,
+    "cols_lse": _cols_lse,
+    "rows_grad_": _rows_grad_,
+    "symmetric_grad_": _symmetric_grad_,
+    "rows_nll_grad_": _rows_nll_grad_,
+}
+# the local memory's batched tiles always run these (see _local_vectors)
+_EAGER = loss_compile.Kernels(_KERNELS, compiled=False)
 
 
-def set_compile(mode: str) -> None:
-    """Choose how the memory kernels run: ``"auto"`` (default), ``"always"`` or ``"never"``.
-
-    ``auto`` compiles them with ``torch.compile`` (dynamic shapes, so no recompiles as N
-    varies) for calls that score at least 4M (query, key) pairs, and for every call once
-    the smaller ones have scored 512M pairs in all (evaluation), when a compiler is
-    available (a C++ compiler on CPU, Triton on GPU). Without one, or if compiling
-    fails, the eager kernels run and one warning is logged. ``$TRIME_COMPILE`` sets the
-    initial mode (``auto``/``always``/``never``, also ``1``/``0``).
-    """
-    global _compile_mode
-    aliases = {"1": "always", "true": "always", "on": "always", "0": "never", "false": "never", "off": "never"}
-    mode = aliases.get(str(mode).strip().lower(), str(mode).strip().lower())
-    if mode not in ("auto", "always", "never"):
-        raise ValueError(f"compile mode must be auto, always or never, got {mode!r} (from ${_COMPILE_ENV}?)")
-    _compile_mode = mode
-
-
-def compile_mode() -> str:
-    """The current mode of :func:`set_compile`."""
-    if _compile_mode is None:
-        set_compile(os.environ.get(_COMPILE_ENV, "auto"))
-    return _compile_mode
-
-
-def _compiler_missing(device: torch.device) -> Optional[str]:
-    """Why torch.compile cannot build kernels for ``device`` here, or None (looked up once per device type)."""
-    if device.type not in _missing_cache:
-        _missing_cache[device.type] = _find_compiler_problem(device)
-    return _missing_cache[device.type]
-
-
-_missing_cache: dict = {}
-
-
-def _find_compiler_problem(device: torch.device) -> Optional[str]:
-    if not hasattr(torch, "compile"):
-        return "this torch has no torch.compile"
-    if device.type == "cuda":
-        return None if importlib.util.find_spec("triton") is not None else "Triton is not installed"
-    if device.type != "cpu":
-        return f"no compiled kernels for device {device.type}"
-    cxx = os.environ.get("CXX", "g++")
-    if shutil.which(cxx) is None and shutil.which("c++") is None and shutil.which("clang++") is None:
-        return f"no C++ compiler found ({cxx})"
-    return None
-
-
-def _use_compiled(device: torch.device, pairs: int) -> bool:
-    global _eager_pairs
-    mode = compile_mode()
-    if mode == "never" or _compile_broken is not None:
-        return False
-    if mode == "auto" and pairs < _AUTO_MIN_PAIRS and _eager_pairs < _AUTO_MIN_TOTAL_PAIRS:
-        _eager_pairs += pairs
-        return False
-    missing = _compiler_missing(device)
-    if missing is not None:
-        _disable_compile(missing)
-        return False
-    return True
-
-
-def _disable_compile(why: str) -> None:
-    global _compile_broken
-    if _compile_broken is None:
-        _compile_broken = why
-        _log.warning("trime.loss: memory kernels run eagerly (not compiled): %s", why)
-
-
-class _Kernels:
-    """The tile kernels of one :class:`_MemoryLogSumExp` call: compiled or eager."""
-
-    def __init__(self, compiled: bool) -> None:
-        self.compiled = compiled
-
-    def __getattr__(self, name: str):
-        fn = globals()[name]
-        if not self.compiled:
-            return fn
-        compiled = _compiled.get(name)
-        if compiled is None:
-            compiled = _compiled[name] = torch.compile(fn, dynamic=True)
-
-        def call(*args):
-            if _compile_broken is None:
-                try:
-                    return compiled(*args)
-                except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
-                    _disable_compile(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}")
-            return fn(*args)
-
-        return call
-
-
-# ---- blockwise memory log-sum-exp -------------------------------------------------
+# ---- tiles -----------------------------------------------------------------------
 
 
 def _dense_ids(*tensors: Tensor) -> List[Tensor]:
@@ -468,6 +371,13 @@ def _schedule(v: Visibility, same_tensor: bool) -> str:
 def _same_tensor(queries: Tensor, keys: Tensor, key_labels: Tensor, query_targets: Tensor) -> bool:
     """In-batch memory: the keys are the queries and the key labels the query targets."""
     return queries is keys and (key_labels is query_targets or torch.equal(key_labels, query_targets))
+
+
+# query rows per tile where keys are ordered (long memory): the unused part of the
+# diagonal tiles is rows^2/2 scores per tile, i.e. rows/N of the work
+_LONG_TILE_ROWS = 256
+# query rows per tile of the symmetric (in-batch external) schedule
+_SYMMETRIC_TILE_ROWS = 512
 
 
 @dataclass
@@ -508,41 +418,6 @@ class _Problem:
     def schedule(self) -> str:
         return _schedule(self.visibility, self.same_tensor)
 
-    # -- tiles ------------------------------------------------------------------------
-
-    def general_tiles(self) -> Iterator[Tuple[int, int, int, int]]:
-        """(row start, row end, key lo, key hi) tiles holding at least one possibly visible key."""
-        v, n = self.visibility, self.visibility.num_queries
-        rows = max(1, self.block_size)
-        if v.rule is not Rule.EXTERNAL and v._keys_sorted:
-            # ordered keys: a tile's keys end at its last query, so fewer rows per tile
-            # leave fewer unused scores in the (triangular) diagonal part
-            rows = max(1, min(rows, _LONG_TILE_ROWS))
-        for start in range(0, n, rows):
-            end = min(start + rows, n)
-            if v.query_valid is not None and not bool(v.query_valid[start:end].any()):
-                continue
-            lo, hi = v.key_range(start, end)
-            if hi > lo:
-                yield start, end, lo, hi
-
-    def local_tiles(self) -> Iterator[Tuple[int, int]]:
-        yield from self.visibility.row_blocks(self.block_size)
-
-    def symmetric_tiles(self) -> Iterator[Tuple[int, int, int]]:
-        """(start, end, key start): rows [start, end) against keys [key start, N), whole segments.
-
-        The tile's keys after ``end`` are used twice: for the rows (as keys of the
-        queries) and for the columns (as queries, with the rows as their keys).
-        """
-        seq_len = self.visibility._batch_shape[1]
-        segments = max(1, min(self.block_size, _SYMMETRIC_TILE_ROWS) // seq_len)
-        own = self.visibility.external_local or segments > 1
-        n = self.visibility.num_queries
-        for start in range(0, n, segments * seq_len):
-            end = min(start + segments * seq_len, n)
-            yield start, end, start if own else end
-
     def pairs(self) -> int:
         """About how many (query, key) scores this call computes (for the compile decision)."""
         n, m = self.visibility.num_queries, self.visibility.num_keys
@@ -553,23 +428,80 @@ class _Problem:
             return n * m // 2
         return n * m
 
+    def kernels(self, passes: int = 1) -> loss_compile.Kernels:
+        """The tile kernels of this call (compiled or eager, see :func:`trime.loss_compile.set_compile`)."""
+        return loss_compile.kernels(_KERNELS, self.queries.device, self.pairs() * passes)
+
     # Tile vectors are copies (own storage, offset 0): views at varying offsets would
     # make torch.compile guard on, and recompile for, their storage offsets.
 
-    def rows(self, start: int, end: int) -> Tuple[Tensor, ...]:
-        """Row vectors (label, segment, position) as (R, 1)."""
-        return tuple(x[start:end, None].clone() for x in (self.q_label, self.q_seg, self.q_pos))
+    def vectors(self, start: int, end: int, lo: int, hi: int) -> Tuple[Tensor, ...]:
+        """The kernels' arguments after the scores of the tile rows [start, end) x keys [lo, hi):
+        row label, column label, column bias, row segment, row position, column segment, column
+        position (rows (R, 1), columns (1, C)) and the rule table."""
+        label, seg, pos = (x[start:end, None].clone() for x in (self.q_label, self.q_seg, self.q_pos))
+        c_label, c_bias, c_seg, c_pos = (x[None, lo:hi].clone() for x in (self.k_label, self.k_bias, self.k_seg,
+                                                                           self.k_pos))
+        return label, c_label, c_bias, seg, pos, c_seg, c_pos, self.rule
 
-    def cols(self, lo: int, hi: int) -> Tuple[Tensor, ...]:
-        """Column vectors (label, bias, segment, position) as (1, C)."""
-        return tuple(x[None, lo:hi].clone() for x in (self.k_label, self.k_bias, self.k_seg, self.k_pos))
+    def grad_buffers(self, need_q: bool, need_k: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """fp32 zero gradients of the queries and of the keys; one shared buffer when the keys are the queries."""
+        def zeros(x: Tensor) -> Tensor:
+            return torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+
+        grad_q = zeros(self.queries) if need_q or self.same_tensor else None
+        grad_k = grad_q if self.same_tensor else (zeros(self.keys) if need_k else None)
+        return grad_q, grad_k
+
+    def mask_pad_queries_(self, lse_all: Tensor, lse_pos: Tensor) -> None:
+        """Pad queries see nothing: -inf in their (last-dim) entries."""
+        if self.visibility.query_valid is not None:
+            invalid = ~self.visibility.query_valid.to(self.queries.device)
+            lse_all.masked_fill_(invalid, _NEG_INF)
+            lse_pos.masked_fill_(invalid, _NEG_INF)
 
 
-# query rows per tile where keys are ordered (long memory): the unused part of the
-# diagonal tiles is rows^2/2 scores per tile, i.e. rows/N of the work
-_LONG_TILE_ROWS = 256
-# query rows per tile of the symmetric (in-batch external) schedule
-_SYMMETRIC_TILE_ROWS = 512
+@dataclass
+class _Tile:
+    """One score tile: ``scores`` of query rows [start, end) against keys [lo, hi), and what its kernels read.
+
+    Tiles are 2-d (rows, keys), or (g, L, L) on the local in-batch schedule (g segments,
+    each against its own keys). ``vectors`` are the kernels' arguments after the scores
+    (:meth:`_Problem.vectors`). A tile holds every visible key of its rows, except on the
+    symmetric schedule: there ``mirror`` is the first column whose keys are later
+    segments, whose own terms also take the tile's rows as their keys (``row_bias``).
+    """
+
+    start: int
+    end: int
+    lo: int
+    hi: int
+    queries: Tensor  # the rows' queries times the scale
+    keys: Tensor
+    scores: Tensor
+    vectors: Tuple[Tensor, ...]
+    kernels: loss_compile.Kernels
+    mirror: Optional[int] = None
+    row_bias: Optional[Tensor] = None
+
+    def rows_of(self, *per_query: Tensor) -> Tuple[Tensor, ...]:
+        """(N,) per-query vectors cut to the tile's rows, shaped to broadcast over its scores (copies)."""
+        shape = tuple(self.scores.shape[:-1]) + (1,)
+        return tuple(x[self.start : self.end].reshape(shape).clone() for x in per_query)
+
+    def add_grads(self, grad_q: Optional[Tensor], grad_k: Optional[Tensor], scale: float) -> None:
+        """Add this tile's share to the queries' and keys' gradients, once its scores hold d loss / d scores."""
+        if self.scores.dim() == 2:
+            if grad_q is not None:
+                grad_q[self.start : self.end].addmm_(self.scores, self.keys, alpha=scale)
+            if grad_k is not None:
+                grad_k[self.lo : self.hi].addmm_(self.scores.T, self.queries)
+            return
+        shape = self.keys.shape
+        if grad_q is not None:
+            grad_q[self.start : self.end].view(shape).baddbmm_(self.scores, self.keys, alpha=scale)
+        if grad_k is not None:
+            grad_k[self.lo : self.hi].view(shape).baddbmm_(self.scores.transpose(1, 2), self.queries)
 
 
 def _workspace(problem: _Problem, largest: int) -> Tensor:
@@ -580,94 +512,58 @@ def _tile(workspace: Tensor, shape: Tuple[int, ...]) -> Tensor:
     return workspace[: math.prod(shape)].view(shape)
 
 
-def _local_batched_tiles(p: "_Problem") -> Iterator[Tuple[int, int, int, int, Tensor, Tensor, Tensor]]:
-    """(start, end, g, seq_len, scaled queries, keys, scores) of every local in-batch tile of g segments.
+def _tiles(p: _Problem, kernels: loss_compile.Kernels) -> Iterator[_Tile]:
+    """Every score tile of a call, on its schedule, with its scores computed (at ``p.scale``).
 
-    Forward and backward (which recomputes the scores) walk the same tiles; scores live in one reused workspace.
+    Forward, backward (which recomputes the scores) and the one-pass forward all walk these
+    tiles. The scores of every tile live in one reused workspace: a tile is valid until the
+    next one is taken.
     """
+    schedule = p.schedule()
+    if schedule == "local_batched":
+        yield from _local_tiles(p)
+    elif schedule == "symmetric":
+        yield from _symmetric_tiles(p, kernels)
+    else:
+        yield from _general_tiles(p, kernels)
+
+
+def _general_tiles(p: _Problem, kernels: loss_compile.Kernels) -> Iterator[_Tile]:
+    """One tile per block of query rows, holding every key that may be visible to them."""
+    v, n = p.visibility, p.visibility.num_queries
+    rows = max(1, p.block_size)
+    if v.rule is not Rule.EXTERNAL and v._keys_sorted:
+        # ordered keys: a tile's keys end at its last query, so fewer rows per tile
+        # leave fewer unused scores in the (triangular) diagonal part
+        rows = max(1, min(rows, _LONG_TILE_ROWS))
+    ranges = []
+    for start in range(0, n, rows):
+        end = min(start + rows, n)
+        if v.query_valid is not None and not bool(v.query_valid[start:end].any()):
+            continue
+        lo, hi = v.key_range(start, end)
+        if hi > lo:
+            ranges.append((start, end, lo, hi))
+    ws = _workspace(p, max(((e - s) * (hi - lo) for s, e, lo, hi in ranges), default=0))
+    for start, end, lo, hi in ranges:
+        q, keys = p.queries[start:end] * p.scale, p.keys[lo:hi]
+        scores = torch.mm(q, keys.T, out=_tile(ws, (end - start, hi - lo)))
+        if v.query_group is not None:
+            scores.masked_fill_(v.key_group[None, lo:hi] != v.query_group[start:end, None], _NEG_INF)
+        yield _Tile(start, end, lo, hi, q, keys, scores, p.vectors(start, end, lo, hi), kernels)
+
+
+def _local_tiles(p: _Problem) -> Iterator[_Tile]:
+    """(g, L, L) tiles of g whole segments, each against its own keys; always the eager kernels."""
     seq_len = p.visibility._batch_shape[1]
-    blocks = list(p.local_tiles())
+    blocks = list(p.visibility.row_blocks(p.block_size))
     ws = _workspace(p, max(((e - s) * seq_len for s, e in blocks), default=0))
     for start, end in blocks:
         g = (end - start) // seq_len
         q = (p.queries[start:end] * p.scale).view(g, seq_len, -1)
         k = p.keys[start:end].view(g, seq_len, -1)
-        yield start, end, g, seq_len, q, k, torch.bmm(q, k.transpose(1, 2), out=_tile(ws, (g, seq_len, seq_len)))
-
-
-def _group_mask_(scores: Tensor, v: Visibility, start: int, end: int, lo: int, hi: int) -> None:
-    if v.query_group is not None:
-        scores.masked_fill_(v.key_group[None, lo:hi] != v.query_group[start:end, None], _NEG_INF)
-
-
-def _at_factors(scores: Tensor, factors: Sequence[float]) -> Iterator[Tuple[int, Tensor]]:
-    """(index, tile) of ``scores`` multiplied by each factor (the tile itself for a factor of 1)."""
-    for i, factor in enumerate(factors):
-        yield i, scores if factor == 1.0 else scores * factor
-
-
-def _factor_tensor(factors: Sequence[float], device: torch.device, dims: int) -> Optional[Tensor]:
-    """``factors`` as an (S, 1, ..., 1) tensor to scale a ``dims``-d tile S ways at once, or None for one factor of 1."""
-    if len(factors) == 1 and factors[0] == 1.0:
-        return None
-    return torch.tensor(list(factors), dtype=torch.float32, device=device).view(-1, *([1] * dims))
-
-
-def _forward(p: _Problem, kernels: _Kernels, factors: Sequence[float] = (1.0,)) -> Tuple[Tensor, Tensor]:
-    """(lse_all, lse_pos) as (len(factors), N): the scores of every tile are computed once (at ``p.scale``)
-    and reduced at ``p.scale`` x each factor."""
-    n = p.visibility.num_queries
-    device = p.queries.device
-    lse_all = torch.full((len(factors), n), _NEG_INF, dtype=torch.float32, device=device)
-    lse_pos = torch.full_like(lse_all, _NEG_INF)
-    schedule = p.schedule()
-    if schedule == "general":
-        tiles = list(p.general_tiles())
-        ws = _workspace(p, max(((e - s) * (hi - lo) for s, e, lo, hi in tiles), default=0))
-        scaled = _factor_tensor(factors, device, 2)
-        for start, end, lo, hi in tiles:
-            scores = torch.mm(p.queries[start:end] * p.scale, p.keys[lo:hi].T, out=_tile(ws, (end - start, hi - lo)))
-            _group_mask_(scores, p.visibility, start, end, lo, hi)
-            label, seg, pos = p.rows(start, end)
-            c_label, c_bias, c_seg, c_pos = p.cols(lo, hi)
-            if scaled is None:
-                a, b = kernels._rows_lse(scores, label, c_label, c_bias, seg, pos, c_seg, c_pos, p.rule)
-            else:  # every factor in one fused call: (S, rows)
-                a, b = kernels._rows_lse_scaled(scores, scaled, label, c_label, c_bias, seg, pos, c_seg, c_pos, p.rule)
-            # a query's keys may span several tiles (external memory over many ranks)
-            lse_all[:, start:end] = torch.logaddexp(lse_all[:, start:end], a)
-            lse_pos[:, start:end] = torch.logaddexp(lse_pos[:, start:end], b)
-    elif schedule == "local_batched":
-        scaled = _factor_tensor(factors, device, 3)
-        for start, end, g, seq_len, _, _, scores in _local_batched_tiles(p):
-            vectors = _local_vectors(p, start, end, g, seq_len)
-            a, b = _rows_lse(scores if scaled is None else scores * scaled, *vectors)  # eager: see _local_vectors
-            lse_all[:, start:end], lse_pos[:, start:end] = a.reshape(len(factors), -1), b.reshape(len(factors), -1)
-    else:
-        tiles = list(p.symmetric_tiles())
-        ws = _workspace(p, max(((e - s) * (n - k0) for s, e, k0 in tiles), default=0))
-        h = p.queries
-        for start, end, k0 in tiles:
-            if k0 == n:
-                continue
-            scores = torch.mm(h[start:end] * p.scale, h[k0:].T, out=_tile(ws, (end - start, n - k0)))
-            label, seg, pos = p.rows(start, end)
-            c_label, c_bias, c_seg, c_pos = p.cols(k0, n)
-            off = end - k0  # columns from here on are later segments: use the tile for them as well
-            for i, x in _at_factors(scores, factors):
-                a, b = kernels._rows_lse(x, label, c_label, c_bias, seg, pos, c_seg, c_pos, p.rule)
-                lse_all[i, start:end] = torch.logaddexp(lse_all[i, start:end], a)
-                lse_pos[i, start:end] = torch.logaddexp(lse_pos[i, start:end], b)
-                if off < n - k0:
-                    a, b = kernels._cols_lse(x[:, off:], label, c_label[:, off:].clone(),
-                                             p.q_bias[start:end, None].clone())
-                    lse_all[i, end:] = torch.logaddexp(lse_all[i, end:], a)
-                    lse_pos[i, end:] = torch.logaddexp(lse_pos[i, end:], b)
-    if p.visibility.query_valid is not None:  # pad queries see nothing
-        invalid = ~p.visibility.query_valid.to(device)[None, :]
-        lse_all.masked_fill_(invalid, _NEG_INF)
-        lse_pos.masked_fill_(invalid, _NEG_INF)
-    return lse_all, lse_pos
+        scores = torch.bmm(q, k.transpose(1, 2), out=_tile(ws, (g, seq_len, seq_len)))
+        yield _Tile(start, end, start, end, q, k, scores, _local_vectors(p, start, end, g, seq_len), _EAGER)
 
 
 def _local_vectors(p: _Problem, start: int, end: int, g: int, seq_len: int) -> Tuple[Tensor, ...]:
@@ -690,66 +586,118 @@ def _local_vectors(p: _Problem, start: int, end: int, g: int, seq_len: int) -> T
     return tuple(x.clone() for x in vectors) + (p.rule,)
 
 
-def _backward(p: _Problem, kernels: _Kernels, lse_all, lse_pos, grad_all, grad_pos, need_q: bool, need_k: bool):
-    """(grad of queries, grad of keys) in fp32; in-batch symmetric: the total in the first."""
+def _symmetric_tiles(p: _Problem, kernels: loss_compile.Kernels) -> Iterator[_Tile]:
+    """Rows [start, end) (whole segments) against keys [start, N): each pair of segments is scored once.
+
+    The tile's keys after ``end`` are used twice: for the rows (as keys of the queries)
+    and for the columns (as queries, with the rows as their keys).
+    """
+    v = p.visibility
+    seq_len = v._batch_shape[1]
+    segments = max(1, min(p.block_size, _SYMMETRIC_TILE_ROWS) // seq_len)
+    own = v.external_local or segments > 1
+    n = v.num_queries
+    ranges = []
+    for start in range(0, n, segments * seq_len):
+        end = min(start + segments * seq_len, n)
+        k0 = start if own else end
+        if k0 < n:
+            ranges.append((start, end, k0))
+    ws = _workspace(p, max(((e - s) * (n - k0) for s, e, k0 in ranges), default=0))
+    h = p.queries
+    for start, end, k0 in ranges:
+        q = h[start:end] * p.scale
+        scores = torch.mm(q, h[k0:].T, out=_tile(ws, (end - start, n - k0)))
+        yield _Tile(start, end, k0, n, q, h[k0:], scores, p.vectors(start, end, k0, n), kernels, mirror=end - k0,
+                    row_bias=p.q_bias[start:end, None].clone())
+
+
+def _at_factors(scores: Tensor, factors: Sequence[float]) -> Iterator[Tuple[int, Tensor]]:
+    """(index, tile) of ``scores`` multiplied by each factor (the tile itself for a factor of 1)."""
+    for i, factor in enumerate(factors):
+        yield i, scores if factor == 1.0 else scores * factor
+
+
+# ---- the passes over the tiles ---------------------------------------------------
+
+
+def _forward(p: _Problem, kernels: loss_compile.Kernels, factors: Sequence[float] = (1.0,)) -> Tuple[Tensor, Tensor]:
+    """(lse_all, lse_pos) as (len(factors), N): the scores of every tile are computed once (at ``p.scale``)
+    and reduced at ``p.scale`` x each factor."""
+    n, s = p.visibility.num_queries, len(factors)
     device = p.queries.device
-    n = p.visibility.num_queries
-    grad_q = torch.zeros(p.queries.shape, dtype=torch.float32, device=device) if need_q or p.same_tensor else None
-    grad_k = grad_q if p.same_tensor else (torch.zeros(p.keys.shape, dtype=torch.float32, device=device)
-                                           if need_k else None)
+    lse_all = torch.full((s, n), _NEG_INF, dtype=torch.float32, device=device)
+    lse_pos = torch.full_like(lse_all, _NEG_INF)
+    scaled = None  # every factor in one fused call: an (S, 1, ..., 1) tensor
+    if s > 1 or factors[0] != 1.0:
+        scaled = torch.tensor(list(factors), dtype=torch.float32, device=device)
+    for t in _tiles(p, kernels):
+        rows = slice(t.start, t.end)
+        if t.mirror is None:  # the tile holds every visible key of its rows
+            if scaled is None:
+                a, b = t.kernels.rows_lse(t.scores, *t.vectors)
+            else:
+                a, b = t.kernels.rows_lse_scaled(t.scores, scaled.view(-1, *([1] * t.scores.dim())), *t.vectors)
+            lse_all[:, rows], lse_pos[:, rows] = a.reshape(s, -1), b.reshape(s, -1)
+            continue
+        label, c_label = t.vectors[0], t.vectors[1]
+        for i, x in _at_factors(t.scores, factors):
+            a, b = t.kernels.rows_lse(x, *t.vectors)
+            lse_all[i, rows] = torch.logaddexp(lse_all[i, rows], a)
+            lse_pos[i, rows] = torch.logaddexp(lse_pos[i, rows], b)
+            if t.mirror < t.hi - t.lo:  # the later segments' own terms, with the rows as their keys
+                a, b = t.kernels.cols_lse(x[:, t.mirror :], label, c_label[:, t.mirror :].clone(), t.row_bias)
+                lse_all[i, t.end :] = torch.logaddexp(lse_all[i, t.end :], a)
+                lse_pos[i, t.end :] = torch.logaddexp(lse_pos[i, t.end :], b)
+    p.mask_pad_queries_(lse_all, lse_pos)
+    return lse_all, lse_pos
+
+
+def _backward(p: _Problem, kernels: loss_compile.Kernels, lse_all: Tensor, lse_pos: Tensor, grad_all: Tensor,
+              grad_pos: Tensor, need_q: bool, need_k: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """(grad of queries, grad of keys) in fp32, recomputing the scores; in-batch: the total in the first."""
+    grad_q, grad_k = p.grad_buffers(need_q, need_k)
     safe_all, safe_pos = _safe(lse_all), _safe(lse_pos)
     grad_all, grad_pos = grad_all.float(), grad_pos.float()
-
-    def row_stats(start, end, shape=None):
-        stats = (safe_all[start:end], safe_pos[start:end], grad_all[start:end], grad_pos[start:end])
-        shape = shape or (end - start, 1)
-        return tuple(x.reshape(shape).clone() for x in stats)
-
-    schedule = p.schedule()
-    if schedule == "general":
-        tiles = list(p.general_tiles())
-        ws = _workspace(p, max(((e - s) * (hi - lo) for s, e, lo, hi in tiles), default=0))
-        for start, end, lo, hi in tiles:
-            q = p.queries[start:end] * p.scale
-            scores = torch.mm(q, p.keys[lo:hi].T, out=_tile(ws, (end - start, hi - lo)))
-            _group_mask_(scores, p.visibility, start, end, lo, hi)
-            label, seg, pos = p.rows(start, end)
-            c_label, c_bias, c_seg, c_pos = p.cols(lo, hi)
-            kernels._rows_grad_(scores, label, c_label, c_bias, seg, pos, c_seg, c_pos, p.rule, row_stats(start, end))
-            if grad_q is not None:
-                grad_q[start:end].addmm_(scores, p.keys[lo:hi], alpha=p.scale)
-            if grad_k is not None:
-                grad_k[lo:hi].addmm_(scores.T, q)
-    elif schedule == "local_batched":
-        for start, end, g, seq_len, q, k, scores in _local_batched_tiles(p):
-            vectors = _local_vectors(p, start, end, g, seq_len)
-            _rows_grad_(scores, *vectors, row_stats(start, end, (g, seq_len, 1)))
-            if grad_q is not None:
-                grad_q[start:end].view(g, seq_len, -1).baddbmm_(scores, k, alpha=p.scale)
-            if grad_k is not None:
-                grad_k[start:end].view(g, seq_len, -1).baddbmm_(scores.transpose(1, 2), q)
-    else:
-        tiles = list(p.symmetric_tiles())
-        ws = _workspace(p, max(((e - s) * (n - k0) for s, e, k0 in tiles), default=0))
-        h = p.queries
-        inf = torch.full((1, 1), float("inf"), device=device)
-        for start, end, k0 in tiles:
-            if k0 == n:
-                continue
-            q = h[start:end] * p.scale
-            scores = torch.mm(q, h[k0:].T, out=_tile(ws, (end - start, n - k0)))
-            label, seg, pos = p.rows(start, end)
-            c_label, c_bias, c_seg, c_pos = p.cols(k0, n)
+    inf = torch.full((1, 1), float("inf"), device=p.queries.device)
+    for t in _tiles(p, kernels):
+        row_stats = t.rows_of(safe_all, safe_pos, grad_all, grad_pos)
+        if t.mirror is None:
+            t.kernels.rows_grad_(t.scores, *t.vectors, row_stats)
+        else:
             # the columns' own terms, for the later segments only (the own block is in the rows' terms)
             col_stats = tuple(
-                torch.cat([inf.expand(1, end - k0) if i < 2 else inf.new_zeros(1, end - k0), x[None, end:]], dim=1)
+                torch.cat([inf.expand(1, t.mirror) if i < 2 else inf.new_zeros(1, t.mirror), x[None, t.end :]], dim=1)
                 for i, x in enumerate((safe_all, safe_pos, grad_all, grad_pos))
             )
-            kernels._symmetric_grad_(scores, label, c_label, c_bias, p.q_bias[start:end, None].clone(), seg, pos, c_seg,
-                                     c_pos, p.rule, row_stats(start, end), col_stats)
-            grad_q[start:end].addmm_(scores, h[k0:], alpha=p.scale)
-            grad_q[k0:].addmm_(scores.T, q)
+            t.kernels.symmetric_grad_(t.scores, *t.vectors, t.row_bias, row_stats, col_stats)
+        t.add_grads(grad_q, grad_k, p.scale)
     return grad_q, (None if p.same_tensor else grad_k)
+
+
+def _one_pass(p: _Problem, kernels: loss_compile.Kernels, score: Tensor, log_partition: Tensor, keep: Tensor,
+              need_q: bool, need_k: bool) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """(lse_all, lse_pos, grad of queries, grad of keys) of sum(joint nll), in one walk over the tiles.
+
+    Only where every tile holds every visible key of its rows (not the symmetric schedule):
+    the rows' lse are final while their scores are still in the tile, so the tile becomes
+    its gradient at once (no recomputation in backward). Grads as in ``_backward``.
+    """
+    if p.schedule() == "symmetric":
+        raise ValueError("the one-pass gradient needs tiles that hold every key of their rows")
+    n = p.visibility.num_queries
+    lse_all = torch.full((n,), _NEG_INF, dtype=torch.float32, device=p.queries.device)
+    lse_pos = torch.full_like(lse_all, _NEG_INF)
+    grad_q, grad_k = p.grad_buffers(need_q, need_k)
+    for t in _tiles(p, kernels):
+        a, b = t.kernels.rows_nll_grad_(t.scores, *t.vectors, t.rows_of(p.q_bias, score, log_partition, keep))
+        lse_all[t.start : t.end], lse_pos[t.start : t.end] = a.reshape(-1), b.reshape(-1)
+        t.add_grads(grad_q, grad_k, p.scale)
+    p.mask_pad_queries_(lse_all, lse_pos)
+    return lse_all, lse_pos, grad_q, (None if p.same_tensor else grad_k)
+
+
+# ---- autograd functions ------------------------------------------------------------
 
 
 class _MemoryLogSumExp(torch.autograd.Function):
@@ -760,8 +708,7 @@ class _MemoryLogSumExp(torch.autograd.Function):
         same = _same_tensor(queries, keys, key_labels, query_targets)
         with torch.no_grad():
             problem = _Problem.build(queries, keys, key_labels, query_targets, visibility, scale, block_size, same)
-            kernels = _Kernels(_use_compiled(queries.device, problem.pairs()))
-            lse_all, lse_pos = (x[0] for x in _forward(problem, kernels))
+            lse_all, lse_pos = (x[0] for x in _forward(problem, problem.kernels()))
         ctx.save_for_backward(queries, keys, key_labels, query_targets, lse_all, lse_pos)
         ctx.visibility, ctx.scale, ctx.block_size, ctx.same = visibility, scale, block_size, same
         return lse_all, lse_pos
@@ -773,8 +720,8 @@ class _MemoryLogSumExp(torch.autograd.Function):
         with torch.no_grad():
             problem = _Problem.build(queries, keys, key_labels, query_targets, ctx.visibility, ctx.scale,
                                      ctx.block_size, ctx.same)
-            kernels = _Kernels(_use_compiled(queries.device, problem.pairs()))
-            grad_q, grad_k = _backward(problem, kernels, lse_all, lse_pos, grad_all, grad_pos, need_q, need_k)
+            grad_q, grad_k = _backward(problem, problem.kernels(), lse_all, lse_pos, grad_all, grad_pos, need_q,
+                                       need_k)
         return (
             None if grad_q is None or not (need_q or need_k) else grad_q.to(queries.dtype),
             None if grad_k is None else grad_k.to(keys.dtype),
@@ -784,59 +731,6 @@ class _MemoryLogSumExp(torch.autograd.Function):
             None,
             None,
         )
-
-
-def _one_pass(p: _Problem, kernels: _Kernels, score: Tensor, log_partition: Tensor, keep: Tensor, need_q: bool,
-              need_k: bool) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
-    """(lse_all, lse_pos, grad of queries, grad of keys) of sum(joint nll), in one walk over the tiles.
-
-    Only for the general and local schedules, where a tile holds every visible key of its
-    rows: the rows' lse are final while their scores are still in the tile, so the tile
-    becomes its gradient at once (no recomputation in backward). Grads as in ``_backward``.
-    """
-    device = p.queries.device
-    n = p.visibility.num_queries
-    lse_all = torch.full((n,), _NEG_INF, dtype=torch.float32, device=device)
-    lse_pos = torch.full_like(lse_all, _NEG_INF)
-    grad_q = torch.zeros(p.queries.shape, dtype=torch.float32, device=device) if need_q or p.same_tensor else None
-    grad_k = grad_q if p.same_tensor else (torch.zeros(p.keys.shape, dtype=torch.float32, device=device)
-                                           if need_k else None)
-
-    def row_terms(start, end, shape=None):
-        terms = (p.q_bias[start:end], score[start:end], log_partition[start:end], keep[start:end])
-        shape = shape or (end - start, 1)
-        return tuple(x.reshape(shape).clone() for x in terms)
-
-    if p.schedule() == "general":
-        tiles = list(p.general_tiles())  # one tile per row range, with all of its rows' keys
-        ws = _workspace(p, max(((e - s) * (hi - lo) for s, e, lo, hi in tiles), default=0))
-        for start, end, lo, hi in tiles:
-            q = p.queries[start:end] * p.scale
-            scores = torch.mm(q, p.keys[lo:hi].T, out=_tile(ws, (end - start, hi - lo)))
-            _group_mask_(scores, p.visibility, start, end, lo, hi)
-            label, seg, pos = p.rows(start, end)
-            c_label, c_bias, c_seg, c_pos = p.cols(lo, hi)
-            a, b = kernels._rows_nll_grad_(scores, label, c_label, c_bias, seg, pos, c_seg, c_pos, p.rule,
-                                           row_terms(start, end))
-            lse_all[start:end], lse_pos[start:end] = a.reshape(-1), b.reshape(-1)
-            if grad_q is not None:
-                grad_q[start:end].addmm_(scores, p.keys[lo:hi], alpha=p.scale)
-            if grad_k is not None:
-                grad_k[lo:hi].addmm_(scores.T, q)
-    else:  # local_batched, eager as in _forward
-        for start, end, g, seq_len, q, k, scores in _local_batched_tiles(p):
-            vectors = _local_vectors(p, start, end, g, seq_len)
-            a, b = _rows_nll_grad_(scores, *vectors, row_terms(start, end, (g, seq_len, 1)))
-            lse_all[start:end], lse_pos[start:end] = a.reshape(-1), b.reshape(-1)
-            if grad_q is not None:
-                grad_q[start:end].view(g, seq_len, -1).baddbmm_(scores, k, alpha=p.scale)
-            if grad_k is not None:
-                grad_k[start:end].view(g, seq_len, -1).baddbmm_(scores.transpose(1, 2), q)
-    if p.visibility.query_valid is not None:  # pad queries see nothing
-        valid = p.visibility.query_valid.to(device)
-        lse_all.masked_fill_(~valid, _NEG_INF)
-        lse_pos.masked_fill_(~valid, _NEG_INF)
-    return lse_all, lse_pos, grad_q, (None if p.same_tensor else grad_k)
 
 
 def _uniform(grad: Tensor) -> bool:
@@ -859,7 +753,7 @@ class _MemoryJointNLL(torch.autograd.Function):
         need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.no_grad():
             problem = _Problem.build(queries, keys, key_labels, query_targets, visibility, scale, block_size, same)
-            kernels = _Kernels(_use_compiled(queries.device, problem.pairs()))
+            kernels = problem.kernels()
             score, log_partition = token_score.detach().float(), token_log_partition.detach().float()
             ctx.grads = None
             if one_pass and (need_q or need_k):
@@ -895,8 +789,7 @@ class _MemoryJointNLL(torch.autograd.Function):
                 with torch.no_grad():
                     problem = _Problem.build(queries, keys, key_labels, query_targets, ctx.visibility, ctx.scale,
                                              ctx.block_size, ctx.same)
-                    kernels = _Kernels(_use_compiled(queries.device, problem.pairs()))
-                    grad_q, grad_k = _backward(problem, kernels, lse_all, lse_pos, grad_nll * w_all,
+                    grad_q, grad_k = _backward(problem, problem.kernels(), lse_all, lse_pos, grad_nll * w_all,
                                                grad_nll * w_pos, need_q, need_k)
         ctx.grads = None
         return (
@@ -920,6 +813,24 @@ def _logsumexp_or_neginf(scores: Tensor) -> Tensor:
     return (scores - shift[..., None]).exp().sum(dim=-1).log() + shift
 
 
+# ---- public entry points -----------------------------------------------------------
+
+
+def memory_scale(dim: int, temperature: float = 1.0) -> float:
+    """The memory logit scale: 1/sqrt(d), divided by a temperature (>0; 1 in training)."""
+    if temperature <= 0:
+        fail(f"temperature must be > 0, got {temperature}")
+    return 1.0 / (math.sqrt(dim) * temperature)
+
+
+def _check_inputs(queries: Tensor, keys: Tensor, visibility: Visibility) -> None:
+    """(N, d) queries and (M, d) keys that ``visibility`` describes."""
+    if queries.dim() != 2 or keys.dim() != 2 or queries.shape[1] != keys.shape[1]:
+        raise ValueError(f"queries {tuple(queries.shape)} and keys {tuple(keys.shape)} must be (N, d) and (M, d)")
+    if visibility.num_queries != queries.shape[0] or visibility.num_keys != keys.shape[0]:
+        raise ValueError("visibility metadata does not match the number of queries/keys")
+
+
 def memory_logsumexp(
     queries: Tensor,
     keys: Tensor,
@@ -939,18 +850,15 @@ def memory_logsumexp(
         key_labels: (M,) the token that followed each key.
         query_targets: (N,) each query's target token.
         visibility: which keys each query sees.
-        scale: logit scale, default 1/sqrt(d); divide it by a temperature at eval.
+        scale: logit scale, default :func:`memory_scale` (1/sqrt(d)); divide it by a temperature at eval.
         block_size: query rows per block; extra memory is O(block_size * M).
 
     Returns:
         (lse_all, lse_pos): fp32 (N,) tensors, -inf where the set is empty.
     """
-    if queries.dim() != 2 or keys.dim() != 2 or queries.shape[1] != keys.shape[1]:
-        raise ValueError(f"queries {tuple(queries.shape)} and keys {tuple(keys.shape)} must be (N, d) and (M, d)")
-    if visibility.num_queries != queries.shape[0] or visibility.num_keys != keys.shape[0]:
-        raise ValueError("visibility metadata does not match the number of queries/keys")
+    _check_inputs(queries, keys, visibility)
     if scale is None:
-        scale = 1.0 / math.sqrt(queries.shape[1])
+        scale = memory_scale(queries.shape[1])
     return _MemoryLogSumExp.apply(queries, keys, key_labels, query_targets, visibility, float(scale), int(block_size))
 
 
@@ -968,18 +876,14 @@ def memory_logsumexp_at_scales(
     Each score tile is computed once and reduced at every scale, so S temperatures (the
     candidates of evaluation-time tuning) cost one set of matrix products instead of S.
     """
-    if queries.dim() != 2 or keys.dim() != 2 or queries.shape[1] != keys.shape[1]:
-        raise ValueError(f"queries {tuple(queries.shape)} and keys {tuple(keys.shape)} must be (N, d) and (M, d)")
-    if visibility.num_queries != queries.shape[0] or visibility.num_keys != keys.shape[0]:
-        raise ValueError("visibility metadata does not match the number of queries/keys")
+    _check_inputs(queries, keys, visibility)
     scales = [float(x) for x in scales]
     if not scales or min(scales) <= 0:
         raise ValueError(f"scales must be a non-empty list of positive numbers, got {scales}")
     same = _same_tensor(queries, keys, key_labels, query_targets)
     with torch.no_grad():
         problem = _Problem.build(queries, keys, key_labels, query_targets, visibility, scales[0], int(block_size), same)
-        kernels = _Kernels(_use_compiled(queries.device, problem.pairs() * len(scales)))
-        return _forward(problem, kernels, [x / scales[0] for x in scales])
+        return _forward(problem, problem.kernels(passes=len(scales)), [x / scales[0] for x in scales])
 
 
 def memory_joint_nll(
@@ -1005,12 +909,9 @@ def memory_joint_nll(
     score used for both of its tokens) keeps the two-pass :func:`memory_logsumexp`.
     Combine several memories with :func:`memory_logsumexp` and :func:`joint_nll` instead.
     """
-    if queries.dim() != 2 or keys.dim() != 2 or queries.shape[1] != keys.shape[1]:
-        raise ValueError(f"queries {tuple(queries.shape)} and keys {tuple(keys.shape)} must be (N, d) and (M, d)")
-    if visibility.num_queries != queries.shape[0] or visibility.num_keys != keys.shape[0]:
-        raise ValueError("visibility metadata does not match the number of queries/keys")
+    _check_inputs(queries, keys, visibility)
     if scale is None:
-        scale = 1.0 / math.sqrt(queries.shape[1])
+        scale = memory_scale(queries.shape[1])
     if valid is not None:
         valid = valid.reshape(-1).to(device=queries.device, dtype=torch.bool)
     same = _same_tensor(queries, keys, key_labels, query_targets)
@@ -1027,8 +928,9 @@ def memory_joint_nll(
 
 @dataclass
 class MemoryInputs:
-    """The arguments of one memory's :func:`memory_logsumexp` call, for callers that may want either
-    its (lse_all, lse_pos) or, for a loss that is a plain sum over rows, :func:`memory_joint_nll`."""
+    """The arguments of one memory's :func:`memory_logsumexp` call, for callers that may want its
+    (lse_all, lse_pos), at one or several scales, or, for a loss that is a plain sum over rows,
+    :func:`memory_joint_nll`."""
 
     queries: Tensor
     keys: Tensor
@@ -1043,12 +945,44 @@ class MemoryInputs:
         return memory_logsumexp(self.queries, self.keys, self.key_labels, self.query_targets, self.visibility,
                                 scale=self.scale, block_size=self.block_size)
 
+    def logsumexp_at_scales(self, scales: Sequence[float]) -> Tuple[Tensor, Tensor]:
+        """(S, N) (lse_all, lse_pos) of :func:`memory_logsumexp_at_scales` (``scale`` is not used)."""
+        return memory_logsumexp_at_scales(self.queries, self.keys, self.key_labels, self.query_targets,
+                                          self.visibility, scales, block_size=self.block_size)
+
     def joint_nll(self, token_target_score: Tensor, token_log_partition: Tensor,
                   valid: Optional[Tensor] = None) -> Tensor:
         """Per-token nll of :func:`memory_joint_nll` with this memory alone."""
         return memory_joint_nll(self.queries, self.keys, self.key_labels, self.query_targets, self.visibility,
                                 token_target_score, token_log_partition, valid=valid, scale=self.scale,
                                 block_size=self.block_size)
+
+
+def in_batch_memory(
+    reps: Tensor,
+    labels: Tensor,
+    valid: Optional[Tensor],
+    rule: Rule,
+    external_local: bool = True,
+    query_valid: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> MemoryInputs:
+    """The memory of a (B, T, d) batch whose keys are its own tokens, under ``rule`` (:meth:`Visibility.for_batch`).
+
+    Queries and keys are the B*T row-major flattened ``reps``; a position's (B, T) ``labels``
+    entry is both its target as a query and its label as a key (the token that follows
+    it). ``valid`` (B, T) marks the tokens that are keys and queries; ``query_valid`` (B, T),
+    if given, marks the queries instead (e.g. only the scored positions).
+    """
+    batch, seq_len, dim = reps.shape
+    flat = reps.reshape(batch * seq_len, dim)
+    flat_labels = labels.reshape(-1)
+    visibility = Visibility.for_batch(Rule(rule), batch, seq_len, valid=valid, external_local=external_local,
+                                      device=reps.device)
+    if query_valid is not None:
+        visibility.query_valid = query_valid.reshape(-1)
+    return MemoryInputs(flat, flat, flat_labels, flat_labels, visibility, scale=scale, block_size=block_size)
 
 
 def scored_memory_logsumexp(
@@ -1084,53 +1018,3 @@ def joint_nll(
     if valid is not None:
         nll = torch.where(valid, nll, torch.zeros_like(nll))
     return nll
-
-
-class _SoftmaxHeadTerms(torch.autograd.Function):
-    """(target logit, logsumexp) of logit rows with one fused backward, like cross-entropy's."""
-
-    @staticmethod
-    def forward(ctx, logits, targets):
-        log_partition = torch.logsumexp(logits.float(), dim=1)  # no copy for fp32 logits
-        target_logit = logits.gather(1, targets[:, None]).squeeze(1).float()
-        ctx.save_for_backward(logits, targets, log_partition)
-        return target_logit, log_partition
-
-    @staticmethod
-    def backward(ctx, grad_target, grad_partition):
-        logits, targets, log_partition = ctx.saved_tensors
-        grad = (logits.float() - log_partition[:, None]).exp_().mul_(grad_partition[:, None])
-        grad[torch.arange(grad.shape[0], device=grad.device), targets] += grad_target
-        return grad.to(logits.dtype), None
-
-
-def full_softmax_terms(logits: Tensor, targets: Tensor) -> Tuple[Tensor, Tensor]:
-    """(log Z_t p_tok(y), log Z_t) for a plain softmax head: (target logit, logsumexp).
-
-    One fused backward (softmax * g + one-hot * g), as cheap as plain cross-entropy's.
-    """
-    return _SoftmaxHeadTerms.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-
-
-def adaptive_softmax_terms(adaptive_softmax, features: Tensor, targets: Tensor) -> Tuple[Tensor, Tensor]:
-    """(log Z_head p_tok(y), log Z_head) for an adaptive-softmax head.
-
-    Z_head sums over the head cluster (frequent words plus one entry per tail
-    cluster), as in the original TRIME code. A tail word y in cluster c scores
-    head[c] + log_softmax(tail_c)[y]. ``adaptive_softmax`` is fairseq's module (it
-    applies its own dropout in training).
-    """
-    features = features.reshape(-1, features.shape[-1])
-    targets = targets.reshape(-1)
-    outputs, new_targets = adaptive_softmax(features, targets)
-    # the fused (target logit, logsumexp) of full_softmax_terms, per cluster: as cheap as cross-entropy
-    score, log_partition = _SoftmaxHeadTerms.apply(outputs[0], new_targets[0])
-    cutoff = adaptive_softmax.cutoff
-    for cluster, (tail_logits, tail_targets) in enumerate(zip(outputs[1:], new_targets[1:])):
-        if tail_logits is None:
-            continue
-        in_cluster = (targets >= cutoff[cluster]) & (targets < cutoff[cluster + 1])
-        rows = in_cluster.nonzero().squeeze(1)
-        tail_score, tail_log_partition = _SoftmaxHeadTerms.apply(tail_logits, tail_targets)
-        score = score.index_add(0, rows, tail_score - tail_log_partition)
-    return score, log_partition

@@ -28,6 +28,7 @@ from trime.adapters.base import (
 )
 from trime.databin import check_data_bin, split_parts
 from trime.errors import fail
+from trime.heads import token_head_terms
 from trime.hooks import KeyCapture, fairseq_key_module
 from trime.io_utils import file_identity, sha256_file
 
@@ -187,8 +188,6 @@ class FairseqLM(ModelAdapter):
 
     def _token_terms(self, features, targets):
         """(log Z_t p(y), log Z_t) of the decoder's head (adaptive or full softmax) for feature rows."""
-        from trime.criterions.trime_loss import token_head_terms
-
         decoder = self.model.decoder
         adaptive = getattr(decoder, "adaptive_softmax", None)
 

@@ -35,9 +35,9 @@ from trime.adapters.base import (
     token_terms_in_blocks,
 )
 from trime.errors import fail
+from trime.heads import full_softmax_terms
 from trime.hooks import KeyCapture, hf_key_module
 from trime.io_utils import file_identity, identity_key, read_json
-from trime.loss import full_softmax_terms
 
 # the split files looked for in DATA, first match wins
 SPLIT_FILES = ("{split}.txt", "wiki.{split}.tokens")

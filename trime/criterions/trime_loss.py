@@ -25,16 +25,9 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks.language_modeling import LanguageModelingTask
 
 from trime.errors import fail
+from trime.heads import token_head_terms
 from trime.hooks import KeyCapture
-from trime.loss import (
-    DEFAULT_BLOCK_SIZE,
-    MemoryInputs,
-    Rule,
-    Visibility,
-    adaptive_softmax_terms,
-    full_softmax_terms,
-    joint_nll,
-)
+from trime.loss import DEFAULT_BLOCK_SIZE, MemoryInputs, Rule, in_batch_memory, joint_nll
 
 
 @dataclass
@@ -47,14 +40,6 @@ class TrimeLossConfig(FairseqDataclass):
         default=DEFAULT_BLOCK_SIZE,
         metadata={"help": "query rows per block of the memory computation (extra memory is O(block x keys))"},
     )
-
-
-def token_head_terms(model, net_output, targets: Tensor) -> Tuple[Tensor, Tensor]:
-    """(log Z_t p_tok(y), log Z_t) per flattened position, for an adaptive or a full softmax head."""
-    adaptive_softmax = getattr(model.decoder, "adaptive_softmax", None)
-    if adaptive_softmax is not None:
-        return adaptive_softmax_terms(adaptive_softmax, net_output[0], targets)
-    return full_softmax_terms(net_output[0], targets)
 
 
 @register_criterion("trime_loss", dataclass=TrimeLossConfig)
@@ -145,13 +130,7 @@ class TrimeLoss(FairseqCriterion):
         self, reps: Tensor, targets: Tensor, valid: Tensor, external_local: bool = True
     ) -> MemoryInputs:
         """Memory = this batch's own tokens under ``self.rule`` (no collective)."""
-        batch, seq_len, dim = reps.shape
-        flat_reps = reps.reshape(batch * seq_len, dim)
-        flat_targets = targets.reshape(-1)
-        visibility = Visibility.for_batch(self.rule, batch, seq_len, valid=valid, external_local=external_local)
-        return MemoryInputs(
-            flat_reps, flat_reps, flat_targets, flat_targets, visibility, block_size=self.memory_block_size
-        )
+        return in_batch_memory(reps, targets, valid, self.rule, external_local, block_size=self.memory_block_size)
 
     def gathered_memory(self, tokens, key_ranks, rule: Rule, external_local: bool = True) -> MemoryInputs:
         """Memory = the tokens of ``key_ranks`` from a cross-rank gather (``trime.distributed``)."""

@@ -23,7 +23,6 @@ constants, this rank's keep their gradient (as in the fairseq criteria).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -32,8 +31,9 @@ from torch import Tensor, nn
 
 from trime.distributed import gather_tokens, world_size_and_rank
 from trime.errors import fail
+from trime.heads import full_softmax_terms
 from trime.hooks import KeyCapture
-from trime.loss import DEFAULT_BLOCK_SIZE, MemoryInputs, Rule, Visibility, full_softmax_terms
+from trime.loss import DEFAULT_BLOCK_SIZE, MemoryInputs, Rule, in_batch_memory, memory_scale
 from trime.memories import MEMORIES
 
 IGNORE_INDEX = -100
@@ -89,13 +89,6 @@ def shifted_targets(input_ids: Tensor, attention_mask: Optional[Tensor] = None,
     return targets, valid
 
 
-def memory_scale(dim: int, temperature: float = 1.0) -> float:
-    """The memory logit scale: 1/sqrt(d), divided by a temperature (as trime-eval's --softmax-temp)."""
-    if temperature <= 0:
-        fail(f"temperature must be > 0, got {temperature}")
-    return 1.0 / (math.sqrt(dim) * temperature)
-
-
 def memory_inputs(
     keys: Tensor,
     targets: Tensor,
@@ -108,16 +101,12 @@ def memory_inputs(
 ) -> MemoryInputs:
     """The memory over (B, T, d) keys, flat (B*T,) queries; see :func:`causal_lm_loss`."""
     rule = Rule(memory)
-    batch, seq_len, dim = keys.shape
     safe_targets = targets.clamp(min=0)
     world, rank = world_size_and_rank()
     if across_ranks is None:
         across_ranks = world > 1
     if not across_ranks or rule is Rule.LOCAL or world == 1:
-        flat = keys.reshape(batch * seq_len, dim)
-        flat_targets = safe_targets.reshape(-1)
-        visibility = Visibility.for_batch(rule, batch, seq_len, valid=valid, external_local=external_local)
-        return MemoryInputs(flat, flat, flat_targets, flat_targets, visibility, scale=scale, block_size=block_size)
+        return in_batch_memory(keys, safe_targets, valid, rule, external_local, scale=scale, block_size=block_size)
     tokens = gather_tokens(keys, safe_targets, valid)
     key_ranks = range(rank + 1) if rule is Rule.LONG else range(len(tokens.shapes))
     return tokens.memory_inputs(key_ranks, rule, external_local, scale=scale, block_size=block_size)
