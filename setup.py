@@ -76,12 +76,12 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "trime-train=trime.train_cli:cli_main",
-            "trime-prepare=trime.data_prep.prepare:cli_main",
-            "trime-eval=trime.eval.evaluate:cli_main",
-            "trime-build-datastore=trime.retrieval.datastore:cli_main",
-            "trime-bm25-batches=trime.retrieval.bm25_batches:cli_main",
-            "trime-hf-train=trime.hf.train:cli_main",
+            "trime-train=trime.train_cli:main",
+            "trime-prepare=trime.data_prep.prepare:main",
+            "trime-eval=trime.eval.evaluate:main",
+            "trime-build-datastore=trime.retrieval.build_datastore:main",
+            "trime-bm25-batches=trime.retrieval.bm25_batches:main",
+            "trime-hf-train=trime.hf.train:main",
         ]
     },
 )

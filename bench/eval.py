@@ -129,7 +129,8 @@ def build_datastore(data: Path, ckpt: Path, out: Path) -> dict:
     """Export (keys/s), index build (s) and search QPS."""
     from trime.adapters import batch_size_for, load_adapter
     from trime.io_utils import quiet_libraries
-    from trime.retrieval.datastore import Datastore, build_index, extract
+    from trime.retrieval.build_datastore import build_index, extract
+    from trime.retrieval.datastore import Datastore
 
     quiet_libraries()
     lm = load_adapter(ckpt, data, cpu=True)

@@ -716,8 +716,8 @@ def _recall(found, reference) -> float:
 def section_eval(cfg: dict, rec: Recorder) -> None:
     _torch(cfg)
     _register_trime()
-    from trime.eval.evaluate import main as evaluate_main
-    from trime.retrieval.datastore import cli_main as datastore_main
+    from trime.eval.evaluate import run as evaluate_run
+    from trime.retrieval.build_datastore import main as datastore_main
 
     p, device = cfg["eval"], cfg["device"]
     data = ensure_databin(cfg)
@@ -749,7 +749,7 @@ def section_eval(cfg: dict, rec: Recorder) -> None:
             continue
         t0 = time.time()
         try:
-            record = evaluate_main(common + extra)
+            record = evaluate_run(common + extra)
             row = record["results"][-1]
             results[name] = {"tokens_per_s": row["tokens_per_s"], "tokens": row["tokens"], "ppl": row.get("ppl"),
                              "loop_seconds": row["seconds"], "wall_seconds": time.time() - t0, "argv": extra}

@@ -31,9 +31,9 @@ MAX_PPL = 1.01
 
 def build(data, model_path, split: str, out: Path, *extra, context: int = CONTEXT) -> Path:
     """trime-build-datastore (default fp16 keys) with an exact Flat L2 index."""
-    from trime.retrieval.datastore import cli_main
+    from trime.retrieval.build_datastore import main
 
-    cli_main([str(data), "--path", str(model_path), "--output", str(out), "--gen-subset", split,
+    main([str(data), "--path", str(model_path), "--output", str(out), "--gen-subset", split,
               "--context-window", str(context), "--index-factory", "Flat", "--metric", "l2", "--cpu",
               "--no-progress-bar", *extra])  # fmt: skip
     return out
@@ -41,9 +41,9 @@ def build(data, model_path, split: str, out: Path, *extra, context: int = CONTEX
 
 def self_retrieval_eval(data, model_path, split: str, store: Path, *extra, context: int = CONTEXT) -> dict:
     """trime-eval of ``split`` against its own datastore: kNN-LM, lambda ~1, sharp exact L2."""
-    from trime.eval.evaluate import main
+    from trime.eval.evaluate import run
 
-    record = main([str(data), "--path", str(model_path), "--gen-subset", split, "--context-window", str(context),
+    record = run([str(data), "--path", str(model_path), "--gen-subset", split, "--context-window", str(context),
                    "--memory", "none", "--knnlm", "--datastore", str(store), "--k", str(K), "--lmbda", str(LMBDA),
                    "--interp-temp", str(SHARP_TEMP), "--cpu", "--no-progress-bar", *extra])  # fmt: skip
     return record["results"][-1]
@@ -71,7 +71,7 @@ def test_fairseq_datastore_is_aligned_with_eval(fairseq_ckpts, wt2_sample_bin, t
 def test_rolled_values_fail_the_alignment_check(fairseq_ckpts, wt2_sample_bin, tmp_path_factory):
     """Negative control: the same datastore with values shifted by one position is far from ppl 1."""
     from trime.adapters import load_adapter
-    from trime.eval.evaluate import Evaluator
+    from trime.eval.engine import Evaluator
     from trime.eval.memory import MemorySettings
     from trime.retrieval.datastore import Datastore
 

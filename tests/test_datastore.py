@@ -41,7 +41,7 @@ def settings(lm):
 @pytest.fixture(scope="module")
 def reference(lm, settings, tmp_path_factory):
     """A datastore built in one uninterrupted run (no index)."""
-    from trime.retrieval.datastore import extract
+    from trime.retrieval.build_datastore import extract
 
     out = tmp_path_factory.mktemp("ds_reference")
     extract(lm, "valid", settings, BATCH, out, show_progress=False)
@@ -70,7 +70,7 @@ def test_every_scored_token_is_kept(lm, reference):
 
 
 def test_killed_build_resumes_byte_identical(lm, reference, wt2_sample_bin, tmp_path):
-    from trime.retrieval.datastore import extract
+    from trime.retrieval.build_datastore import extract
 
     out = tmp_path / "ds"
     proc = subprocess.run(
@@ -115,7 +115,7 @@ def lm_settings(lm):
 
 
 def test_sharded_build_merges_to_the_unsharded_bytes(lm, settings, reference, tmp_path):
-    from trime.retrieval.datastore import extract, merge_shards
+    from trime.retrieval.build_datastore import extract, merge_shards
 
     out = tmp_path / "sharded"
     for shard_id in (1, 0, 2):
@@ -131,7 +131,7 @@ def test_sharded_build_merges_to_the_unsharded_bytes(lm, settings, reference, tm
 
 
 def test_merge_refuses_missing_shard(lm, settings, tmp_path):
-    from trime.retrieval.datastore import extract, merge_shards
+    from trime.retrieval.build_datastore import extract, merge_shards
 
     extract(lm, "valid", settings, BATCH, tmp_path, num_shards=4, shard_id=3, show_progress=False)
     with pytest.raises(TrimeError, match="shard 0 of 4 is not finished"):
@@ -150,7 +150,8 @@ def test_auto_factory_sizes():
 def test_ivfpq_index_build_search_and_determinism(reference, tmp_path):
     import shutil
 
-    from trime.retrieval.datastore import Datastore, build_index
+    from trime.retrieval.build_datastore import build_index
+    from trime.retrieval.datastore import Datastore
 
     copies = []
     for name in ("a", "b"):
@@ -181,7 +182,7 @@ def test_ivfpq_index_build_search_and_determinism(reference, tmp_path):
 def flat_copy(reference, tmp_path):
     import shutil
 
-    from trime.retrieval.datastore import build_index
+    from trime.retrieval.build_datastore import build_index
 
     d = tmp_path / "flat"
     shutil.copytree(reference, d)

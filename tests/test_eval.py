@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thr
 
 
 def test_memory_none_matches_fairseq_eval_lm(ckpts, wt2_sample_bin, tmp_path):
-    from trime.eval.evaluate import main
+    from trime.eval.evaluate import run
 
     ckpt = ckpts["trime"]  # adaptive softmax: the less trivial token head
     proc = run_cli(
@@ -53,7 +53,7 @@ def test_memory_none_matches_fairseq_eval_lm(ckpts, wt2_sample_bin, tmp_path):
     found = re.search(r"Loss \(base 2\): ([0-9.]+), Perplexity: ([0-9.]+)", proc.stdout + proc.stderr)
     assert found, proc.stdout[-2000:]
     fairseq_loss, fairseq_ppl = map(float, found.groups())
-    record = main(
+    record = run(
         [
             str(wt2_sample_bin),
             "--path",
@@ -177,7 +177,7 @@ class Reference:
 def flat_store(ckpts, wt2_sample_bin, tmp_path_factory):
     """Exact (Flat, inner product) datastores over the valid split, one per model."""
     from trime.adapters import load_adapter
-    from trime.retrieval.datastore import build_index, extract
+    from trime.retrieval.build_datastore import build_index, extract
 
     out = {}
     for name in ("ce", "trime"):
@@ -192,7 +192,7 @@ def flat_store(ckpts, wt2_sample_bin, tmp_path_factory):
 
 @pytest.mark.parametrize("name,mem_size,search", [("ce", 20, "faiss"), ("trime", 80, "faiss"), ("trime", 80, "torch")])
 def test_external_memory_matches_brute_force(ckpts, wt2_sample_bin, flat_store, name, mem_size, search):
-    from trime.eval.evaluate import Evaluator
+    from trime.eval.engine import Evaluator
     from trime.eval.memory import MemorySettings
     from trime.adapters import load_adapter
     from trime.retrieval.datastore import Datastore
@@ -233,7 +233,7 @@ def test_external_memory_matches_brute_force(ckpts, wt2_sample_bin, flat_store, 
 
 def test_external_temperature_scales_only_the_datastore_neighbours(ckpts, wt2_sample_bin, flat_store):
     from trime.adapters import load_adapter
-    from trime.eval.evaluate import Evaluator
+    from trime.eval.engine import Evaluator
     from trime.eval.memory import MemorySettings
     from trime.retrieval.datastore import Datastore
 
@@ -257,12 +257,12 @@ def test_tune_external_temperature_and_fixed_lambda(ckpts, wt2_sample_bin, flat_
     """--tune tunes --external-temp after --softmax-temp (recorded in --results-json); a given --lmbda stays."""
     import json
 
-    from trime.eval.evaluate import main
+    from trime.eval.evaluate import run
 
     ext = ["--memory", "external", "--mem-size", "40", "--datastore", flat_store["trime"], "--k", "16", "--tune",
            "--tune-subset", "test", "--tune-tokens", "600"]  # the store holds valid: tune elsewhere
     out = tmp_path / "r.json"
-    record = main(_eval_args(wt2_sample_bin, ckpts["trime"], *ext, "--results-json", out))
+    record = run(_eval_args(wt2_sample_bin, ckpts["trime"], *ext, "--results-json", out))
     trials = record["tuning"]["trials"]
     best = min(trials, key=lambda t: t["nll"])
     chosen = json.loads(out.read_text())["tuning"]["chosen"]
@@ -273,7 +273,7 @@ def test_tune_external_temperature_and_fixed_lambda(ckpts, wt2_sample_bin, flat_
     tied = min((t for t in trials if t["external_temp"] is None), key=lambda t: t["nll"])
     assert best["nll"] <= tied["nll"]
     assert record["settings"]["lmbda"] > 0  # tuned
-    joint_only = main(_eval_args(wt2_sample_bin, ckpts["trime"], *ext, "--lmbda", "0", "--external-temp", "2"))
+    joint_only = run(_eval_args(wt2_sample_bin, ckpts["trime"], *ext, "--lmbda", "0", "--external-temp", "2"))
     assert joint_only["settings"]["lmbda"] == 0 and joint_only["settings"]["external_temp"] == 2
     assert {t["lmbda"] for t in joint_only["tuning"]["trials"]} == {0.0}
     assert {t["external_temp"] for t in joint_only["tuning"]["trials"]} == {2.0}
@@ -281,7 +281,7 @@ def test_tune_external_temperature_and_fixed_lambda(ckpts, wt2_sample_bin, flat_
 
 def test_knnlm_interpolation_only(ckpts, wt2_sample_bin, flat_store):
     """--knnlm: the datastore is used by interpolation only; P_model is the plain LM."""
-    from trime.eval.evaluate import Evaluator
+    from trime.eval.engine import Evaluator
     from trime.eval.memory import MemorySettings
     from trime.adapters import load_adapter
     from trime.retrieval.datastore import Datastore
@@ -428,7 +428,7 @@ def test_temperature_scales_memory_logits_only(ckpts, wt2_sample_bin):
     torch.testing.assert_close((batch.token_score, batch.token_logz), before)
 
     # on a real model: the first window's first token has no memory, so T does not matter
-    from trime.eval.evaluate import Evaluator
+    from trime.eval.engine import Evaluator
     from trime.adapters import load_adapter
 
     lm = load_adapter(ckpts["trime"], wt2_sample_bin, cpu=True)
@@ -443,11 +443,11 @@ def test_temperature_scales_memory_logits_only(ckpts, wt2_sample_bin):
 
 
 def test_tune_finds_the_grid_optimum_and_sweep_writes_plot(ckpts, wt2_sample_bin, tmp_path):
-    from trime.eval.evaluate import main
+    from trime.eval.evaluate import run
 
     out = tmp_path / "tuned.json"
     prefix = tmp_path / "sweep"
-    record = main(
+    record = run(
         [
             str(wt2_sample_bin),
             "--path",
@@ -487,19 +487,19 @@ def test_cache_dir_reuses_forward_passes_and_hits_with_the_same_results(
 ):
     """--cache-dir: the same numbers as without it; later runs of any level forward and search nothing."""
     from trime.adapters.fairseq_lm import FairseqLM
-    from trime.eval.evaluate import main
+    from trime.eval.evaluate import run
 
     ext = ["--memory", "external", "--mem-size", "80", "--datastore", flat_store["trime"], "--softmax-temp", "1.3",
            "--lmbda", "0.3", "--interp-temp", "2.5"]
     long_tuned = ["--memory", "long", "--mem-size", "80", "--tune", "--tune-tokens", "500"]
     cache = tmp_path / "cache"
-    plain = main(_eval_args(wt2_sample_bin, ckpts["trime"], *ext, "--k", "16"))
-    first = main(_eval_args(wt2_sample_bin, ckpts["trime"], *ext, "--k", "16", "--cache-dir", cache))
+    plain = run(_eval_args(wt2_sample_bin, ckpts["trime"], *ext, "--k", "16"))
+    first = run(_eval_args(wt2_sample_bin, ckpts["trime"], *ext, "--k", "16", "--cache-dir", cache))
     assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["forward", "knn"]  # the test split
     (a,), (b,) = plain["results"], first["results"]
     assert a["tokens"] == b["tokens"] == 20142
     assert abs(a["loss_base2"] - b["loss_base2"]) <= 1e-6 * a["loss_base2"]
-    long_first = main(_eval_args(wt2_sample_bin, ckpts["trime"], *long_tuned, "--cache-dir", cache))
+    long_first = run(_eval_args(wt2_sample_bin, ckpts["trime"], *long_tuned, "--cache-dir", cache))
     assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["forward", "forward", "knn"]  # + valid prefix
 
     def no_forward(*args, **kwargs):
@@ -510,23 +510,24 @@ def test_cache_dir_reuses_forward_passes_and_hits_with_the_same_results(
     def metrics(record):
         return [(r["subset"], r["tokens"], r["loss_base2"]) for r in record["results"]]
 
-    assert metrics(main(_eval_args(wt2_sample_bin, ckpts["trime"], *ext, "--k", "16", "--cache-dir", cache))) == (
+    assert metrics(run(_eval_args(wt2_sample_bin, ckpts["trime"], *ext, "--k", "16", "--cache-dir", cache))) == (
         metrics(first)
     )
-    again = main(_eval_args(wt2_sample_bin, ckpts["trime"], *long_tuned, "--cache-dir", cache))
+    again = run(_eval_args(wt2_sample_bin, ckpts["trime"], *long_tuned, "--cache-dir", cache))
     assert metrics(again) == metrics(long_first) and again["tuning"]["trials"] == long_first["tuning"]["trials"]
-    main(_eval_args(wt2_sample_bin, ckpts["trime"], *ext, "--k", "8", "--cache-dir", cache))  # another k: a search
+    run(_eval_args(wt2_sample_bin, ckpts["trime"], *ext, "--k", "8", "--cache-dir", cache))  # another k: a search
     assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["forward", "forward", "knn", "knn"]
     with pytest.raises(AssertionError, match="forward pass"):  # another checkpoint misses the cache
-        main(_eval_args(wt2_sample_bin, ckpts["ce"], "--memory", "local", "--cache-dir", cache))
+        run(_eval_args(wt2_sample_bin, ckpts["ce"], "--memory", "local", "--cache-dir", cache))
 
 
 def test_tune_tokens_tunes_on_a_prefix_of_the_tune_subset(ckpts, wt2_sample_bin):
     from trime.adapters import load_adapter
-    from trime.eval.evaluate import Evaluator, main
+    from trime.eval.engine import Evaluator
+    from trime.eval.evaluate import run
     from trime.eval.memory import MemorySettings
 
-    record = main(_eval_args(wt2_sample_bin, ckpts["trime"], "--memory", "long", "--mem-size", "64", "--tune",
+    record = run(_eval_args(wt2_sample_bin, ckpts["trime"], "--memory", "long", "--mem-size", "64", "--tune",
                              "--tune-tokens", "1000", "--batch-size", "4"))
     tokens = record["tuning"]["tokens"]
     per_batch = 4 * (TPS - CONTEXT)  # full windows of the sample's valid split
@@ -552,7 +553,7 @@ def test_cli_external_without_datastore_and_unknown_level(wt2_sample_bin):
 
 
 def test_library_errors_are_one_line(ckpts, wt2_sample_bin, tmp_path):
-    from trime.eval.evaluate import main
+    from trime.eval.evaluate import run
 
     cases = [
         (["--memory", "long"], "--mem-size"),
@@ -563,15 +564,15 @@ def test_library_errors_are_one_line(ckpts, wt2_sample_bin, tmp_path):
     ]
     for extra, needle in cases:
         with pytest.raises(TrimeError) as err:
-            main([str(wt2_sample_bin), "--path", str(ckpts["ce"]), "--cpu", "--no-progress-bar", *extra])
+            run([str(wt2_sample_bin), "--path", str(ckpts["ce"]), "--cpu", "--no-progress-bar", *extra])
         assert needle in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(TrimeError) as err:
-        main([str(tmp_path), "--path", str(ckpts["ce"])])
+        run([str(tmp_path), "--path", str(ckpts["ce"])])
     assert "dict.txt" in str(err.value)
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(TrimeError) as err:
-        main([str(wt2_sample_bin), "--path", str(bad)])
+        run([str(wt2_sample_bin), "--path", str(bad)])
     assert "could not be read" in str(err.value)
 
 
@@ -600,7 +601,7 @@ def test_tuning_scores_each_round_in_one_pass_with_single_pass_results(ckpts, wt
     single-temperature scoring gives (the tuned record's best trial is reproduced by a fresh run)."""
     import trime.eval.tuning as tuning
     from trime.adapters import load_adapter
-    from trime.eval.evaluate import Evaluator
+    from trime.eval.engine import Evaluator
     from trime.eval.memory import MemorySettings
 
     lm = load_adapter(ckpts["trime"], wt2_sample_bin, cpu=True)
@@ -641,14 +642,14 @@ def test_byte_level_data_reports_bits_per_character(ckpts, wt2_sample_bin, tmp_p
     import json
     import shutil
 
-    from trime.eval.evaluate import main
+    from trime.eval.evaluate import run
 
     data = tmp_path / "bytes-bin"
     shutil.copytree(wt2_sample_bin, data)
     meta = json.loads((data / "trime_meta.json").read_text())
     meta["level"] = "byte"
     (data / "trime_meta.json").write_text(json.dumps(meta))
-    record = main(
+    record = run(
         [
             str(data),
             "--path",
@@ -670,7 +671,7 @@ def test_byte_level_data_reports_bits_per_character(ckpts, wt2_sample_bin, tmp_p
 def test_dictionary_mismatch_is_refused(ckpts, wt2_sample_bin, tmp_path):
     import shutil
 
-    from trime.eval.evaluate import main
+    from trime.eval.evaluate import run
 
     data = tmp_path / "other-dict"
     shutil.copytree(wt2_sample_bin, data)
@@ -678,6 +679,6 @@ def test_dictionary_mismatch_is_refused(ckpts, wt2_sample_bin, tmp_path):
     lines[5], lines[6] = lines[6], lines[5]  # same size, different ids
     (data / "dict.txt").write_text("\n".join(lines) + "\n")
     with pytest.raises(TrimeError) as err:
-        main([str(data), "--path", str(ckpts["ce"]), "--cpu"])
+        run([str(data), "--path", str(ckpts["ce"]), "--cpu"])
     assert "differs from the dictionary the checkpoint was trained with" in str(err.value)
     assert "--srcdict" in str(err.value)

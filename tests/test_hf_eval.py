@@ -76,9 +76,9 @@ def transformers_nll(model_dir: Path, path: Path, tps: int, context: int) -> tup
 
 
 def run_eval(*argv):
-    from trime.eval.evaluate import main
+    from trime.eval.evaluate import run
 
-    return main([str(a) for a in argv] + ["--cpu", "--no-progress-bar"])
+    return run([str(a) for a in argv] + ["--cpu", "--no-progress-bar"])
 
 
 @pytest.mark.parametrize("arch,context", [("gpt2", CONTEXT), ("gpt2", 0), ("llama", CONTEXT), ("gpt_neox", CONTEXT)])
@@ -162,7 +162,7 @@ class HFReference:
 def llama_store(text_dir, tmp_path_factory):
     """An exact (Flat, inner product) fp32 datastore over the train split of the tiny Llama."""
     from trime.adapters import load_adapter
-    from trime.retrieval.datastore import build_index, extract
+    from trime.retrieval.build_datastore import build_index, extract
 
     lm = load_adapter(H.model_dir("llama"), text_dir, cpu=True)
     out = tmp_path_factory.mktemp("hf_flat")
@@ -185,7 +185,7 @@ def test_datastore_keeps_every_scored_token(text_dir, llama_store):
 
 def test_sharded_build_merges_to_the_unsharded_bytes(text_dir, llama_store, tmp_path):
     from trime.adapters import load_adapter
-    from trime.retrieval.datastore import extract, merge_shards
+    from trime.retrieval.build_datastore import extract, merge_shards
 
     lm = load_adapter(H.model_dir("llama"), text_dir, cpu=True)
     for shard_id in (1, 0):  # shards are contiguous runs of whole batches; the token stream is cut the same way
@@ -198,7 +198,7 @@ def test_sharded_build_merges_to_the_unsharded_bytes(text_dir, llama_store, tmp_
 
 def test_external_memory_matches_brute_force(text_dir, llama_store):
     from trime.adapters import load_adapter
-    from trime.eval.evaluate import Evaluator
+    from trime.eval.engine import Evaluator
     from trime.eval.memory import MemorySettings
     from trime.retrieval.datastore import Datastore, model_info
 

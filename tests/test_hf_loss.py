@@ -209,7 +209,7 @@ def test_the_fairseq_path_never_imports_transformers():
     code = (
         "import sys, trime.plugin as p; p.register(); "
         "import trime.criterions.trime_ext_loss, trime.tasks.trime_lm, trime.retrieval.bm25_batches, "
-        "trime.retrieval.datastore, trime.eval.evaluate, trime.train_cli; "
+        "trime.retrieval.datastore, trime.retrieval.build_datastore, trime.eval.evaluate, trime.train_cli; "
         "print('transformers' in sys.modules)"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -1,4 +1,4 @@
-"""Reliability (issue 12): bad input is one line through every entry point, honest defaults, exact resume.
+"""Reliability: bad input is one line through every entry point, honest defaults, exact resume.
 
 * ``test_bad_input_table_row``: every row of the README's bad-input table is run as the
   literal command in a sandbox folder; stderr must be exactly the documented line.
@@ -200,7 +200,7 @@ def test_knn_hits_are_searched_and_scored_in_chunks(sandbox, wt2_sample_bin, mon
     """score_batch searches at most knn_chunk_rows(k) rows at a time, with the same result as one search."""
     import trime.knn
     from trime.adapters import batch_size_for, load_adapter
-    from trime.eval.evaluate import Evaluator
+    from trime.eval.engine import Evaluator
     from trime.eval.memory import MemorySettings, ScoreState, score_batch
     from trime.retrieval.datastore import Datastore
 
@@ -229,9 +229,9 @@ def test_knn_hits_are_searched_and_scored_in_chunks(sandbox, wt2_sample_bin, mon
 
 
 def test_default_subset_is_test_as_in_fairseq_eval_lm(sandbox, wt2_sample_bin, capsys):
-    from trime.eval.evaluate import main
+    from trime.eval.evaluate import run
 
-    record = main([str(wt2_sample_bin), "--path", str(sandbox / "ckpt" / "checkpoint_last.pt"), "--cpu",
+    record = run([str(wt2_sample_bin), "--path", str(sandbox / "ckpt" / "checkpoint_last.pt"), "--cpu",
                    "--no-progress-bar"])
     assert [row["subset"] for row in record["results"]] == ["test"]
     assert record["results"][0]["tokens"] == 20_142  # the sample's test split
@@ -239,13 +239,13 @@ def test_default_subset_is_test_as_in_fairseq_eval_lm(sandbox, wt2_sample_bin, c
 
 
 def test_sweep_mem_size_needs_no_mem_size_and_records_no_k(sandbox, tmp_path, monkeypatch):
-    from trime.eval import evaluate
+    from trime.eval import engine, evaluate
 
     def not_again(*args, **kwargs):
         raise AssertionError("the final table was evaluated again")
 
-    monkeypatch.setattr(evaluate.Evaluator, "run", not_again)
-    record = evaluate.main([
+    monkeypatch.setattr(engine.Evaluator, "run", not_again)
+    record = evaluate.run([
         str(sandbox / "data-bin" / "empty-train"), "--path", str(sandbox / "ckpt" / "checkpoint_last.pt"), "--memory", "long",
         "--sweep", "mem-size=16,64", "--sweep-prefix", str(tmp_path / "sweep"), "--gen-subset", "valid",
         "--context-window", "8", "--cpu", "--no-progress-bar",
@@ -262,7 +262,8 @@ def test_sweep_mem_size_needs_no_mem_size_and_records_no_k(sandbox, tmp_path, mo
 
 
 def test_index_training_heartbeat_and_one_final_bar(sandbox, tmp_path, monkeypatch, capsys):
-    from trime.retrieval import datastore, faiss_index
+    from trime.cli import logger
+    from trime.retrieval import build_datastore, faiss_index
 
     store = tmp_path / "ds"
     shutil.copytree(sandbox / "ds", store)
@@ -273,7 +274,8 @@ def test_index_training_heartbeat_and_one_final_bar(sandbox, tmp_path, monkeypat
         return train(*args, **kwargs)
 
     monkeypatch.setattr(faiss_index, "train_index", slow_train)
-    datastore.build_index(store, factory="IVF16,Flat", use_gpu=False, heartbeat_seconds=0.1)
+    build_datastore.build_index(store, factory="IVF16,Flat", use_gpu=False, heartbeat_seconds=0.1,
+                                log_progress=logger("trime-build-datastore", stderr=True))
     err = capsys.readouterr().err
     assert len(re.findall(r"trime-build-datastore: training IVF16,Flat: \d+ s", err)) >= 2, err
     assert len(re.findall(r"index add: 100%", err)) == 1, err

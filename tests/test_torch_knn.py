@@ -117,7 +117,7 @@ def test_datastore_search_torch_matches_faiss_flat(metric):
 
 
 def test_trime_eval_knn_search_needs_a_datastore():
-    from trime.eval.evaluate import main
+    from trime.eval.evaluate import run
 
     with pytest.raises(TrimeError, match="--knn-search torch searches a datastore"):
-        main(["data-bin", "--path", "ckpt.pt", "--knn-search", "torch"])
+        run(["data-bin", "--path", "ckpt.pt", "--knn-search", "torch"])

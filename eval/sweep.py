@@ -1,0 +1,108 @@
+"""Sweeps: a metric against one memory setting (``trime-eval --sweep NAME=V1,V2,..``), as .json and .png.
+
+Every point is scored from one collected split (:class:`trime.eval.tuning.CachedRun`): the
+forward passes and kNN searches are done once, whatever the number of values.
+"""
+
+from collections.abc import Callable
+from pathlib import Path
+
+from trime.errors import fail
+from trime.eval.engine import Evaluator, memory_label, metric_line
+from trime.eval.memory import MemorySettings
+from trime.eval.tuning import CachedRun
+from trime.io_utils import atomic_path, write_json_atomic
+
+SWEEPABLE = {
+    "mem-size": ("mem_size", int),
+    "lmbda": ("lmbda", float),
+    "k": ("k", int),
+    "softmax-temp": ("softmax_temp", float),
+    "external-temp": ("external_temp", float),
+    "interp-temp": ("interp_temp", float),
+}
+
+
+def sweep_name(spec: str | None) -> str:
+    """The swept setting's flag name of ``NAME=V1,...`` ("" without a sweep)."""
+    return (spec or "").partition("=")[0]
+
+
+def parse_sweep(spec: str, evaluator: Evaluator, base: MemorySettings) -> tuple[str, str, list]:
+    """(flag name, MemorySettings field, values) of ``--sweep NAME=V1,...``; one-line errors for what cannot work."""
+    name, _, values_text = spec.partition("=")
+    if name not in SWEEPABLE or not values_text:
+        fail(f"--sweep must look like NAME=V1,V2 with NAME in {', '.join(SWEEPABLE)}; got {spec!r}")
+    field_name, cast = SWEEPABLE[name]
+    try:
+        values = [cast(v) for v in values_text.split(",") if v]
+    except ValueError:
+        fail(f"--sweep {name}: values must be {cast.__name__}s, got {values_text!r}")
+    if name == "mem-size" and base.level not in ("long", "external"):
+        fail("--sweep mem-size needs --memory long or external")
+    if name == "external-temp" and not base.knn_in_joint:
+        fail("--sweep external-temp needs --memory external")
+    if name in ("k", "lmbda", "interp-temp") and evaluator.store is None:
+        fail(f"--sweep {name} needs a datastore (--memory external or --knnlm with --datastore)")
+    if name == "k" and max(values) > evaluator.k:
+        fail(f"--sweep k values must be <= --k {evaluator.k} (the search depth)")
+    return name, field_name, values
+
+
+def run_sweep(
+    spec: str,
+    evaluator: Evaluator,
+    cached: CachedRun,
+    base: MemorySettings,
+    is_bytes: bool,
+    prefix: str | None = None,
+    title: str = "",
+    knnlm: bool = False,
+    log: Callable[[str], None] = lambda message: None,
+) -> dict:
+    """Evaluate ``spec`` (``NAME=V1,...``) on a collected split; write ``PREFIX.json`` and ``PREFIX.png``.
+
+    ``prefix`` defaults to ``trime-sweep-NAME``; ``title`` (the split) and ``knnlm`` label the plot.
+    Returns the record written to the .json.
+    """
+    name, field_name, values = parse_sweep(spec, evaluator, base)
+    metric = "bpc" if is_bytes else "ppl"
+    points = []
+    for v in values:
+        lp = cached.log_probs(base.with_(**{field_name: v}))
+        point = metric_line(-float(lp.double().sum()), lp.numel(), is_bytes)
+        point["value"] = v
+        points.append(point)
+        log(f"sweep {name}={v}: {metric} {point[metric]:.4f}")
+    out = Path(prefix or f"trime-sweep-{name}")
+    recorded = dict(base.__dict__)
+    if evaluator.store is None:  # a sweep without a datastore has no neighbours: record none of their settings
+        for key in ("k", "lmbda", "interp_temp", "knn_in_joint"):
+            recorded.pop(key, None)
+    if name == "mem-size":
+        recorded["mem_size"] = None  # the swept value, per point
+    record = {"parameter": name, "metric": metric, "points": points, "settings": recorded}
+    write_json_atomic(out.with_suffix(".json"), record)
+    png = out.with_suffix(".png")
+    plot_points(points, name, metric, f"{title}: {memory_label(base, knnlm)}", png)
+    log(f"wrote {out.with_suffix('.json')} and {png}")
+    return record
+
+
+def plot_points(points: list[dict], name: str, metric: str, title: str, png: Path) -> None:
+    """A line plot of ``metric`` against the swept value, written atomically to ``png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([p["value"] for p in points], [p[metric] for p in points], marker="o")
+    ax.set_xlabel(name)
+    ax.set_ylabel(metric)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)

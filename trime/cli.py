@@ -1,0 +1,135 @@
+"""One command-line style for every trime console script.
+
+Rules every console script follows:
+
+- its parser is :class:`Parser`, built by a function named ``build_parser()``; a usage error
+  (unknown flag, bad value, missing argument) is one stderr line,
+  ``trime: error: <argparse's message, naming the flag> (see PROG --help)``, and exit status 2;
+  bad input found later is one ``trime: error:`` line and exit status 1 (:func:`trime.errors.fail`);
+- its entry point is ``main(argv: Sequence[str] | None = None) -> int``;
+- every flag has help text;
+- library functions report through a ``log`` callable; only the CLI's callables
+  (:func:`logger`) add the ``PROG:`` prefix and pick stdout or stderr.
+
+``trime-eval`` and ``trime-build-datastore`` run a model over windows of a split the same
+way: :func:`add_model_args` declares those flags once and :func:`model_from_args` loads the
+model, windows and batch size from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:  # torch is imported only when a model is loaded
+    from trime.adapters import ModelAdapter, WindowSettings
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one ``trime: error:`` line naming the flag, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        self.exit(2, f"trime: error: {message} (see {self.prog} --help)\n")
+
+
+def logger(prog: str, stderr: bool = False) -> Callable[[str], None]:
+    """A ``log`` callable that prints ``PROG: message`` to stdout (or stderr), flushed.
+
+    The stream is looked up at every call, so redirected output (tests, in-process runs) is honoured.
+    """
+
+    def log(message: str) -> None:
+        print(f"{prog}: {message}", file=sys.stderr if stderr else sys.stdout, flush=True)
+
+    return log
+
+
+def silent(message: str) -> None:
+    """A ``log`` callable that prints nothing (the default of library functions)."""
+
+
+def add_model_args(
+    parser: argparse.ArgumentParser,
+    *,
+    gen_subset: str,
+    gen_subset_help: str,
+    required: bool = True,
+) -> None:
+    """Declare the model and window flags shared by ``trime-eval`` and ``trime-build-datastore``.
+
+    ``DATA``, ``--path``, ``--gen-subset``, ``--context-window``, ``--tokens-per-sample``,
+    ``--key-module``, ``--fp16``/``--bf16``, ``--cpu``, ``--max-tokens``, ``--batch-size`` and
+    ``--no-progress-bar``. Only ``--gen-subset`` differs per tool (trime-eval reports
+    ``test``, trime-build-datastore extracts ``train``). ``required=False`` makes ``DATA``
+    and ``--path`` optional (trime-build-datastore's ``--merge``/``--build-index``/``--verify``
+    need no model; the tool checks them itself).
+    """
+    parser.add_argument(
+        "data",
+        nargs=None if required else "?",
+        help="fairseq data-bin (trime-prepare, fairseq-preprocess), or for a Hugging Face --path a folder of "
+        "text splits (train.txt/valid.txt/test.txt or wiki.SPLIT.tokens)",
+    )
+    parser.add_argument(
+        "--path",
+        required=required,
+        help="fairseq checkpoint, or Hugging Face model dir (with config.json); its last-FFN inputs are the keys",
+    )
+    parser.add_argument("--gen-subset", default=gen_subset, help=gen_subset_help)
+    parser.add_argument(
+        "--context-window",
+        type=int,
+        default=0,
+        help="tokens of context before each window (also trime-eval's local memory); the same for the "
+        "datastore and the evaluation (default 0)",
+    )
+    parser.add_argument(
+        "--tokens-per-sample", type=int, default=None, help="window length incl. context (default: the checkpoint's)"
+    )
+    parser.add_argument(
+        "--key-module", default=None, help="HF models: module whose input are the keys (default: last layer's MLP)"
+    )
+    parser.add_argument("--cpu", action="store_true", help="run the model on the CPU even if a GPU is present")
+    precision = parser.add_mutually_exclusive_group()
+    precision.add_argument(
+        "--fp16", action="store_true", help="run the model in fp16 (log-probs stay fp32; trime-build-datastore stores keys as --key-dtype)"
+    )
+    precision.add_argument(
+        "--bf16", action="store_true", help="run the model in bf16 (log-probs stay fp32; trime-build-datastore stores keys as --key-dtype)"
+    )
+    parser.add_argument("--max-tokens", type=int, default=None, help="tokens per batch incl. context (default 8192)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="windows per batch (overrides --max-tokens; must be equal for all shards of a datastore)",
+    )
+    parser.add_argument("--no-progress-bar", action="store_true", help="no progress bars on stderr")
+
+
+@dataclass
+class LoadedModel:
+    """What :func:`model_from_args` loads: the adapter, its windows, batch size and precision name."""
+
+    lm: ModelAdapter
+    windows: WindowSettings
+    batch_size: int
+    precision: str
+
+
+def precision_of(args: argparse.Namespace) -> str:
+    """``fp16``, ``bf16`` or ``fp32`` from ``--fp16``/``--bf16``."""
+    return "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
+
+
+def model_from_args(args: argparse.Namespace) -> LoadedModel:
+    """Load the model of :func:`add_model_args`'s flags and its window settings and batch size."""
+    from trime.adapters import batch_size_for, load_adapter
+
+    precision = precision_of(args)
+    lm = load_adapter(args.path, args.data, cpu=args.cpu, precision=precision, key_module=args.key_module)
+    windows = lm.window_settings(args.context_window, args.tokens_per_sample)
+    return LoadedModel(lm, windows, batch_size_for(windows, args.batch_size, args.max_tokens), precision)
