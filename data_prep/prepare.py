@@ -14,7 +14,6 @@ checksum), read back by :func:`trime.databin.read_data_meta` / :func:`trime.data
 (e.g. to report bits per character for byte-level data).
 """
 
-import argparse
 import contextlib
 import gzip
 import hashlib
@@ -29,7 +28,7 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -37,6 +36,7 @@ from typing import BinaryIO
 import numpy as np
 
 import trime
+from trime.cli import Parser, logger, silent
 from trime.databin import META_NAME, read_data_meta
 from trime.errors import TrimeError, fail
 from trime.io_utils import (
@@ -104,18 +104,18 @@ def _is_complete(data_dir: Path, meta: dict) -> bool:
 
 
 class _Reporter:
-    """Progress on stderr for long runs (or --verbose); the summary always goes to stdout."""
+    """Progress lines for long runs (or --verbose) and warnings, through ``log`` (the CLI's: stderr)."""
 
-    def __init__(self, loud: bool) -> None:
+    def __init__(self, loud: bool, log: Callable[[str], None] = silent) -> None:
         self.loud = loud
+        self.log = log
 
     def step(self, message: str) -> None:
         if self.loud:
-            print(f"trime-prepare: {message}", file=sys.stderr, flush=True)
+            self.log(message)
 
-    @staticmethod
-    def warn(message: str) -> None:
-        print(f"trime-prepare: warning: {message}", file=sys.stderr, flush=True)
+    def warn(self, message: str) -> None:
+        self.log(f"warning: {message}")
 
 
 # --------------------------------------------------------------------------- raw files
@@ -331,9 +331,9 @@ def _download(spec: DatasetSpec, raw_dir: Path, reporter: _Reporter) -> None:
     errors = []
     for url in spec.download_urls:
         archive = raw_dir / url.rsplit("/", 1)[-1]
-        print(f"trime-prepare: downloading {url} to {raw_dir} ...", file=sys.stderr, flush=True)
+        reporter.log(f"downloading {url} to {raw_dir} ...")
         try:
-            _fetch(url, archive, _Reporter(loud=True))
+            _fetch(url, archive, _Reporter(loud=True, log=reporter.log))
             break
         except (urllib.error.URLError, OSError, ValueError) as e:
             errors.append(f"{url}: {getattr(e, 'reason', None) or e}")
@@ -575,20 +575,22 @@ def prepare_dataset(
     force: bool = False,
     *,
     verbose: bool = False,
+    log_progress: Callable[[str], None] = silent,
 ) -> Path:
     """Verify the raw files of dataset ``name`` and write a fairseq data-bin to ``dest``.
 
     ``raw_dir`` may be None for the shipped samples. Returns the data-bin folder. Skips the
     work if ``dest`` already holds a complete data-bin of the same raw files; refuses to
     replace anything else unless ``force``. Raises :class:`~trime.errors.TrimeError` (one
-    line) on bad input; nothing is left half-written.
+    line) on bad input; nothing is left half-written. The one-line summary goes to stdout;
+    progress (long runs or ``verbose``) and warnings go to ``log_progress``.
     """
     spec = get_spec(name)
     if workers < 1:
         fail(f"--workers must be >= 1, got {workers}")
     dest = Path(dest)
     folder = _resolve_raw_dir(spec, raw_dir)
-    reporter = _Reporter(loud=verbose)
+    reporter = _Reporter(loud=verbose, log=log_progress)
     if download:
         _download(spec, folder, reporter)
     sources = _locate(spec, folder, _download_hint(spec))
@@ -667,16 +669,9 @@ def prepare_dataset(
     return dest
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one ``trime: error:`` line, like every other bad input."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        fail(f"{message} (see trime-prepare --help)")
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> Parser:
     """The ``trime-prepare`` command-line parser."""
-    parser = _ArgumentParser(
+    parser = Parser(
         prog="trime-prepare",
         description="Verify raw WikiText / enwik8 files and binarize them into a fairseq data-bin.",
         epilog="example: trime-prepare wikitext-2-sample --dest data-bin/wikitext-2-sample",
@@ -693,15 +688,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cli_main(argv: list[str] | None = None) -> None:
-    """Entry point of ``trime-prepare``."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``trime-prepare``; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        prepare_dataset(args.dataset, args.raw_dir, args.dest, workers=args.workers,
-                        download=args.download, force=args.force, verbose=args.verbose)
+        prepare_dataset(args.dataset, args.raw_dir, args.dest, workers=args.workers, download=args.download,
+                        force=args.force, verbose=args.verbose, log_progress=logger("trime-prepare", stderr=True))
     except KeyboardInterrupt:
         fail("interrupted; nothing was written to --dest")
+    return 0
 
 
 if __name__ == "__main__":
-    cli_main()
+    sys.exit(main())

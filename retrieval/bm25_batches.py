@@ -59,6 +59,7 @@ from trime.batch_plans import (
     read_batch_plan,
     write_batch_plan,
 )
+from trime.cli import Parser, logger, silent
 from trime.databin import check_data_bin, dataset_identity
 from trime.errors import fail
 from trime.io_utils import (
@@ -442,8 +443,9 @@ def load_text_segments(text_file: Path, model: str, tokens_per_sample: int) -> t
 # ----------------------------------------------------------------------------- CLI
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> Parser:
+    """The ``trime-bm25-batches`` command-line parser."""
+    p = Parser(
         prog="trime-bm25-batches",
         description=(
             "Build a BM25 batch plan for TrimeLM_ext (--predefined-batches): top-k BM25 neighbours of every "
@@ -464,7 +466,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--b", type=float, help=f"BM25 b (default {BM25Params.b})")
     p.add_argument("--idf", choices=IDF_VARIANTS, help="lucene: log(1+(N-n+.5)/(n+.5)) (default); okapi: rank_bm25's")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"greedy-chain seed (default {DEFAULT_SEED})")
-    p.add_argument("--num-shards", type=int, default=1)
+    p.add_argument("--num-shards", type=int, default=1, help="split the search into this many shards (default 1)")
     p.add_argument("--shard-id", type=int, help="search only this shard into --work-dir")
     p.add_argument("--merge", action="store_true", help="only merge finished shards from --work-dir and write the plan")
     p.add_argument("--work-dir", help="shard/chunk files (default: OUTPUT.work, removed after success)")
@@ -488,8 +490,8 @@ def _params_from_args(args: argparse.Namespace) -> BM25Params:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns 0 (bad input raises :class:`trime.errors.TrimeError`)."""
-    args = _parser().parse_args(argv)
+    """Entry point of ``trime-bm25-batches``; returns 0 (bad input raises :class:`trime.errors.TrimeError`)."""
+    args = build_parser().parse_args(argv)
     t0 = time.time()
     data_dir = Path(args.data)
     params = _params_from_args(args)
@@ -522,7 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         dataset = dataset_identity(data_dir)
     quiet_libraries()  # fairseq configures the root logger on import: no INFO lines
-    log = (lambda msg: None) if args.no_progress_bar else (lambda msg: print(f"trime-bm25-batches: {msg}", file=sys.stderr))
+    log = silent if args.no_progress_bar else logger("trime-bm25-batches", stderr=True)
     if text_identity is not None:
         num_segments = len(segments)
     elif merge_only:
@@ -580,10 +582,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def cli_main() -> None:
-    """Console-script entry point (``trime-bm25-batches``)."""
-    sys.exit(main())
-
-
 if __name__ == "__main__":
-    cli_main()
+    sys.exit(main())

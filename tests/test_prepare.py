@@ -275,23 +275,23 @@ def test_cli_builds_and_prints_a_summary(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "args",
-    [
-        ["wikitext-3", "--dest", "{tmp}/bin"],
-        ["wikitext-2-sample"],
-        ["wikitext-2-sample", "--dest", "{tmp}/bin", "--workers", "0"],
-        ["wikitext-2", "--raw-dir", "{tmp}/nowhere", "--dest", "{tmp}/bin"],
-        ["wikitext-2-sample", "--raw-dir", "{tmp}/corrupt", "--dest", "{tmp}/bin"],
-        ["enwik8-prefix", "--raw-dir", "{tmp}", "--dest", "{tmp}/bin", "--download"],
+    "args, status",
+    [  # usage errors (argparse) exit with 2, bad input found later with 1
+        (["wikitext-3", "--dest", "{tmp}/bin"], 2),
+        (["wikitext-2-sample"], 2),
+        (["wikitext-2-sample", "--dest", "{tmp}/bin", "--workers", "0"], 1),
+        (["wikitext-2", "--raw-dir", "{tmp}/nowhere", "--dest", "{tmp}/bin"], 1),
+        (["wikitext-2-sample", "--raw-dir", "{tmp}/corrupt", "--dest", "{tmp}/bin"], 1),
+        (["enwik8-prefix", "--raw-dir", "{tmp}", "--dest", "{tmp}/bin", "--download"], 1),
     ],
     ids=["unknown-dataset", "no-dest", "zero-workers", "missing-dir", "bad-checksum", "no-download-url"],
 )
-def test_cli_bad_input_prints_one_line(args, tmp_path: Path) -> None:
+def test_cli_bad_input_prints_one_line(args, status, tmp_path: Path) -> None:
     corrupt = copy_samples("wikitext-2", tmp_path)
     corrupt.rename(tmp_path / "corrupt")
     (tmp_path / "corrupt" / "wiki.train.tokens").write_text("not wikitext\n")
     result = run_cli(*(a.replace("{tmp}", str(tmp_path)) for a in args))
-    assert result.returncode == 1
+    assert result.returncode == status
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("trime: error: "), result.stderr
     assert result.stdout == ""

@@ -10,12 +10,13 @@ import contextlib
 import logging
 import sys
 import warnings
+from collections.abc import Iterator, Sequence
 
 from trime.fairseq_guard import check_training_inputs
 from trime.plugin import PLUGIN_DIR, register
 
 
-def with_user_dir(argv: list) -> list:
+def with_user_dir(argv: Sequence[str]) -> list[str]:
     """``argv`` with ``--user-dir`` pointing at trime, unless the user already set one."""
     if any(arg == "--user-dir" or arg.startswith("--user-dir=") for arg in argv):
         return list(argv)
@@ -23,7 +24,7 @@ def with_user_dir(argv: list) -> list:
 
 
 @contextlib.contextmanager
-def quiet_imports():
+def quiet_imports() -> Iterator[None]:
     """Silence fairseq/hydra import chatter so that an input error stays one line."""
     logging.disable(logging.INFO)
     with warnings.catch_warnings():
@@ -34,17 +35,27 @@ def quiet_imports():
             logging.disable(logging.NOTSET)
 
 
-def cli_main() -> None:
-    sys.argv = [sys.argv[0], *with_user_dir(sys.argv[1:])]
-    with quiet_imports():
-        from fairseq import options
-        from fairseq_cli.train import cli_main as fairseq_train
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``trime-train``: fairseq-train on ``argv`` (default: the command line); returns 0.
 
-        register()
-        args, _ = options.parse_args_and_arch(options.get_training_parser(), sys.argv[1:], parse_known=True)
-        check_training_inputs(args)  # also for runs that use no trime component
-    fairseq_train()
+    fairseq's own parser reads ``sys.argv``: it is set to ``argv`` (with ``--user-dir``) for the
+    run and restored afterwards. Usage errors are fairseq's (its parser, exit status 2).
+    """
+    saved = sys.argv
+    sys.argv = [saved[0], *with_user_dir(saved[1:] if argv is None else argv)]
+    try:
+        with quiet_imports():
+            from fairseq import options
+            from fairseq_cli.train import cli_main as fairseq_train
+
+            register()
+            args, _ = options.parse_args_and_arch(options.get_training_parser(), sys.argv[1:], parse_known=True)
+            check_training_inputs(args)  # also for runs that use no trime component
+        fairseq_train()
+    finally:
+        sys.argv = saved
+    return 0
 
 
 if __name__ == "__main__":
-    cli_main()
+    sys.exit(main())

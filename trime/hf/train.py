@@ -39,6 +39,7 @@ from typing import Any, Optional
 import torch
 
 from trime.batch_plans import TEXT_PLAN_KIND, PlanTarget, load_plan_for
+from trime.cli import Parser
 from trime.errors import fail
 from trime.hf.model import RECORD
 from trime.io_utils import write_json_atomic
@@ -48,8 +49,9 @@ from trime.memories import MEMORIES, local_off
 PROG = "trime-hf-train"
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> Parser:
+    """The ``trime-hf-train`` command-line parser."""
+    p = Parser(
         prog=PROG,
         description="Continued pre-training of a Hugging Face causal LM on plain text with the TRIME loss "
         "(transformers.Trainer: logging, checkpoints, resume, mixed precision, DDP via torchrun).",
@@ -74,32 +76,33 @@ def _parser() -> argparse.ArgumentParser:
                    help="query rows per block of the memory computation (extra memory O(block x keys))")
 
     g = p.add_argument_group("optimisation (transformers.TrainingArguments)")
-    g.add_argument("--learning-rate", type=float, default=5e-5)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.999)
-    g.add_argument("--optim", default="adamw_torch")
-    g.add_argument("--lr-scheduler-type", default="linear")
-    g.add_argument("--warmup-steps", type=int, default=0)
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--learning-rate", type=float, default=5e-5, help="peak learning rate (default 5e-5)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    g.add_argument("--adam-beta1", type=float, default=0.9, help="Adam beta1 (default 0.9)")
+    g.add_argument("--adam-beta2", type=float, default=0.999, help="Adam beta2 (default 0.999)")
+    g.add_argument("--optim", default="adamw_torch", help="transformers optimizer name (default adamw_torch)")
+    g.add_argument("--lr-scheduler-type", default="linear", help="transformers LR schedule (default linear)")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear LR warm-up steps (default 0)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (default 1.0)")
     g.add_argument("--max-steps", type=int, default=-1, help="optimizer steps (overrides --num-train-epochs)")
-    g.add_argument("--num-train-epochs", type=float, default=1.0)
+    g.add_argument("--num-train-epochs", type=float, default=1.0, help="epochs over --train-file (default 1)")
     g.add_argument("--per-device-train-batch-size", type=int, default=8, help="blocks per device and step")
     g.add_argument("--per-device-eval-batch-size", type=int, help="default: the train batch size")
-    g.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    g.add_argument("--seed", type=int, default=1)
+    g.add_argument("--gradient-accumulation-steps", type=int, default=1,
+                   help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--seed", type=int, default=1, help="seed of the data order, the weights' init and the coins (default 1)")
     g.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
     g.add_argument("--fp16", action="store_true", help="fp16 mixed precision (GPU)")
     g.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
 
     g = p.add_argument_group("logging and checkpoints")
-    g.add_argument("--logging-steps", type=int, default=10)
+    g.add_argument("--logging-steps", type=int, default=10, help="log every N steps (default 10)")
     g.add_argument("--eval-steps", type=int, help="evaluate every N steps (default: once, at the end)")
-    g.add_argument("--save-steps", type=int, default=500)
-    g.add_argument("--save-total-limit", type=int)
+    g.add_argument("--save-steps", type=int, default=500, help="save a checkpoint every N steps (default 500)")
+    g.add_argument("--save-total-limit", type=int, help="keep at most N checkpoints (default: all)")
     g.add_argument("--resume-from-checkpoint", nargs="?", const="last", metavar="CKPT",
                    help="continue from CKPT, or without a value from the last checkpoint in --output-dir")
-    g.add_argument("--dataloader-num-workers", type=int, default=0)
+    g.add_argument("--dataloader-num-workers", type=int, default=0, help="data loader worker processes (default 0)")
     g.add_argument("--report-to", default="none", help="HF integrations (tensorboard, wandb, ...); default none")
     g.add_argument("--no-progress-bar", action="store_true", help="log lines instead of a progress bar")
     return p
@@ -280,8 +283,8 @@ def make_trainer_class():
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns 0 (bad input raises :class:`trime.errors.TrimeError`)."""
-    args = _parser().parse_args(argv)
+    """Entry point of ``trime-hf-train``; returns 0 (bad input raises :class:`trime.errors.TrimeError`)."""
+    args = build_parser().parse_args(argv)
     check_args(args)
     t0 = time.time()
 
@@ -396,10 +399,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def cli_main() -> None:
-    """Console-script entry point (``trime-hf-train``)."""
-    sys.exit(main())
-
-
 if __name__ == "__main__":
-    cli_main()
+    sys.exit(main())
