@@ -26,7 +26,7 @@ PACKAGE_DIR = {
     "trime.eval": "eval",
 }
 PACKAGES = [
-    "trime", "trime.criterions", "trime.models", "trime.tasks", "trime.hf", "trime.adapters",
+    "trime", "trime.cli", "trime.criterions", "trime.models", "trime.tasks", "trime.hf", "trime.adapters",
     "trime.data_prep", "trime.retrieval", "trime.eval",
 ]
 

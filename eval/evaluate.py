@@ -22,7 +22,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from trime.cli import LoadedModel, Parser, add_model_args, logger, model_from_args
+from trime.cli import Parser, logger
+from trime.cli.model_args import LoadedModel, add_model_args, model_from_args
 from trime.databin import is_byte_level
 from trime.errors import fail
 from trime.eval.cache import EvalCache

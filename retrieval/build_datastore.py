@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from trime.cli import Parser, add_model_args, logger, model_from_args, silent
+from trime.cli import Parser, logger, silent
+from trime.cli.model_args import add_model_args, model_from_args
 from trime.errors import fail
 from trime.io_utils import (
     atomic_path,

@@ -6,7 +6,8 @@
 * a usage error (bad value, unknown flag, missing argument) is one stderr line
   ``trime: error: ... (see PROG --help)`` naming the flag, with exit status 2, also when run
   as a real command;
-* trime-eval and trime-build-datastore declare their shared model and window flags once.
+* trime-eval and trime-build-datastore declare their shared model and window flags once
+  (:mod:`trime.cli.model_args`).
 """
 
 import argparse
@@ -132,7 +133,7 @@ def test_help_exits_zero_on_stdout(capsys):
 
 
 def test_eval_and_datastore_share_the_model_flags():
-    """The model and window flags are declared once (trime.cli.add_model_args): same help, same defaults."""
+    """The model and window flags are declared once (trime.cli.model_args.add_model_args): same help, same defaults."""
     eval_parser = module_of("trime-eval").build_parser()
     store_parser = module_of("trime-build-datastore").build_parser()
 
