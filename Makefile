@@ -1,6 +1,7 @@
 # trime developer entry points. Everything runs inside the virtualenv at .venv.
 #   make demo   - prepare the shipped sample, train a tiny CE baseline and a tiny TrimeLM, compare
-#   make test   - the whole test suite
+#   make test       - the whole test suite (every tier; CI runs it)
+#   make test-fast  - the tests not marked slow (pytest.ini): under 2 minutes on 2 cores
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,7 +11,7 @@ DEPS_STAMP := $(VENV)/.trime-deps
 INSTALL_STAMP := $(VENV)/.trime-installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: venv install demo test reproduce reproduce-enwik8 bench lint clean gpu-bringalong gpu-check
+.PHONY: venv install demo test test-fast reproduce reproduce-enwik8 bench lint clean gpu-bringalong gpu-check
 
 $(DEPS_STAMP): requirements.txt requirements-hf.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,23 +39,29 @@ demo: $(INSTALL_STAMP)
 	$(PY) -m trime.demo
 
 # pytest exits 5 when it collects nothing (e.g. a -k filter): say so, do not fail.
-test: $(INSTALL_STAMP)
-	$(VENV)/bin/pytest -q tests $(PYTEST_ARGS); rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; rc=0; fi; exit $$rc
+PYTEST_NOTHING_IS_OK = rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; rc=0; fi; exit $$rc
 
+test: $(INSTALL_STAMP)
+	$(VENV)/bin/pytest -q tests $(PYTEST_ARGS); $(PYTEST_NOTHING_IS_OK)
+
+# the fast tier: whole pipelines, training chains, distributed and end-to-end CLI runs are marked slow
+test-fast: $(INSTALL_STAMP)
+	$(VENV)/bin/pytest -q -m "not slow" tests $(PYTEST_ARGS); $(PYTEST_NOTHING_IS_OK)
+
+# bench/ is a package: its scripts run from the repository root as modules
 reproduce: $(INSTALL_STAMP)
-	$(PY) bench/reproduce.py
+	$(PY) -m bench.reproduce
 
 reproduce-enwik8: $(INSTALL_STAMP)
-	$(PY) bench/reproduce.py --dataset enwik8-prefix
+	$(PY) -m bench.reproduce --dataset enwik8-prefix
 
 # loss time/memory, then training words/s of every criterion (byte and word level)
 bench: $(INSTALL_STAMP)
-	$(PY) bench/loss.py
-	$(PY) bench/train.py --data enwik8 --tag enwik8-small
-	$(PY) bench/train.py --data wikitext-2 --tag wikitext-2-reproduce --layers 3
+	$(PY) -m bench.loss
+	$(PY) -m bench.train --data enwik8 --tag enwik8-small
+	$(PY) -m bench.train --data wikitext-2 --tag wikitext-2-reproduce --layers 3
 
-# GPU check (issue 13; bench/README.md): fill the bring-along folder here, where pip reaches the
+# GPU check (one prepared script per device lease; bench/README.md): fill the bring-along folder here, where pip reaches the
 # package index; on the device machine (no index, no .venv) `make gpu-check` installs it and runs the check.
 GPU_BRINGALONG ?= .gpu-bringalong
 gpu-bringalong:

@@ -27,7 +27,10 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 __all__ = [
     "machine_info",
@@ -212,8 +215,8 @@ def run_child_json(argv: Sequence[str], timeout: Optional[float] = None, env: Op
     (non-zero exit, killed for memory, timeout, unparsable output).
     """
     cmd: List[str] = [sys.executable, *argv]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    try:  # from the repository root, so that ``-m bench.NAME`` children import
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO_ROOT)
     except subprocess.TimeoutExpired:
         return {"ok": False, "error": f"timeout after {timeout}s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]

@@ -22,7 +22,7 @@ Measured:
 ``fairseq-eval-lm`` reports tokens/s over ``SequenceScorer.generate`` only; ``trime-eval``
 times its whole loop (collation, forward, FAISS search, scoring). Writes
 ``bench/results/eval.json`` and ``eval.md``.
-Usage: ``.venv/bin/python bench/eval.py [--rounds 3 --passes 2]`` (about 15-25 min on 2 busy cores).
+Usage: ``.venv/bin/python -m bench.eval [--rounds 3 --passes 2]`` (about 15-25 min on 2 busy cores).
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.common import machine_info, write_json
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-from common import machine_info, write_json  # noqa: E402
 
 BIN = Path(sys.executable).parent
 DATE = "2026-11-22"

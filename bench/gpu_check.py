@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""One prepared GPU check (issue 13): loss cost, training throughput and MFU, kNN search, evaluation, HF path.
+"""One prepared GPU check (one script per device lease): loss cost, training throughput and MFU, kNN search, evaluation, HF path.
 
 Made for one lease of the ``device`` tool's H200 (15 minutes of device time in all): one
 command, a global time budget (``--budget-s``, default 270 s) split into per-section time
@@ -56,11 +56,9 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-_REPO = Path(__file__).resolve().parent.parent
-if str(_REPO) not in sys.path:
-    sys.path.insert(0, str(_REPO))
+from bench.common import cuda_peak_bytes, machine_info, time_once, today, write_json
 
-from bench.common import cuda_peak_bytes, machine_info, time_once, today, write_json  # noqa: E402
+_REPO = Path(__file__).resolve().parent.parent
 
 SECTIONS = ("device", "loss", "train", "knn", "eval", "hf")
 # bf16 dense peak of one H200 as measured in this workplace (8192^3 bf16 matmul, random data:
@@ -882,11 +880,11 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.work or tempfile.mkdtemp(prefix="trime-gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
-        "check": "trime GPU check (bench/gpu_check.py, issue 13)",
+        "check": "trime GPU check (python -m bench.gpu_check)",
         "date": today(),
         "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started)),
         "profile": "dry-run (CPU, tiny sizes)" if args.dry_run else "gpu",
-        "command": " ".join(["bench/gpu_check.py", *sys.argv[1:]]),
+        "command": " ".join(["python -m bench.gpu_check", *sys.argv[1:]]),
         "budget_s": budget,
         "setup_s": args.setup_seconds,
         "trime_compile": args.compile,
@@ -913,8 +911,9 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
         grace = args.grace_s
         try:
             proc = subprocess.run(
-                [sys.executable, str(Path(__file__).resolve()), "--_section", name, "--_cfg", str(cfg_path),
+                [sys.executable, "-m", "bench.gpu_check", "--_section", name, "--_cfg", str(cfg_path),
                  "--_partial", str(partial)],
+                cwd=_REPO,
                 timeout=box + grace,
                 env=dict(os.environ, TRIME_COMPILE=args.compile, PYTHONUNBUFFERED="1"),
             )

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check on the device machine (`make gpu-check`): install the bring-alongs once, then run
-# bench/gpu_check.py. Run from the repository root with .gpu-bringalong carried (bench/README.md).
+# python -m bench.gpu_check. Run from the repository root with .gpu-bringalong carried (bench/README.md).
 #
 #   GPU_CHECK_BUDGET  seconds for the check itself (default 270)
 #   GPU_BRINGALONG    bring-along folder (default .gpu-bringalong)
@@ -9,7 +9,7 @@
 # A fairseq_fixed-*-cp312-*.whl placed in the bring-along folder is installed instead of building the
 # sdist. (The wheel built there, ~22 MB, is over the 16 MB a returned file may have, so it cannot
 # come back from the machine; a fresh machine builds again.)
-# Extra arguments go to bench/gpu_check.py (e.g. --sections train,eval).
+# Extra arguments go to python -m bench.gpu_check (e.g. --sections train,eval).
 set -euo pipefail
 export PYTHONUNBUFFERED=1  # the device tool returns the output's tail: print as it happens
 BA=${GPU_BRINGALONG:-.gpu-bringalong}
@@ -33,4 +33,4 @@ fi
 setup=$(( $(date +%s) - t0 ))
 echo "gpu_check.sh: set-up took ${setup} s"
 out=${OUT:-bench/results}
-exec $PY bench/gpu_check.py --setup-seconds "$setup" --budget-s "${GPU_CHECK_BUDGET:-270}" --out "$out/gpu-check" "$@"
+exec $PY -m bench.gpu_check --setup-seconds "$setup" --budget-s "${GPU_CHECK_BUDGET:-270}" --out "$out/gpu-check" "$@"

@@ -10,11 +10,11 @@ batches of consecutive text blocks. Variants:
 A step is ``Trainer.training_step`` (forward, backward, under the Trainer's autocast
 context) plus the optimizer step (AdamW) and ``zero_grad``. After warm-up, variants run
 interleaved round by round in rotated order, so load from other processes hits all alike;
-the ratio is ``hf`` time / variant time (tokens/s relative to plain HF). Target (issue 10):
+the ratio is ``hf`` time / variant time (tokens/s relative to plain HF). Target:
 local >= 0.95x.
 
-    python bench/hf_train.py                      # CPU preset (4 x 256 GPT-2, 4 x 256 tokens)
-    python bench/hf_train.py --preset gpt2-small --bf16   # GPT-2 small, 8 x 1024 tokens (GPU)
+    python -m bench.hf_train                      # CPU preset (4 x 256 GPT-2, 4 x 256 tokens)
+    python -m bench.hf_train --preset gpt2-small --bf16   # GPT-2 small, 8 x 1024 tokens (GPU)
 
 Results go to bench/results/hf_train.{json,md} (one section per --tag) with the machine and date.
 """
@@ -31,8 +31,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_info, today, write_json  # noqa: E402
+from bench.common import machine_info, today, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -151,7 +150,7 @@ def run(args) -> dict:
         "rounds": args.rounds,
         "steps_per_round": args.steps,
         "load_average_before_after": [list(load_before), list(os.getloadavg())],
-        "command": "python bench/hf_train.py " + " ".join(sys.argv[1:]),
+        "command": "python -m bench.hf_train " + " ".join(sys.argv[1:]),
         "rows": rows,
     }
 
@@ -164,7 +163,7 @@ def markdown(results: dict) -> str:
         "the same batches of consecutive blocks for every variant, `Trainer.training_step` (forward, backward) + "
         "AdamW step per step, variants interleaved round by round in rotated order after warm-up. `hf` is "
         "transformers' own `compute_loss`; `trime-*` is `trime-hf-train`'s `TrimeTrainer`. Ratio = hf time / "
-        "variant time. Target (issue 10): local >= 0.95x.",
+        "variant time. Target: local >= 0.95x.",
     ]
     for run_result in results.values():
         m, p = run_result["machine"], run_result["preset"]

@@ -37,7 +37,7 @@ before the call.
 
 Usage::
 
-    bench/loss.py [--sizes 1024,2048,4096,8192,16384] [--device cpu|cuda]
+    python -m bench.loss [--sizes 1024,2048,4096,8192,16384] [--device cpu|cuda]
                   [--dtype fp32|bf16|fp16] [--repeats R] [--quick] [--out bench/results/loss]
 
 writes ``<out>.json`` (all raw numbers and settings) and ``<out>.md`` (a table).
@@ -55,11 +55,7 @@ import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
-
-from bench.common import (  # noqa: E402
+from bench.common import (
     cuda_peak_bytes,
     machine_info,
     rss_peak_delta_bytes,
@@ -69,9 +65,11 @@ from bench.common import (  # noqa: E402
     write_json,
 )
 
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 RULES = ("local", "long", "ext")
 RULE_NAMES = {"local": "local", "long": "long", "ext": "external"}  # bench name -> trime.loss.Rule
-# targets at N = 4096 (TRIME time / CE time); issue 14: long <= 1.1x
+# targets at N = 4096 (TRIME time / CE time): long <= 1.1x
 TARGETS = {"local": 1.15, "long": 1.1, "ext": 1.15}
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 DEFAULT_SIZES = (1024, 2048, 4096, 8192, 16384)
@@ -346,7 +344,7 @@ def dense_nn_bytes(n: int) -> int:
 
 
 def _child(cfg: Dict[str, Any], timeout: float) -> Dict[str, Any]:
-    return run_child_json([os.path.abspath(__file__), "--_worker", json.dumps(cfg)], timeout=timeout)
+    return run_child_json(["-m", "bench.loss", "--_worker", json.dumps(cfg)], timeout=timeout)
 
 
 def _repeats_for(n: int, repeats: int, big_n: int) -> int:

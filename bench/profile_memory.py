@@ -7,11 +7,11 @@ token terms, in-batch keys = queries, as in training) forward and backward under
 time, split into forward and backward (the backward of the custom autograd function
 recomputes the scores). The ops are grouped into matrix products, elementwise passes
 (exp, masks, scaling, compares, copies), reductions and allocation/other, which is the
-breakdown issue 14 asks for.
+breakdown behind the loss's time and memory targets.
 
 Usage::
 
-    bench/profile_memory.py [--n 12288] [--dim 512] [--seg-len 512] [--threads 2]
+    python -m bench.profile_memory [--n 12288] [--dim 512] [--seg-len 512] [--threads 2]
                             [--label before|after] [--out bench/results/profile]
 
 writes/updates ``<out>.json`` (one entry per label and rule) and ``<out>.md``.
@@ -22,16 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-_REPO = Path(__file__).resolve().parent.parent
-if str(_REPO) not in sys.path:
-    sys.path.insert(0, str(_REPO))
+from bench.common import machine_info, today, write_json
 
-from bench.common import machine_info, today, write_json  # noqa: E402
+_REPO = Path(__file__).resolve().parent.parent
 
 RULES = {"long": ("long", True), "ext": ("external", True), "ext_local_off": ("external", False)}
 MATMUL = ("mm", "addmm", "bmm", "baddbmm", "matmul", "linear")

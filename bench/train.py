@@ -9,7 +9,7 @@ same batches, in one process: one fairseq ``Trainer`` per criterion; a step is
   consecutive segments of 512 bytes, 12,288 tokens per step), tied full-softmax
   embeddings; baseline ``cross_entropy``. Data: the shipped enwik8 sample.
 - ``--data wikitext-2``: word level, the batch shape and adaptive softmax of
-  ``bench/reproduce.py`` (16 segments of 256 tokens); baseline ``adaptive_loss``.
+  ``make reproduce`` (16 segments of 256 tokens); baseline ``adaptive_loss``.
   Data: the shipped WikiText-2 sample, or the real data-bin with ``--data-bin``.
 
 Every criterion runs under ``--task trime_lm --keep-order`` (consecutive segments, as
@@ -32,7 +32,7 @@ depends on the model, and approaches 1 only for recipe-sized models.
 
 Usage::
 
-    bench/train.py [--data enwik8|wikitext-2] [--data-bin DIR] [--layers 4 --dim 256 --ffn 1024 --heads 4]
+    python -m bench.train [--data enwik8|wikitext-2] [--data-bin DIR] [--layers 4 --dim 256 --ffn 1024 --heads 4]
                    [--rounds 3 --steps 2 --warmup 1] [--criteria a,b,...] [--tag NAME] [--out bench/results/train]
 
 writes ``<out>.json`` (raw step times, settings, machine) and ``<out>.md``; a configuration
@@ -51,11 +51,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-_REPO = Path(__file__).resolve().parent.parent
-if str(_REPO) not in sys.path:
-    sys.path.insert(0, str(_REPO))
+from bench.common import machine_info, today, write_json
 
-from bench.common import machine_info, today, write_json  # noqa: E402
+_REPO = Path(__file__).resolve().parent.parent
 
 TRIME_CRITERIA = ("trime_loss", "trime_long_loss_same_device", "trime_ext_loss")
 PRESETS: dict[str, dict[str, Any]] = {
@@ -257,7 +255,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "setting": preset["describe"],
         "date": today(),
         "machine": machine_info(),
-        "command": " ".join(["bench/train.py", *sys.argv[1:]]),
+        "command": " ".join(["python -m bench.train", *sys.argv[1:]]),
         "model": {
             "arch": "transformer_lm (pre-norm), " + " ".join(preset["head"]),
             "layers": args.layers,
@@ -308,7 +306,7 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
             "weights and batches (`--task trime_lm --keep-order`) for every criterion, in one process. Warm-up steps "
             "excluded; criteria interleaved round by round in rotated order, so load from other processes hits all "
             "of them alike. `trime_ext_loss` draws its `--cross-sent-ratio` coin per step as in training. "
-            "Targets (issue 14): `trime_loss` >= 0.95x; long and ext >= 0.9x on the 38M enwik8 recipe model and "
+            "Targets: `trime_loss` >= 0.95x; long and ext >= 0.9x on the 38M enwik8 recipe model and "
             ">= 0.85x on the WikiText-2 reproduction model."
         ),
         "",

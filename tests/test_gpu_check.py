@@ -1,4 +1,4 @@
-"""bench/gpu_check.py's CPU dry run: every section and branch runs, so the prepared GPU check cannot fail on a typo.
+"""``python -m bench.gpu_check --dry-run``: every section and branch runs, so the prepared GPU check cannot fail on a typo.
 
 The dry run is the GPU check at tiny sizes on the CPU: six child processes (device, loss,
 train, knn, eval, hf), fairseq trainers of a 2-layer ``transformer_lm_wiki103``, a datastore
@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "bench" / "gpu_check.py"
+
+pytestmark = pytest.mark.slow  # six child processes with fairseq trainers, a datastore and trime-eval
 
 
 def _run(*args, timeout=600, env=None):
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env,
+        [sys.executable, "-m", "bench.gpu_check", *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env,
         cwd=REPO,
     )
 

@@ -1,4 +1,4 @@
-"""``bench/reproduce.py --quick``: the whole comparison pipeline on the shipped enwik8 sample.
+"""``python -m bench.reproduce --quick``: the whole comparison pipeline on the shipped enwik8 sample.
 
 Runs the byte-level variant (three models, no datastores; the word-level one adds two
 datastores and five evaluations on the same code paths, which other tests cover), checks
@@ -12,6 +12,8 @@ import subprocess
 import sys
 
 import pytest
+
+pytestmark = pytest.mark.slow  # three trainings and eight evaluations, twice
 
 EXPECTED_ROWS = [
     ("Transformer", "none"),
@@ -27,9 +29,9 @@ EXPECTED_ROWS = [
 
 def test_reproduce_quick_enwik8_report_and_resume(repo_root, tmp_path):
     work, out = tmp_path / "work", tmp_path / "results" / "reproduce"
-    cmd = [sys.executable, str(repo_root / "bench" / "reproduce.py"), "--quick", "--dataset", "enwik8-prefix",
+    cmd = [sys.executable, "-m", "bench.reproduce", "--quick", "--dataset", "enwik8-prefix",
            "--work", str(work), "--out", str(out)]
-    first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=repo_root)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "training trimelm_long" in first.stdout
 
@@ -54,7 +56,7 @@ def test_reproduce_quick_enwik8_report_and_resume(repo_root, tmp_path):
     assert phases["training"] < 0.9 * sum(report["training_seconds"].values())
     assert report["total_seconds"] == pytest.approx(sum(phases.values()), abs=0.2)
 
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=repo_root)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     for step in ("trime-train done", "trime-eval done"):  # every finished step reused, nothing re-run
         assert step not in again.stdout

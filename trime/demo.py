@@ -4,87 +4,76 @@ Prepares the WikiText-2 sample shipped in ``samples/``, trains three tiny models
 the same budget (a cross-entropy Transformer, TrimeLM and TrimeLM_long) on 2 CPU
 cores, evaluates each at the memory levels that apply with ``trime-eval`` and prints
 their test perplexities side by side (memory temperatures tuned on valid). Everything goes under ``--out``
-(default ``demo-out/``); re-running reuses finished checkpoints.
+(default ``demo-out/``); re-running reuses finished checkpoints and evaluations.
 
 With the ``[hf]`` extra installed it also trains a tiny Hugging Face GPT-2 from scratch
 (a byte-level BPE tokenizer trained on the sample, ``trime-hf-train --memory none`` and
 ``--memory local``) and evaluates it with the same ``trime-eval``; its perplexities are
 per BPE token, not comparable with the word-level rows. ``--no-hf`` skips it.
+
+The pipeline is :mod:`trime.pipeline`'s, with its small-budget preset (:func:`~trime.pipeline.demo_budget`);
+``make reproduce`` runs the same pipeline with the full preset.
 """
 
-import argparse
-import json
+from __future__ import annotations
+
 import os
-import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Sequence
 
-from trime.data_prep.prepare import prepare_dataset
-from trime.errors import fail
+from trime.cli import Parser
+from trime.io_utils import write_json_atomic
+from trime.pipeline import EvalSpec, Pipeline, Reporter, demo_budget, model_flags, read_marker
 
-BIN = Path(sys.executable).parent
 SAMPLE_TEXT = Path(__file__).resolve().parent.parent / "samples" / "wikitext-2"
 
-# One small architecture and budget for every model (the paper's pre-norm LM).
-MODEL_ARGS = [
-    "--arch", "transformer_lm", "--decoder-normalize-before", "--decoder-layers", "2",
-    "--decoder-embed-dim", "64", "--decoder-ffn-embed-dim", "256", "--decoder-attention-heads", "2",
-    "--adaptive-softmax-cutoff", "1000,4000", "--adaptive-softmax-dropout", "0", "--ddp-backend", "legacy_ddp",
-    "--dropout", "0.1", "--tokens-per-sample", "64", "--max-tokens", "1024",
-    "--required-batch-size-multiple", "1", "--optimizer", "adam", "--adam-betas", "(0.9,0.98)",
-    "--lr", "2e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "40", "--clip-norm", "1.0",
-    "--cpu", "--num-workers", "0", "--seed", "1", "--no-epoch-checkpoints", "--no-progress-bar",
-    "--log-interval", "25", "--max-valid-steps", "0",
+# the fairseq models: name -> the name the demo prints
+MODELS = {"transformer": "Transformer (CE)", "trimelm": "TrimeLM", "trimelm_long": "TrimeLM_long"}
+SPECS = [
+    EvalSpec("Transformer", "transformer", "none"),
+    EvalSpec("Transformer + continuous cache", "transformer", "long"),
+    EvalSpec("TrimeLM", "trimelm", "none"),
+    EvalSpec("TrimeLM", "trimelm", "local"),
+    EvalSpec("TrimeLM_long", "trimelm_long", "none"),
+    EvalSpec("TrimeLM_long", "trimelm_long", "local"),
+    EvalSpec("TrimeLM_long", "trimelm_long", "long"),
 ]
-
-# name -> (training flags, memory levels to evaluate with)
-MODELS = {
-    "Transformer (CE)": (["--task", "language_modeling", "--criterion", "adaptive_loss"], ["none", "long"]),
-    "TrimeLM": (["--task", "language_modeling", "--criterion", "trime_loss"], ["none", "local"]),
-    "TrimeLM_long": (
-        ["--task", "trime_lm", "--keep-order", "--criterion", "trime_long_loss_same_device"],
-        ["none", "local", "long"],
-    ),
-}
 # the Hugging Face rows: a tiny GPT-2 trained from scratch on the same sample and budget
 HF_VOCAB = 2000
 HF_BLOCK = 64
-HF_MODELS = {"GPT-2 (HF, CE)": ("none", ["none"]), "GPT-2 (HF, TrimeLM)": ("local", ["none", "local"])}
+# name -> (folder, trime-hf-train --memory, memory levels to evaluate with)
+HF_MODELS = {"GPT-2 (HF, CE)": ("hf-ce", "none", ["none"]),
+             "GPT-2 (HF, TrimeLM)": ("hf-trimelm", "local", ["none", "local"])}
 HF_TRAIN_ARGS = [
     "--block-size", HF_BLOCK, "--per-device-train-batch-size", "16", "--learning-rate", "2e-3",
     "--lr-scheduler-type", "inverse_sqrt", "--warmup-steps", "40", "--max-grad-norm", "1.0", "--weight-decay", "0",
     "--cpu", "--no-progress-bar", "--logging-steps", "25", "--save-steps", "100000", "--seed", "1",
 ]
-ROW_LABELS = {
-    ("Transformer (CE)", "none"): "Transformer",
-    ("Transformer (CE)", "long"): "Transformer + continuous cache",
-}
 
 
-def run_logged(cmd: Sequence, log_path: Path) -> None:
-    """Run ``cmd`` with its output in ``log_path``; on failure, a one-line error with the log's tail."""
-    with open(log_path, "w") as log:
-        proc = subprocess.run([str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        tail = log_path.read_text().strip().splitlines()[-5:]
-        fail(f"{Path(str(cmd[0])).name} failed (see {log_path}): {' | '.join(tail)}")
+class DemoReporter(Reporter):
+    """The demo's progress: one line per trained (or reused) model, nothing per step."""
 
+    def training(self, name: str) -> None:
+        pass
 
-def train(name: str, flags: List[str], data: Path, out: Path, max_update: int) -> Path:
-    save_dir = out / "checkpoints" / name.split()[0].lower()
-    ckpt = save_dir / "checkpoint_last.pt"
-    done = save_dir / "DONE"
-    if done.exists() and done.read_text().strip() == str(max_update):
-        print(f"  {name}: reusing {ckpt}")
-        return ckpt
-    start = time.time()
-    cmd = [BIN / "trime-train", data, *flags, *MODEL_ARGS, "--max-update", max_update, "--save-dir", save_dir]
-    run_logged(cmd, save_dir.parent / f"{save_dir.name}.train.log")
-    done.write_text(f"{max_update}\n")
-    print(f"  {name}: trained {max_update} updates in {time.time() - start:.0f} s")
-    return ckpt
+    def trained(self, name: str, checkpoint: Path, seconds: float | None, updates: int) -> None:
+        label = MODELS.get(name, name)
+        if seconds is None:
+            print(f"  {label}: reusing {checkpoint}", flush=True)
+        else:
+            print(f"  {label}: trained {updates} updates in {seconds:.0f} s", flush=True)
+
+    def datastore(self, name: str) -> None:
+        pass
+
+    def evaluating(self, label: str) -> None:
+        pass
+
+    def step_done(self, tool: str, seconds: float, log: Path) -> None:
+        pass
 
 
 def hf_base_model(out: Path) -> Path:
@@ -108,20 +97,22 @@ def hf_base_model(out: Path) -> Path:
     return base
 
 
-def hf_train(name: str, memory: str, base: Path, out: Path, max_steps: int) -> Path:
-    model_dir = out / "hf" / name.split("(")[1].split(")")[0].replace(", ", "-").lower()
-    done = model_dir / "DONE"
-    if done.exists() and done.read_text().strip() == str(max_steps):
+def hf_train(pipeline: Pipeline, name: str, folder: str, memory: str, base: Path, max_steps: int) -> Path:
+    """``trime-hf-train`` of one GPT-2 row (reused when its marker records ``max_steps``)."""
+    model_dir = pipeline.work / "hf" / folder
+    marker = model_dir / "DONE"
+    done = read_marker(marker)
+    if done is not None and done.get("max_update") == max_steps:
         print(f"  {name}: reusing {model_dir}")
         return model_dir
     start = time.time()
     cmd = [sys.executable, "-m", "trime.hf.train", "--model", base, "--train-file", SAMPLE_TEXT / "wiki.train.tokens",
            "--memory", memory, "--max-steps", max_steps, "--output-dir", model_dir, "--overwrite-output-dir",
            *HF_TRAIN_ARGS]
-    model_dir.parent.mkdir(parents=True, exist_ok=True)
-    run_logged(cmd, model_dir.parent / f"{model_dir.name}.train.log")
-    done.write_text(f"{max_steps}\n")
-    print(f"  {name}: trained {max_steps} steps in {time.time() - start:.0f} s")
+    pipeline.run_tool(cmd, f"train-{folder}")
+    seconds = time.time() - start
+    write_json_atomic(marker, {"max_update": max_steps, "seconds": seconds})
+    print(f"  {name}: trained {max_steps} steps in {seconds:.0f} s")
     return model_dir
 
 
@@ -134,63 +125,54 @@ def hf_available() -> bool:
     return True
 
 
-def evaluate(ckpt: Path, data: Path, memory: str, out: Path, tag: str) -> dict:
-    result = out / "eval" / f"{tag}-{memory}.json"
-    result.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [BIN / "trime-eval", data, "--path", ckpt, "--memory", memory, "--context-window", "32", "--cpu",
-           "--results-json", result]
-    # memory temperatures are tuned on valid and test is reported, so the cache baseline is fair
-    cmd += ["--tune"] if memory != "none" else ["--gen-subset", "test"]
-    if memory == "long":
-        cmd += ["--mem-size", "1024"]
-    run_logged(cmd, result.with_suffix(".log"))
-    return json.loads(result.read_text())
-
-
-def main(argv: Sequence[str] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("demo-out"))
+def build_parser() -> Parser:
+    parser = Parser(prog="trime-demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("demo-out"), help="working and output folder (reused)")
     parser.add_argument("--max-update", type=int, default=150, help="training updates per model")
     parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face GPT-2 rows")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the demo and print its table; returns 0 (a failed step exits with one line naming its log)."""
+    args = build_parser().parse_args(argv)
     with_hf = not args.no_hf and hf_available()
     steps = 4 if with_hf else 3
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     out = args.out
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-
-    print(f"1/{steps} preparing the shipped WikiText-2 sample")
-    data = prepare_dataset("wikitext-2-sample", None, out / "data-bin")
-    print(f"2/{steps} training 3 tiny models, {args.max_update} updates each (2 layers x 64, L=64, 16 segments/batch)")
-    ckpts = {name: train(name, flags, data, out, args.max_update) for name, (flags, _) in MODELS.items()}
-    print(f"3/{steps} evaluating with trime-eval: memory temperature tuned on valid, test reported (context 32, memory 1024)")
-    rows = []
-    for name, (_, levels) in MODELS.items():
-        for memory in levels:
-            results = evaluate(ckpts[name], data, memory, out, name.split()[0].lower())["results"]
-            res = next(r for r in results if r["subset"] == "test")
-            rows.append((ROW_LABELS.get((name, memory), name), memory, res["ppl"], res["tokens_per_s"]))
+    budget = demo_budget(args.max_update)
+    flags = model_flags()
+    pipeline = Pipeline(budget, out, {name: flags[name] for name in MODELS}, SPECS, reporter=DemoReporter())
+    titles = {
+        "data": f"1/{steps} preparing the shipped WikiText-2 sample",
+        "training": f"2/{steps} training {len(MODELS)} tiny models, {args.max_update} updates each "
+                    f"({budget.layers} layers x {budget.dim}, L={budget.tokens_per_sample}, "
+                    f"{budget.segments_per_batch} segments/batch)",
+        "evaluation": f"3/{steps} evaluating with trime-eval: memory temperature tuned on valid, test reported "
+                      f"(context {budget.context_window}, memory {budget.mem_size})",
+    }
+    rows = pipeline.run(titles, "wikitext-2-sample")
     hf_rows = []
     if with_hf:
         print(f"4/{steps} Hugging Face: a tiny GPT-2 (2 layers x 64, BPE {HF_VOCAB:,}) from scratch with trime-hf-train, "
               f"{args.max_update} steps of 16 x {HF_BLOCK} tokens, without and with TRIME; same trime-eval")
         base = hf_base_model(out)
-        for name, (memory, levels) in HF_MODELS.items():
-            model_dir = hf_train(name, memory, base, out, args.max_update)
+        for name, (folder, memory, levels) in HF_MODELS.items():
+            model_dir = hf_train(pipeline, name, folder, memory, base, args.max_update)
             for level in levels:
-                results = evaluate(model_dir, SAMPLE_TEXT, level, out, "hf-" + model_dir.name)["results"]
-                res = next(r for r in results if r["subset"] == "test")
-                hf_rows.append((name, level, res["ppl"], res["tokens_per_s"]))
+                spec = EvalSpec(name, folder, level)
+                hf_rows.append(pipeline.row(spec, pipeline.evaluate(name, model_dir, SAMPLE_TEXT, level, folder)))
 
     print()
     print(f"{'model':34s} {'memory':7s} {'test ppl':>10s} {'tokens/s':>9s}")
-    for label, memory, ppl, tps in rows:
-        print(f"{label:34s} {memory:7s} {ppl:10.2f} {tps:9.0f}")
-    for label, memory, ppl, tps in hf_rows:
-        print(f"{label:34s} {memory:7s} {ppl:10.2f} {tps:9.0f}  (per BPE token)")
-    best = min(rows, key=lambda r: r[2])
-    print(f"\nbest: {best[0]} with {best[1]} memory ({best[2]:.2f}); logs and results under {out}/")
+    for row in rows:
+        print(f"{row['label']:34s} {row['memory']:7s} {row['test']:10.2f} {row['tokens_per_s']:9.0f}")
+    for row in hf_rows:
+        print(f"{row['label']:34s} {row['memory']:7s} {row['test']:10.2f} {row['tokens_per_s']:9.0f}  (per BPE token)")
+    best = min(rows, key=lambda r: r["test"])
+    print(f"\nbest: {best['label']} with {best['memory']} memory ({best['test']:.2f}); logs and results under {out}/")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Issue 11 diagnosis, training-memory part: where TrimeLM_ext's in-training "external" memory comes from.
+"""Study: where TrimeLM_ext's in-training "external" memory comes from, and where its datastore gain goes.
 
 TrimeLM_ext (``trime_ext_loss``) trains with a memory of all tokens of the *other* segments
 of its batch; ``trime-bm25-batches`` fills each batch with BM25-similar segments. If those
@@ -19,13 +19,13 @@ random orders = chance):
 - ``pair_corpus_adjacent``: pairs that are neighbours in corpus order (ids differ by 1).
 
 On the real WikiText-2 (``--data-bin``, from ``trime-prepare wikitext-2``; articles start
-at the `` = Title = `` lines) with the plan ``bench/reproduce.py`` uses (``--plan``, made by
+at the `` = Title = `` lines) with the plan ``python -m bench.reproduce`` uses (``--plan``, made by
 ``trime-bm25-batches --tokens-per-sample 256 --lucene``), and on the planted-topic corpus of
 ``tests/test_bm25_batches.py`` (8 topics with disjoint vocabularies, 40 segments each;
 "article" = topic) as a check that the measure sees topical grouping.
 
 Writes ``bench/results/ext-diagnosis.json``; the write-up is ``bench/results/ext-diagnosis.md``.
-Usage: ``.venv/bin/python bench/ext_diagnosis.py --data-bin DIR --plan PLAN.json`` (about a minute).
+Usage: ``.venv/bin/python -m bench.studies.ext_diagnosis --data-bin DIR --plan PLAN.json`` (about a minute).
 
 Where the gain goes (``--gain --path CKPT --datastore DIR``; section ``gain.LABEL``): TrimeLM_ext's test ppl
 with the datastore in the joint softmax only (``--lmbda 0``), by kNN-LM interpolation only (``--memory long
@@ -47,11 +47,10 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-from common import machine_info, today  # noqa: E402
+from bench.common import machine_info, today
+from trime.io_utils import write_json_atomic
 
-from trime.io_utils import write_json_atomic  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 RANDOM_SEEDS = (1, 2, 3, 4, 5)
 
@@ -184,7 +183,7 @@ def eval_queries(lm, context: int, split: str, max_batches: int):
     """Eval-time keys of the scored tokens of ``split`` (what local/long memory holds), and their local scores."""
     import torch
 
-    from trime.eval.evaluate import Evaluator
+    from trime.eval.engine import Evaluator
 
     cached = Evaluator(lm, lm.window_settings(context, None), batch_size=16, progress=False).collect(split, max_batches)
     queries, local_top = [], []
@@ -407,7 +406,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-bin", type=Path, required=True, help="trime-prepare wikitext-2 data-bin")
     parser.add_argument("--plan", type=Path, help="trime-bm25-batches plan of that data-bin (training memory)")
-    parser.add_argument("--segments-per-batch", type=int, default=16, help="as bench/reproduce.py (16 x 256)")
+    parser.add_argument("--segments-per-batch", type=int, default=16, help="as make reproduce (16 x 256)")
     parser.add_argument(
         "--extra-plan",
         nargs=2,
@@ -466,7 +465,7 @@ def main() -> None:
     result = {
         "machine": machine_info(),
         "date": today(),
-        "partial": "issue 11 deliverable 1, partial: alignment, training memory; index quality on --quick only",
+        "partial": "training-memory section only; the alignment and index-quality sections come from other runs",
         "training_memory": {
             "wikitext2": wikitext2(args.data_bin, args.plan, args.segments_per_batch),
             "wikitext2_other_segment_lengths": [

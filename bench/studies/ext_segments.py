@@ -1,41 +1,39 @@
-"""Issue 11: TrimeLM_ext trained with more segments per step, at the same number of updates.
+"""Study: TrimeLM_ext trained with more segments per step, at the same number of updates.
 
 The paper's in-training external memory is 4 x 3072 tokens gathered across GPUs; ``make reproduce``'s
 is 16 x 256 = 4,096 tokens. This trains ``make reproduce``'s TrimeLM_ext (same model, flags, BM25 plan
 and 300 updates) with ``--segments-per-batch`` segments per update (default 48: 12,288 tokens, a 3x
 larger in-batch memory), builds its datastore and evaluates the four TrimeLM_ext rows of
-``make reproduce`` with the same evaluation budget, through the same functions as ``bench/reproduce.py``.
+``make reproduce`` with the same evaluation budget, through the same pipeline (:mod:`trime.pipeline`).
 
 Each update also sees 3x the tokens, so the row to read is the datastore's gain over the model's
 own local + long memory (``external`` vs ``long``), compared with the same gain of the 16-segment
 model in ``bench/results/reproduce.json`` (``--baseline``).
 
 Usage (after ``make reproduce``; reuses its data-bin and plan, about 35 min on 2 cores):
-``.venv/bin/python bench/ext_segments.py --data-bin reproduce-work/data-bin --plan reproduce-work/bm25-plan.json``
+``.venv/bin/python -m bench.studies.ext_segments --data-bin reproduce-work/data-bin --plan reproduce-work/bm25-plan.json``
 Writes ``bench/results/ext-segments.{json,md}``; finished steps are reused on re-runs (``--work``).
 """
 
 import argparse
+import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Dict
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-from common import machine_info, today  # noqa: E402
-from reproduce import (  # noqa: E402
-    Budget, build_datastore, eval_specs, evaluate, format_knobs, test_ppl, train_model, tuned,
-)
+from bench.common import machine_info, today
+from bench.reproduce import eval_specs
+from trime.io_utils import atomic_path, write_json_atomic
+from trime.pipeline import Pipeline, format_knobs, model_flags, reproduce_budget
 
-from trime.io_utils import atomic_path, write_json_atomic  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 MODEL = "trimelm_ext"
 
 
 def baseline_rows(path: Path) -> Dict[str, float]:
-    """label -> test ppl of the TrimeLM_ext rows of a ``bench/reproduce.py`` results json."""
+    """label -> test ppl of the TrimeLM_ext rows of a ``make reproduce`` results json."""
     return {r["label"]: r["test"] for r in json.loads(path.read_text())["rows"] if r["model"] == MODEL}
 
 
@@ -54,22 +52,20 @@ def main() -> None:
     for flag, path in (("--data-bin", args.data_bin / "dict.txt"), ("--plan", args.plan), ("--baseline", args.baseline)):
         if not path.is_file():
             raise SystemExit(f"ext_segments: {flag}: {path} does not exist; run make reproduce first")
-    budget = Budget(quick=False, max_update=None)
-    budget.segments_per_batch = args.segments_per_batch
+    budget = dataclasses.replace(reproduce_budget(quick=False), segments_per_batch=args.segments_per_batch)
     work = args.work / f"segments-{args.segments_per_batch}"
-    work.mkdir(parents=True, exist_ok=True)
+    specs = [spec for spec in eval_specs(byte_level=False) if spec.model == MODEL]
+    pipeline = Pipeline(budget, work, {MODEL: model_flags()[MODEL]}, specs, eval_cache=True)
     started = time.time()
-    ckpt = train_model(MODEL, args.data_bin, budget, work, args.plan)
-    store = build_datastore(args.data_bin, ckpt, work / f"datastore-{MODEL}", budget, work)
+    ckpt = pipeline.train(MODEL, args.data_bin, args.plan)
+    store = pipeline.build_datastore(MODEL, args.data_bin)
     rows = []
-    for label, model, memory, datastore, knnlm in eval_specs(budget, None, store):
-        if model != MODEL:
-            continue
-        print(f"  {label}", flush=True)
-        record = evaluate(label, ckpt, args.data_bin, memory, budget, work, datastore, knnlm)
-        rows.append({"label": label, "memory": memory + (" + kNN" if knnlm else ""), "test": test_ppl(record),
-                     "tuned": tuned(record)})
-    steps = json.loads((work / "logs" / "step-seconds.json").read_text())
+    for spec in specs:
+        pipeline.reporter.evaluating(spec.label)
+        record = pipeline.evaluate(spec.label, ckpt, args.data_bin, spec.memory, MODEL,
+                                   store if spec.datastore else None, spec.knnlm)
+        rows.append(pipeline.row(spec, record))
+    steps = pipeline.step_seconds()
     base = baseline_rows(args.baseline)
     ours = {r["label"]: r["test"] for r in rows}
     local_long = "TrimeLM_ext (local + long)"
@@ -81,9 +77,9 @@ def main() -> None:
 
     n = args.segments_per_batch
     lines = [
-        f"# TrimeLM_ext with {n} segments per update (issue 11)",
+        f"# TrimeLM_ext with {n} segments per update",
         "",
-        f"Machine: {machine_info().get('cpu_model')}; date {today()}; `bench/ext_segments.py --segments-per-batch {n}`. "
+        f"Machine: {machine_info().get('cpu_model')}; date {today()}; `python -m bench.studies.ext_segments --segments-per-batch {n}`. "
         f"Model and flags of `make reproduce`'s TrimeLM_ext ({budget.describe()}), its BM25 plan, "
         f"{budget.max_update} updates of {n} x {budget.tokens_per_sample} = {n * budget.tokens_per_sample:,} tokens "
         f"(`make reproduce`: 16 x 256 = 4,096). Evaluation as `make reproduce` (context {budget.context_window}, "
@@ -102,7 +98,7 @@ def main() -> None:
     with atomic_path(args.out.with_suffix(".md")) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     write_json_atomic(args.out.with_suffix(".json"), {
-        "machine": machine_info(), "date": today(), "segments_per_batch": n, "budget": vars(budget),
+        "machine": machine_info(), "date": today(), "segments_per_batch": n, "budget": budget.as_dict(),
         "rows": rows, "baseline_rows": base, "step_seconds": steps, "seconds_this_run": round(time.time() - started),
     })
     print("\n".join(lines))
