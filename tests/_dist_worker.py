@@ -1,6 +1,7 @@
 """One rank of the 2-process (gloo, CPU) tests of ``trime_long_loss`` / ``trime_ext_loss``.
 
-Run by ``tests/test_long_ext.py`` as ``python _dist_worker.py RANK WORLD INIT_METHOD DICT_DIR OUT``.
+Run by ``tests/test_long_ext.py`` from the repository root as
+``python -m tests._dist_worker RANK WORLD INIT_METHOD DICT_DIR OUT``.
 Each rank computes its share of the cases below on its slice of a deterministic global
 batch and saves losses and gradients to OUT (``torch.save``); the test compares them
 with one process on the concatenated batch. The data builders are imported by the
@@ -12,6 +13,8 @@ import types
 from collections.abc import Sequence
 
 import torch
+
+from tests.tiny_lm import tiny_lm_argv
 
 # (batch, seq_len) per rank for the representation-level cases: uneven on purpose
 REP_SHAPES: list[tuple[int, int]] = [(2, 5), (3, 4)]
@@ -46,29 +49,8 @@ def build(dict_dir: str, criterion: str, extra: Sequence[str] = (), task: str = 
     from fairseq import options, tasks
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-    argv = [
-        dict_dir,
-        "--task",
-        task,
-        "--arch",
-        "transformer_lm",
-        "--decoder-layers",
-        "2",
-        "--decoder-embed-dim",
-        "16",
-        "--decoder-ffn-embed-dim",
-        "32",
-        "--decoder-attention-heads",
-        "2",
-        "--decoder-normalize-before",
-        "--dropout",
-        "0",
-        "--tokens-per-sample",
-        str(MODEL_SEQ_LEN),
-        "--criterion",
-        criterion,
-        *extra,
-    ]
+    argv = [dict_dir, "--task", task, *tiny_lm_argv(16, dropout=0, tokens_per_sample=MODEL_SEQ_LEN),
+            "--criterion", criterion, *extra]
     args = options.parse_args_and_arch(options.get_training_parser(), argv)
     cfg = convert_namespace_to_omegaconf(args)
     fs_task = tasks.setup_task(cfg.task)

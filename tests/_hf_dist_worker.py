@@ -1,6 +1,7 @@
 """One rank of the 2-process (gloo, CPU) test of ``trime.hf.causal_lm_loss`` with long and external memory.
 
-Run by ``tests/test_hf_train.py`` as ``python _hf_dist_worker.py RANK WORLD INIT_METHOD OUT``.
+Run by ``tests/test_hf_train.py`` from the repository root as
+``python -m tests._hf_dist_worker RANK WORLD INIT_METHOD OUT``.
 Each rank holds rows :data:`RANK_ROWS` of the deterministic batch :func:`global_batch`
 (uneven on purpose), computes the loss of each case on a tiny float64 GPT-2 and saves
 the summed NLL, its token count and the parameter gradients of the summed NLL to OUT.
@@ -17,14 +18,14 @@ CASES = [("long", True), ("external", True), ("external", False)]
 
 def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) of the concatenated 5-row batch; right padding in rows 1 and 4."""
-    from hf_helpers import right_padding, sample_batch
+    from tests.hf_helpers import right_padding, sample_batch
 
     return sample_batch(5, SEQ_LEN, seed=11), right_padding(5, SEQ_LEN, {1: 2, 4: 3})
 
 
 def main(rank: int, world: int, init_method: str, out: str) -> None:
     import torch.distributed as dist
-    from hf_helpers import build_model
+    from tests.hf_helpers import build_model
 
     from trime.hf import causal_lm_loss
 

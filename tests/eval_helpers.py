@@ -9,52 +9,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.tiny_lm import tiny_lm_argv
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 TPS, CONTEXT = 64, 32  # checkpoint window and evaluation context (32 new tokens per window)
 
 TRAIN_COMMON = [
-    "--task",
-    "language_modeling",
-    "--arch",
-    "transformer_lm",
-    "--decoder-layers",
-    "2",
-    "--decoder-embed-dim",
-    "32",
-    "--decoder-input-dim",
-    "32",
-    "--decoder-output-dim",
-    "32",
-    "--decoder-ffn-embed-dim",
-    "64",
-    "--decoder-attention-heads",
-    "2",
-    "--decoder-normalize-before",
-    "--dropout",
-    "0.1",
-    "--tokens-per-sample",
-    str(TPS),
-    "--sample-break-mode",
-    "none",
-    "--max-tokens",
-    "512",
-    "--optimizer",
-    "adam",
-    "--lr",
-    "0.005",
-    "--max-update",
-    "8",
-    "--no-epoch-checkpoints",
-    "--disable-validation",
-    "--seed",
-    "1",
-    "--cpu",
-    "--num-workers",
-    "0",
-    "--log-format",
-    "none",
-]
+    "--task", "language_modeling",
+    *tiny_lm_argv(32, io_dims=True, dropout=0.1, tokens_per_sample=TPS, max_tokens=512, lr="0.005"),
+    "--sample-break-mode", "none", "--max-update", "8", "--no-epoch-checkpoints", "--disable-validation",
+    "--log-format", "none",
+]  # fmt: skip
 MODELS = {
     "ce": ["--criterion", "cross_entropy", "--share-decoder-input-output-embed"],
     "trime": ["--criterion", "trime_loss", "--adaptive-softmax-cutoff", "400,2000", "--adaptive-softmax-dropout", "0"],

@@ -7,8 +7,8 @@ GPT-NeoX and OPT models from configs; :func:`model_dir` saves one with its token
 Results are cached per process (``functools.lru_cache``), so test modules share them.
 
 :func:`dense_trime_nll` is an independent float64 reference of the TRIME loss over a
-(B, T) batch: an explicit N x N score matrix and masks written from the rules of
-issue 10, with keys taken from a forward hook on the *norm module's output*
+(B, T) batch: an explicit N x N score matrix and masks written from the HF front-end's visibility
+rules, with keys taken from a forward hook on the *norm module's output*
 (:data:`NORM_MODULES`), not from the MLP pre-hook that ``trime.hf`` uses.
 """
 
@@ -96,6 +96,14 @@ def model_dir(arch: str = "gpt2", seed: int = 0) -> Path:
     build_model(arch, seed).save_pretrained(out)
     load_test_tokenizer().save_pretrained(out)
     return out
+
+
+def hf_train_argv(model: Path, train_file: Path, out: Path, memory: str, *extra: str, block: int = 32, batch: int = 4,
+                  steps: int = 3, lr: str = "1e-3") -> list[str]:
+    """``trime-hf-train`` flags of a few CPU steps on a tiny model, logging every step (``extra`` appended)."""
+    return ["--model", str(model), "--train-file", str(train_file), "--block-size", str(block), "--output-dir", str(out),
+            "--memory", memory, "--max-steps", str(steps), "--per-device-train-batch-size", str(batch),
+            "--learning-rate", lr, "--logging-steps", "1", "--no-progress-bar", "--cpu", *extra]
 
 
 def sample_batch(batch: int = 3, seq_len: int = 12, seed: int = 0, few_types: int = 12) -> torch.Tensor:

@@ -15,19 +15,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.tiny_lm import tiny_lm_argv
+
 BIN = Path(sys.executable).parent
 README = Path(__file__).resolve().parent.parent / "README.md"
 SAMPLES_DIR = README.parent / "samples"
 BAD_INPUT_HEADING = "### Bad input: what each command says"
 
 # A small fairseq LM: seconds per run on one CPU thread.
-TINY_LM = [
-    "--arch", "transformer_lm", "--decoder-layers", "2", "--decoder-embed-dim", "32",
-    "--decoder-ffn-embed-dim", "64", "--decoder-attention-heads", "2", "--decoder-normalize-before",
-    "--decoder-input-dim", "32", "--decoder-output-dim", "32",
-    "--tokens-per-sample", "32", "--max-tokens", "256", "--optimizer", "adam", "--lr", "0.002", "--cpu",
-    "--num-workers", "0", "--seed", "1", "--max-valid-steps", "1",
-]
+TINY_LM = [*tiny_lm_argv(32, io_dims=True, tokens_per_sample=32, max_tokens=256, lr="0.002"), "--max-valid-steps", "1"]
 
 
 def command_env(extra: dict | None = None) -> dict:

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eval_helpers import tiny_checkpoints
+from tests.eval_helpers import tiny_checkpoints
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread per module
+# conftest: one intra-op thread per module; slow: datastores built and evaluated end to end
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 CONTEXT = 32  # evaluation context, the same for the datastore build
 LMBDA, SHARP_TEMP, K = 0.999, 1e-3, 8
@@ -91,7 +92,7 @@ def test_rolled_values_fail_the_alignment_check(fairseq_ckpts, wt2_sample_bin, t
 
 def test_hf_datastore_is_aligned_with_eval(tmp_path):
     pytest.importorskip("transformers")
-    import hf_helpers as H
+    import tests.hf_helpers as H
 
     data = tmp_path / "text"
     data.mkdir()
@@ -130,7 +131,7 @@ def test_keys_only_forward_stops_at_the_key(fairseq_ckpts, wt2_sample_bin, tmp_p
     _keys_only_forward_check(lm, sample, lm.model.decoder.layers[-1].fc2)
 
     pytest.importorskip("transformers")
-    import hf_helpers as H
+    import tests.hf_helpers as H
 
     data = tmp_path / "text"
     data.mkdir()

@@ -1,7 +1,7 @@
 """``trime.batch_plans``: plan checks against the data they are used with (fairseq data-bins and HF text).
 
 The meta is checked before the ids, so a plan of other data says so, with both sizes,
-instead of reporting a misleading id range (issue 12: "not a permutation of 0..2114"
+instead of reporting a misleading id range (such as "not a permutation of 0..2114"
 for a data-bin of 2,125 segments).
 """
 

@@ -183,6 +183,7 @@ def _within_batch_score(ids: np.ndarray, model: BM25Okapi, corpus, batch: int) -
     return total / pairs
 
 
+@pytest.mark.slow  # end-to-end CLI run
 def test_cli_plan_beats_random_on_wt2_sample(wt2_plan, wt2_sample_bin):
     ids, meta = load_batch_plan(wt2_plan)
     assert meta["path"] == str(wt2_plan) and meta["tokens_per_sample"] == TPS

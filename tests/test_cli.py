@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from reliability_helpers import BIN, command_env
+from tests.reliability_helpers import BIN, command_env
 
 from trime.cli import Parser
 
@@ -115,6 +115,7 @@ def test_usage_errors_are_one_line_naming_the_flag(name, argv, flag, capsys):
     ],
     ids=["trime-eval", "trime-build-datastore", "trime-bm25-batches", "trime-prepare"],
 )
+@pytest.mark.slow  # one subprocess per console script
 def test_usage_errors_of_the_real_commands(argv, flag, tmp_path):
     proc = subprocess.run([str(BIN / argv[0]), *argv[1:]], cwd=tmp_path, capture_output=True, text=True,
                           env=command_env(), timeout=300)

@@ -14,7 +14,8 @@ from fairseq import options, tasks
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.data import Dictionary
 
-from dense_reference import dense_nll, dense_visibility
+from tests.dense_reference import dense_nll, dense_visibility
+from tests.tiny_lm import tiny_lm_argv
 from trime.errors import TrimeError
 
 VOCAB_WORDS = [f"w{i}" for i in range(40)]
@@ -32,10 +33,8 @@ def dict_dir(tmp_path_factory):
 
 def build(dict_dir, extra=(), criterion="trime_loss"):
     argv = [
-        str(dict_dir), "--task", "language_modeling", "--arch", "transformer_lm",
-        "--decoder-layers", "2", "--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "32",
-        "--decoder-attention-heads", "2", "--dropout", "0", "--criterion", criterion,
-        "--tokens-per-sample", "8", *extra,
+        str(dict_dir), "--task", "language_modeling", *tiny_lm_argv(16, pre_norm=False, dropout=0, tokens_per_sample=8),
+        "--criterion", criterion, *extra,
     ]
     parser = options.get_training_parser()
     args = options.parse_args_and_arch(parser, argv)

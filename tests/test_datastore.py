@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval_helpers import CONTEXT, assert_one_line_error, run_cli, tiny_checkpoints
+from tests.eval_helpers import CONTEXT, assert_one_line_error, run_cli, tiny_checkpoints
 from trime.errors import TrimeError
 
 BIN = Path(sys.executable).parent
@@ -235,6 +235,7 @@ def test_loader_refuses_mismatches(flat_copy, lm):
     expect_error("meta.json is missing")(flat_copy)
 
 
+@pytest.mark.slow  # end-to-end CLI run
 def test_eval_cli_refuses_a_foreign_datastore(flat_copy, lm, wt2_sample_bin, tmp_path):
     """End to end: a datastore whose keys have another size than the model's -> one line, no traceback."""
     from trime.retrieval.datastore import record_checksums

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval_helpers import CONTEXT, TPS, assert_one_line_error, run_cli, tiny_checkpoints
+from tests.eval_helpers import CONTEXT, TPS, assert_one_line_error, run_cli, tiny_checkpoints
 from trime.errors import TrimeError
 
 @pytest.fixture(scope="module")
@@ -28,6 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thr
 # ----------------------------------------------------------------------------- parity
 
 
+@pytest.mark.slow  # end-to-end CLI runs
 def test_memory_none_matches_fairseq_eval_lm(ckpts, wt2_sample_bin, tmp_path):
     from trime.eval.evaluate import run
 
@@ -253,6 +254,7 @@ def test_external_temperature_scales_only_the_datastore_neighbours(ckpts, wt2_sa
     assert len(cached._context_memo) == 1
 
 
+@pytest.mark.slow  # end-to-end CLI runs
 def test_tune_external_temperature_and_fixed_lambda(ckpts, wt2_sample_bin, flat_store, tmp_path):
     """--tune tunes --external-temp after --softmax-temp (recorded in --results-json); a given --lmbda stays."""
     import json
@@ -482,6 +484,7 @@ def _eval_args(data, ckpt, *extra):
             *map(str, extra)]
 
 
+@pytest.mark.slow  # end-to-end CLI runs
 def test_cache_dir_reuses_forward_passes_and_hits_with_the_same_results(
     ckpts, wt2_sample_bin, flat_store, tmp_path, monkeypatch
 ):
@@ -545,6 +548,7 @@ def test_tune_tokens_tunes_on_a_prefix_of_the_tune_subset(ckpts, wt2_sample_bin)
 # ----------------------------------------------------------------------------- errors
 
 
+@pytest.mark.slow  # end-to-end CLI runs
 def test_cli_external_without_datastore_and_unknown_level(wt2_sample_bin):
     proc = run_cli("trime-eval", wt2_sample_bin, "--path", "x.pt", "--memory", "external", "--mem-size", "8")
     assert_one_line_error(proc, "--datastore")

@@ -11,9 +11,9 @@
 
 import pytest
 import torch
-from _dist_worker import NUM_WORDS, build, model_case_batch
+from tests._dist_worker import NUM_WORDS, build, model_case_batch
 from fairseq.data import Dictionary
-from hf_helpers import build_model
+from tests.hf_helpers import build_model
 
 from trime.hooks import KeyCapture, fairseq_key_module
 from trime.loss import Rule

@@ -8,7 +8,7 @@ equals transformers' own ``model(..., labels=...).loss``.
 
 import pytest
 import torch
-from hf_helpers import (
+from tests.hf_helpers import (
     ARCHS,
     assert_grads_close,
     build_model,

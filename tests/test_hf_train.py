@@ -3,7 +3,7 @@
 Tiny random GPT-2 models with the tokenizer trained in ``hf_helpers``; a few steps each.
 The training runs call ``main`` in-process (the CLI's one-line errors are checked in a
 subprocess once). The distributed tests run two gloo processes: ``causal_lm_loss`` by
-``_hf_dist_worker.py`` against one process on the concatenated batch, and the trainer
+``tests/_hf_dist_worker.py`` against one process on the concatenated batch, and the trainer
 itself under ``torchrun``.
 """
 
@@ -17,13 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _hf_dist_worker import CASES, RANK_ROWS, global_batch
-from hf_helpers import (
+from tests._hf_dist_worker import CASES, RANK_ROWS, global_batch
+from tests.hf_helpers import (
     SAMPLE_TRAIN,
     SAMPLE_VALID,
     assert_grads_close,
     build_model,
     dense_trime_nll,
+    hf_train_argv,
     load_test_tokenizer,
     model_dir,
     param_grads,
@@ -38,7 +39,7 @@ from trime.retrieval.bm25_batches import main as bm25_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-HERE = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent  # workers run as `python -m tests.NAME` from here
 PYTHON = sys.executable
 BLOCK = 32
 BATCH = 4
@@ -66,10 +67,7 @@ def plan(texts, tmp_path_factory):
 
 
 def train_argv(texts, out, memory, *extra, steps=3):
-    return ["--model", str(model_dir("gpt2")), "--train-file", str(texts[0]), "--block-size", str(BLOCK),
-            "--output-dir", str(out), "--memory", memory, "--max-steps", str(steps),
-            "--per-device-train-batch-size", str(BATCH), "--learning-rate", "1e-3", "--logging-steps", "1",
-            "--no-progress-bar", "--cpu", *extra]
+    return hf_train_argv(model_dir("gpt2"), texts[0], out, memory, *extra, block=BLOCK, batch=BATCH, steps=steps)
 
 
 def log_history(checkpoint: Path) -> list:
@@ -168,8 +166,8 @@ def free_port() -> int:
 
 
 def _run_ranks(commands, timeout=240):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, cwd=HERE)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, cwd=REPO)
              for cmd in commands]
     outputs = []
     for proc in procs:
@@ -188,10 +186,11 @@ def _run_ranks(commands, timeout=240):
 def two_rank_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("hf_dist")
     init = f"tcp://127.0.0.1:{free_port()}"
-    _run_ranks([[PYTHON, str(HERE / "_hf_dist_worker.py"), str(r), "2", init, str(out / f"r{r}.pt")] for r in range(2)])
+    _run_ranks([[PYTHON, "-m", "tests._hf_dist_worker", str(r), "2", init, str(out / f"r{r}.pt")] for r in range(2)])
     return [torch.load(out / f"r{r}.pt", weights_only=False) for r in range(2)]
 
 
+@pytest.mark.slow  # 2-rank or CLI subprocess runs
 @pytest.mark.parametrize("memory,external_local", CASES)
 def test_two_ranks_equal_one_process_on_the_concatenated_batch(two_rank_results, memory, external_local):
     from trime.hf import causal_lm_loss
@@ -215,6 +214,7 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(two_rank_results,
     assert_grads_close(summed, param_grads(model, reference))
 
 
+@pytest.mark.slow  # 2-rank or CLI subprocess runs
 def test_torchrun_two_processes_train_long_memory(texts, tmp_path):
     """DDP through torchrun (gloo): rank r holds batch 2s+r; the first loss equals one process on both batches."""
     argv = train_argv(texts, tmp_path / "ddp", "long", "--per-device-train-batch-size", "2", steps=2)
@@ -256,6 +256,7 @@ def _error(argv) -> str:
     return message
 
 
+@pytest.mark.slow  # 2-rank or CLI subprocess runs
 def test_model_dir_without_tokenizer_is_one_line(texts, bad_dirs, tmp_path):
     argv = train_argv(texts, tmp_path / "o", "local")
     argv[1] = str(bad_dirs / "no-tokenizer")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _dist_worker import (
+from tests._dist_worker import (
     MODEL_ROWS,
     NUM_WORDS,
     REP_SHAPES,
@@ -27,12 +27,12 @@ from _dist_worker import (
     slice_batch,
 )
 from fairseq.data import Dictionary
-from dense_reference import dense_nll, dense_visibility
+from tests.dense_reference import dense_nll, dense_visibility
 
 import trime.criterions.trime_long_loss as long_module
 from trime.errors import TrimeError
 
-HERE = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent  # workers run as `python -m tests.NAME` from here
 PYTHON = sys.executable
 
 
@@ -204,7 +204,8 @@ def two_rank_results(dict_dir, tmp_path_factory):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = [
         subprocess.Popen(
-            [PYTHON, str(HERE / "_dist_worker.py"), str(rank), "2", init, dict_dir, str(out_dir / f"rank{rank}.pt")],
+            [PYTHON, "-m", "tests._dist_worker", str(rank), "2", init, dict_dir, str(out_dir / f"rank{rank}.pt")],
+            cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=env,
@@ -264,6 +265,7 @@ def dense_rep_case(rule, external_local=True):
     "case,rule,local_on",
     [("rep_long", "long", True), ("rep_ext_0.0", "external", True), ("rep_ext_1.0", "external", False)],
 )
+@pytest.mark.slow  # 2-rank distributed run
 def test_two_ranks_uneven_shapes_match_dense(two_rank_results, case, rule, local_on):
     losses, grads = dense_rep_case(rule, local_on)
     for rank, results in enumerate(two_rank_results):
@@ -284,6 +286,7 @@ def test_two_ranks_uneven_shapes_match_dense(two_rank_results, case, rule, local
         ("model_ext", "trime_ext_loss", "external", ["--allow-random-batches", "--cross-sent-ratio", "0"]),
     ],
 )
+@pytest.mark.slow  # 2-rank distributed run
 def test_two_ranks_equal_one_process_on_concatenated_batch(
     two_rank_results, dict_dir, case, criterion_name, rule, extra
 ):
@@ -303,6 +306,7 @@ def test_two_ranks_equal_one_process_on_concatenated_batch(
     assert_grads_close(summed, param_grads(model, sum(reference)))
 
 
+@pytest.mark.slow  # 2-rank distributed run
 def test_two_ranks_dummy_batch_offers_no_keys(two_rank_results, dict_dir):
     ext_args = ["--allow-random-batches", "--cross-sent-ratio", "0"]
     task, model, criterion = build(dict_dir, "trime_ext_loss", ext_args, task="language_modeling")

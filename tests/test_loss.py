@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dense_reference import dense_nll, dense_visibility
+from tests.dense_reference import dense_nll, dense_visibility
 from trime.heads import adaptive_softmax_terms, full_softmax_terms
 from trime.loss import (
     Rule,

@@ -11,14 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.tiny_lm import tiny_lm_argv
+
+pytestmark = pytest.mark.slow  # fairseq-train, fairseq-eval-lm and pip wheel runs in subprocesses
+
 BIN = Path(sys.executable).parent
 TINY_MODEL = [
-    "--task", "language_modeling", "--arch", "transformer_lm", "--decoder-layers", "2",
-    "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64", "--decoder-attention-heads", "2",
-    "--decoder-normalize-before", "--tokens-per-sample", "64", "--max-tokens", "512",
-    "--optimizer", "adam", "--lr", "0.002", "--cpu", "--no-progress-bar", "--log-interval", "1",
-    "--seed", "1", "--num-workers", "0", "--max-valid-steps", "3",
-]
+    "--task", "language_modeling", *tiny_lm_argv(32, tokens_per_sample=64, max_tokens=512, lr="0.002"),
+    "--no-progress-bar", "--log-interval", "1", "--max-valid-steps", "3",
+]  # fmt: skip
 
 
 def run(cmd, env=None, check=True):

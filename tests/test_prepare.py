@@ -262,6 +262,7 @@ def test_foreign_dest_is_never_replaced(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow  # end-to-end CLI run
 def test_cli_builds_and_prints_a_summary(tmp_path: Path) -> None:
     result = run_cli("enwik8-sample", "--dest", str(tmp_path / "bin"))
     assert result.returncode == 0, result.stderr

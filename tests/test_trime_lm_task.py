@@ -20,6 +20,7 @@ import pytest
 from fairseq import options, tasks
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
+from tests.tiny_lm import tiny_lm_argv
 from trime.distributed import DUMMY_BATCH_KEY
 from trime.errors import TrimeError
 
@@ -239,40 +240,10 @@ def test_missing_plan_file_is_refused(wt2_sample_bin, tmp_path):
 # ----------------------------------------------------------------------------- fairseq-train end to end
 
 TINY_MODEL = [
-    "--arch",
-    "transformer_lm",
-    "--decoder-layers",
-    "2",
-    "--decoder-embed-dim",
-    "32",
-    "--decoder-ffn-embed-dim",
-    "64",
-    "--decoder-attention-heads",
-    "2",
-    "--share-decoder-input-output-embed",
-    "--optimizer",
-    "adam",
-    "--lr",
-    "0.001",
-    "--max-update",
-    "4",
-    "--log-interval",
-    "1",
-    "--log-format",
-    "json",
-    "--no-save",
-    "--cpu",
-    "--num-workers",
-    "0",
-    "--seed",
-    "1",
-    "--tokens-per-sample",
-    str(TPS),
-    "--max-tokens",
-    "64",
-    "--sample-break-mode",
-    "none",
-]
+    *tiny_lm_argv(32, pre_norm=False, tokens_per_sample=TPS, max_tokens=64, lr="0.001"),
+    "--share-decoder-input-output-embed", "--max-update", "4", "--log-interval", "1", "--log-format", "json",
+    "--no-save", "--sample-break-mode", "none",
+]  # fmt: skip
 
 
 def logged_losses(output):
@@ -306,6 +277,7 @@ def run_ranks(commands, timeout=240):
     return outputs
 
 
+@pytest.mark.slow  # fairseq-train runs
 def test_fairseq_train_two_cpu_ranks_keep_order_long_loss(wt2_sample_bin, tmp_path):
     init = f"tcp://127.0.0.1:{free_port()}"
     commands = [
@@ -345,6 +317,7 @@ def test_fairseq_train_two_cpu_ranks_keep_order_long_loss(wt2_sample_bin, tmp_pa
     assert losses and all(math.isfinite(v) for v in losses), output[-3000:]
 
 
+@pytest.mark.slow  # fairseq-train runs
 def test_fairseq_train_ext_loss_with_a_plan(wt2_sample_bin, plan, tmp_path):
     command = [
         FAIRSEQ_TRAIN,

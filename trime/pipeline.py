@@ -353,8 +353,10 @@ class Pipeline:
         return ckpt
 
     def train_all(self, data: Path, plan: Optional[Path]) -> Dict[str, Path]:
-        """Train every model, ``jobs`` at a time (the slowest, the memory-ordered ones, first)."""
-        names = sorted(self.models, key=lambda n: n not in ("trimelm_long", "trimelm_ext"))
+        """Train every model, ``jobs`` at a time (with several, the slowest, the memory-ordered ones, first)."""
+        names = list(self.models)
+        if self.jobs > 1:
+            names.sort(key=lambda n: n not in ("trimelm_long", "trimelm_ext"))
         threads = threads_per_job(self.jobs) if self.jobs > 1 else None
         paths = run_parallel([lambda n=n: self.train(n, data, plan, threads) for n in names], self.jobs)
         ckpts = dict(zip(names, paths))

@@ -1,0 +1,1 @@
+"""The test suite, a package: helpers import as ``tests.NAME`` and workers run as ``python -m tests.NAME``."""
