@@ -69,6 +69,7 @@ def test_every_scored_token_is_kept(lm, reference):
     assert not (reference / "progress.json").exists() and not list(reference.glob("*.partial.npy"))
 
 
+@pytest.mark.slow  # a build killed in a subprocess, then resumed
 def test_killed_build_resumes_byte_identical(lm, reference, wt2_sample_bin, tmp_path):
     from trime.retrieval.build_datastore import extract
 

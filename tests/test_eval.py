@@ -444,6 +444,7 @@ def test_temperature_scales_memory_logits_only(ckpts, wt2_sample_bin):
     assert not torch.allclose(hot[1:], cold[1:])
 
 
+@pytest.mark.slow  # a full sweep and its plot
 def test_tune_finds_the_grid_optimum_and_sweep_writes_plot(ckpts, wt2_sample_bin, tmp_path):
     from trime.eval.evaluate import run
 

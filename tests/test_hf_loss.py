@@ -202,6 +202,7 @@ def test_tokenizer_identity_survives_save_and_differs_between_tokenizers(tmp_pat
     assert ids.dtype.name == "int64" and tokenizer.decode(ids.tolist()) == "Hello world.\n\n = Heading = \n"
 
 
+@pytest.mark.slow  # a fresh interpreter importing fairseq
 def test_the_fairseq_path_never_imports_transformers():
     import subprocess
     import sys
