@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from trime.retrieval.bm25 import (
     BM25Params,
     Bm25sSearcher,

@@ -269,8 +269,8 @@ def interleaved(data: Path, ckpt: Path, store_dir: Path, passes: int) -> dict:
     import torch
     from fairseq.sequence_scorer import SequenceScorer
 
-    from trime.eval.memory import ScoreState, score_batch
     from trime.adapters import load_adapter
+    from trime.eval.memory import ScoreState, score_batch
     from trime.io_utils import quiet_libraries
     from trime.retrieval.datastore import Datastore
     from trime.retrieval.faiss_index import import_faiss

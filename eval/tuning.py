@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
 from trime.eval.memory import (
     MemorySettings,
     ScoreState,

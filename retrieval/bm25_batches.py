@@ -38,16 +38,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from trime.retrieval.bm25 import (
-    BACKENDS,
-    DEFAULT_BACKEND,
-    IDF_VARIANTS,
-    LUCENE_PRESET,
-    NO_HIT,
-    BM25Params,
-    Segments,
-    make_searcher,
-)
 
 from trime import __version__
 from trime.batch_plans import (
@@ -69,6 +59,16 @@ from trime.io_utils import (
     sha256_file,
     shard_range,
     write_json_atomic,
+)
+from trime.retrieval.bm25 import (
+    BACKENDS,
+    DEFAULT_BACKEND,
+    IDF_VARIANTS,
+    LUCENE_PRESET,
+    NO_HIT,
+    BM25Params,
+    Segments,
+    make_searcher,
 )
 
 SEARCH_FORMAT = "trime-bm25-search"

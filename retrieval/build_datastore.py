@@ -331,6 +331,7 @@ def build_index(
     minutes for a large IVF-PQ).
     """
     from tqdm import tqdm
+
     from trime.retrieval import faiss_index
 
     store = Datastore.open(output, need_index=False)

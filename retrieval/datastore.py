@@ -22,10 +22,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from trime.retrieval import checksums
-
 from trime.errors import fail
 from trime.io_utils import identity_key, read_json, sha256_file
+from trime.retrieval import checksums
 
 META_NAME = "meta.json"
 KEYS_NAME = "keys.npy"
@@ -236,9 +235,9 @@ class Datastore:
         a tensor; with ``--knn-search torch`` the results stay on the search device.
         """
         import torch
-        from trime.retrieval import faiss_index
 
         from trime.knn import KnnResults
+        from trime.retrieval import faiss_index
 
         if self.torch_search is not None:
             return self._search_torch(queries, k, exact)

@@ -25,8 +25,8 @@ def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 def main(rank: int, world: int, init_method: str, out: str) -> None:
     import torch.distributed as dist
-    from tests.hf_helpers import build_model
 
+    from tests.hf_helpers import build_model
     from trime.hf import causal_lm_loss
 
     torch.set_num_threads(1)

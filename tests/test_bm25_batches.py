@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from rank_bm25 import BM25Okapi
+
+from trime.errors import TrimeError
 from trime.retrieval.bm25 import (
     LUCENE_PRESET,
     BM25Params,
@@ -33,8 +35,6 @@ from trime.retrieval.bm25_batches import (
     search_config,
     write_batch_plan,
 )
-
-from trime.errors import TrimeError
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "samples" / "wikitext-2"

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from tests.reliability_helpers import BIN, command_env
 
+from tests.reliability_helpers import BIN, command_env
 from trime.cli import Parser
 
 SETUP = Path(__file__).resolve().parent.parent / "setup.py"

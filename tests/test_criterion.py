@@ -9,10 +9,9 @@ import math
 
 import pytest
 import torch
-
 from fairseq import options, tasks
-from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.data import Dictionary
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
 from tests.dense_reference import dense_nll, dense_visibility
 from tests.tiny_lm import tiny_lm_argv

@@ -17,6 +17,7 @@ import torch
 from tests.eval_helpers import CONTEXT, TPS, assert_one_line_error, run_cli, tiny_checkpoints
 from trime.errors import TrimeError
 
+
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory, wt2_sample_bin):
     return tiny_checkpoints(tmp_path_factory, wt2_sample_bin)
@@ -193,9 +194,9 @@ def flat_store(ckpts, wt2_sample_bin, tmp_path_factory):
 
 @pytest.mark.parametrize("name,mem_size,search", [("ce", 20, "faiss"), ("trime", 80, "faiss"), ("trime", 80, "torch")])
 def test_external_memory_matches_brute_force(ckpts, wt2_sample_bin, flat_store, name, mem_size, search):
+    from trime.adapters import load_adapter
     from trime.eval.engine import Evaluator
     from trime.eval.memory import MemorySettings
-    from trime.adapters import load_adapter
     from trime.retrieval.datastore import Datastore
 
     lm = load_adapter(ckpts[name], wt2_sample_bin, cpu=True)
@@ -283,9 +284,9 @@ def test_tune_external_temperature_and_fixed_lambda(ckpts, wt2_sample_bin, flat_
 
 def test_knnlm_interpolation_only(ckpts, wt2_sample_bin, flat_store):
     """--knnlm: the datastore is used by interpolation only; P_model is the plain LM."""
+    from trime.adapters import load_adapter
     from trime.eval.engine import Evaluator
     from trime.eval.memory import MemorySettings
-    from trime.adapters import load_adapter
     from trime.retrieval.datastore import Datastore
 
     lm = load_adapter(ckpts["ce"], wt2_sample_bin, cpu=True)
@@ -430,8 +431,8 @@ def test_temperature_scales_memory_logits_only(ckpts, wt2_sample_bin):
     torch.testing.assert_close((batch.token_score, batch.token_logz), before)
 
     # on a real model: the first window's first token has no memory, so T does not matter
-    from trime.eval.engine import Evaluator
     from trime.adapters import load_adapter
+    from trime.eval.engine import Evaluator
 
     lm = load_adapter(ckpts["trime"], wt2_sample_bin, cpu=True)
     cached = Evaluator(lm, lm.window_settings(CONTEXT, None), batch_size=1, progress=False).collect(

@@ -11,10 +11,10 @@
 
 import pytest
 import torch
-from tests._dist_worker import NUM_WORDS, build, model_case_batch
 from fairseq.data import Dictionary
-from tests.hf_helpers import build_model
 
+from tests._dist_worker import NUM_WORDS, build, model_case_batch
+from tests.hf_helpers import build_model
 from trime.hooks import KeyCapture, fairseq_key_module
 from trime.loss import Rule
 from trime.memories import MEMORIES, local_off, local_off_coin

@@ -8,6 +8,7 @@ equals transformers' own ``model(..., labels=...).loss``.
 
 import pytest
 import torch
+
 from tests.hf_helpers import (
     ARCHS,
     assert_grads_close,
@@ -20,7 +21,6 @@ from tests.hf_helpers import (
     sample_batch,
     tokenizer_dir,
 )
-
 from trime.errors import TrimeError
 from trime.hf import (
     KeyCapture,

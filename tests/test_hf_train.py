@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from tests._hf_dist_worker import CASES, RANK_ROWS, global_batch
 from tests.hf_helpers import (
     SAMPLE_TRAIN,
@@ -30,7 +31,6 @@ from tests.hf_helpers import (
     param_grads,
     tokenizer_dir,
 )
-
 from trime.errors import TrimeError
 from trime.hf.data import BlockDataset, text_blocks, train_order
 from trime.hf.train import main as train_main

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from fairseq.data import Dictionary
+
+import trime.criterions.trime_long_loss as long_module
 from tests._dist_worker import (
     MODEL_ROWS,
     NUM_WORDS,
@@ -26,10 +29,7 @@ from tests._dist_worker import (
     rep_case_data,
     slice_batch,
 )
-from fairseq.data import Dictionary
 from tests.dense_reference import dense_nll, dense_visibility
-
-import trime.criterions.trime_long_loss as long_module
 from trime.errors import TrimeError
 
 REPO = Path(__file__).resolve().parent.parent  # workers run as `python -m tests.NAME` from here

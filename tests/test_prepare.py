@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from trime.data_prep.datasets import WT2_SHA256, byte_split_bounds, get_spec
 from trime.data_prep.prepare import prepare_dataset, verify_dataset
 from trime.databin import is_byte_level, read_data_meta
-
 from trime.errors import TrimeError
 from trime.io_utils import sha256_file
 

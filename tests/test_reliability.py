@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from tests.reliability_helpers import BIN, SAMPLES_DIR, TINY_LM, bad_input_rows, command_env, json_log_records, run_command
 
 pytestmark = pytest.mark.slow  # every case runs the commands as a user does, end to end

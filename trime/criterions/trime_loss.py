@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
 import torch
-from torch import Tensor
-
 from fairseq import metrics, utils
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks.language_modeling import LanguageModelingTask
+from torch import Tensor
 
 from trime.errors import fail
 from trime.heads import token_head_terms
