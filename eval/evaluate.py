@@ -32,8 +32,9 @@ from trime.eval.memory import MemorySettings
 from trime.eval.sweep import SWEEPABLE, run_sweep, sweep_name
 from trime.eval.tuning import CachedRun, tune
 from trime.io_utils import quiet_libraries, write_json_atomic
-from trime.memories import MEMORIES
+from trime.memories import CROSS_SEGMENT_MEMORIES, MEMORIES
 from trime.retrieval.datastore import Datastore, model_info
+from trime.version import __version__
 
 PROG = "trime-eval"
 
@@ -140,11 +141,11 @@ def check_args(args: argparse.Namespace) -> None:
             "pick the in-context memory with --memory none|local|long"
         )
     sweeps_mem_size = sweep_name(args.sweep) == "mem-size"
-    if args.memory in ("long", "external") and args.mem_size is None and sweeps_mem_size and not args.tune:
+    if args.memory in CROSS_SEGMENT_MEMORIES and args.mem_size is None and sweeps_mem_size and not args.tune:
         pass  # the sweep gives the sizes
-    elif args.memory in ("long", "external") and (args.mem_size is None or args.mem_size < 1):
+    elif args.memory in CROSS_SEGMENT_MEMORIES and (args.mem_size is None or args.mem_size < 1):
         fail(f"--memory {args.memory} needs --mem-size M >= 1 (earlier scored tokens to keep, e.g. 12288)")
-    if args.mem_size is not None and args.memory not in ("long", "external"):
+    if args.mem_size is not None and args.memory not in CROSS_SEGMENT_MEMORIES:
         fail("--mem-size is only used with --memory long or external")
     if args.softmax_temp <= 0 or args.interp_temp <= 0 or (args.external_temp is not None and args.external_temp <= 0):
         fail("--softmax-temp, --external-temp and --interp-temp must be > 0")
@@ -195,7 +196,7 @@ def settings_line(settings: MemorySettings, knnlm: bool, uses_store: bool, subse
         parts.append(f"softmax-temp {settings.softmax_temp:.4g}")
     if settings.knn_in_joint:
         parts.append(f"external-temp {settings.ext_temp:.4g}")
-    if settings.uses_long or settings.level in ("long", "external"):
+    if settings.uses_long or settings.level in CROSS_SEGMENT_MEMORIES:
         parts.append(f"mem-size {settings.mem_size or 'swept'}")
     if uses_store:
         parts += [f"k {settings.k}", f"lmbda {settings.lmbda:.4g}", f"interp-temp {settings.interp_temp:.4g}"]
@@ -229,7 +230,8 @@ def open_datastore(args: argparse.Namespace, lm, warn: Callable[[str], None]) ->
 
 
 def tune_step(
-    args: argparse.Namespace, evaluator: Evaluator, settings: MemorySettings, is_bytes: bool
+    args: argparse.Namespace, evaluator: Evaluator, settings: MemorySettings, is_bytes: bool,
+    log: Callable[[str], None],
 ) -> tuple[MemorySettings, dict, dict, CachedRun]:
     """``--tune``: (tuned settings, the --tune-subset row, the tuning record, the collected --tune-subset)."""
     tune_temp = settings.level != "none"
@@ -238,7 +240,7 @@ def tune_step(
     if not (tune_temp or tune_interp):
         fail("--tune has nothing to tune with --memory none and no datastore (or a fixed --lmbda)")
     cached = evaluator.collect(args.tune_subset, evaluator.batches_for_tokens(args.tune_subset, args.tune_tokens))
-    result = tune(cached, settings, tune_temp, tune_interp, tune_external)
+    result = tune(cached, settings, tune_temp, tune_interp, tune_external, log=log)
     settings = result.settings
     lp = cached.log_probs(settings)
     row = {
@@ -310,7 +312,7 @@ def results_record(
     """What ``--results-json`` holds: results, settings and the identities of model, data and datastore."""
     lm = loaded.lm
     return {
-        "trime_version": _version(),
+        "trime_version": __version__,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "checkpoint": lm.identity,
         "model": {"frontend": lm.frontend, "architecture": lm.architecture, "key_source": lm.key_source},
@@ -367,7 +369,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     tuning = None
     cached: CachedRun | None = None
     if args.tune:
-        settings, row, tuning, cached = tune_step(args, evaluator, settings, is_bytes)
+        settings, row, tuning, cached = tune_step(args, evaluator, settings, is_bytes, log)
         rows.append(row)
     sweep = None
     gen_cached = None  # the whole --gen-subset, when a sweep collected it (its memory terms are reused)
@@ -394,12 +396,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``trime-eval``; returns the exit status."""
     run(argv)
     return 0
-
-
-def _version() -> str:
-    import trime
-
-    return trime.__version__
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from trime.eval.engine import Evaluator, memory_label, metric_line
 from trime.eval.memory import MemorySettings
 from trime.eval.tuning import CachedRun
 from trime.io_utils import atomic_path, write_json_atomic
+from trime.memories import CROSS_SEGMENT_MEMORIES
 
 SWEEPABLE = {
     "mem-size": ("mem_size", int),
@@ -38,7 +39,7 @@ def parse_sweep(spec: str, evaluator: Evaluator, base: MemorySettings) -> tuple[
         values = [cast(v) for v in values_text.split(",") if v]
     except ValueError:
         fail(f"--sweep {name}: values must be {cast.__name__}s, got {values_text!r}")
-    if name == "mem-size" and base.level not in ("long", "external"):
+    if name == "mem-size" and base.level not in CROSS_SEGMENT_MEMORIES:
         fail("--sweep mem-size needs --memory long or external")
     if name == "external-temp" and not base.knn_in_joint:
         fail("--sweep external-temp needs --memory external")

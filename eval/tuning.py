@@ -226,7 +226,7 @@ def tune(
         )  # fmt: skip
         external = f" external-temp {settings.external_temp:.4g}" if settings.external_temp is not None else ""
         log(
-            f"trime-eval: tune softmax-temp {settings.softmax_temp:.4g}{external} lmbda {lam:.3g} "
+            f"tune softmax-temp {settings.softmax_temp:.4g}{external} lmbda {lam:.3g} "
             f"interp-temp {itemp:.3g}: loss {nll / math.log(2):.4f} bits"
         )
         return nll, lam, itemp
@@ -250,7 +250,7 @@ def tune(
         _grid_then_refine(score_temps, temp_grid)
         best_temp = best()[1].softmax_temp
         if not TEMP_LIMITS[0] * 2 <= best_temp <= TEMP_LIMITS[1] / 2:
-            log(f"trime-eval: note: the best softmax-temp {best_temp:.4g} is at the search limit: "
+            log(f"note: the best softmax-temp {best_temp:.4g} is at the search limit: "
                 "the memory barely helps")
     else:
         score(base)

@@ -15,6 +15,8 @@ resumed run draws exactly what an uninterrupted one draws, and the fairseq crite
 import numpy as np
 
 MEMORIES = ("none", "local", "long", "external")
+# the levels whose memory reaches beyond the current segment (need --mem-size)
+CROSS_SEGMENT_MEMORIES = MEMORIES[MEMORIES.index("long") :]
 # SeedSequence entropy must be non-negative: seeds are taken modulo this
 _SEED_MODULUS = 2**63
 

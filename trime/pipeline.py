@@ -33,6 +33,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 from trime.errors import fail
 from trime.io_utils import write_json_atomic
+from trime.memories import CROSS_SEGMENT_MEMORIES
 
 BIN = Path(sys.executable).parent
 PHASES = ("data", "plan", "training", "datastores", "evaluation")
@@ -390,7 +391,7 @@ class Pipeline:
                     "--context-window", self.budget.context_window, "--results-json", result]
             if self.eval_cache:
                 argv += ["--cache-dir", self.work / "eval-cache"]
-            if memory in ("long", "external"):
+            if memory in CROSS_SEGMENT_MEMORIES:
                 argv += ["--mem-size", self.budget.mem_size]
             if memory != "none" or knnlm:
                 argv += ["--tune"]

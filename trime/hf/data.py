@@ -27,10 +27,7 @@ import torch
 
 from trime.errors import fail
 from trime.hf.text import tokenize_text_file
-from trime.memories import MEMORIES
-
-# memories whose keys span blocks: their blocks come in a fixed order (consecutive, or the BM25 plan)
-ORDERED_MEMORIES = MEMORIES[MEMORIES.index("long") :]
+from trime.memories import CROSS_SEGMENT_MEMORIES
 
 
 def text_blocks(path: str, tokenizer: Any, block_size: int, option: str = "--train-file", model: str = "") -> np.ndarray:
@@ -81,7 +78,7 @@ def whole_steps(order: np.ndarray, batch_size: int, world_size: int, option: str
 def train_order(memory: str, num_blocks: int, plan_ids: Optional[np.ndarray], batch_size: int,
                 world_size: int) -> Optional[np.ndarray]:
     """The block order of the training dataset: None (shuffled by the Trainer) for none/local."""
-    if memory not in ORDERED_MEMORIES:
+    if memory not in CROSS_SEGMENT_MEMORIES:
         return None
     order = np.arange(num_blocks, dtype=np.int64) if memory == "long" else np.asarray(plan_ids, dtype=np.int64)
     return whole_steps(order, batch_size, world_size)
