@@ -35,7 +35,6 @@ from typing import BinaryIO
 
 import numpy as np
 
-import trime
 from trime.cli import Parser, logger, silent
 from trime.databin import META_NAME, read_data_meta
 from trime.errors import TrimeError, fail
@@ -45,6 +44,7 @@ from trime.io_utils import (
     sha256_file,
     write_json_atomic,
 )
+from trime.version import __version__
 
 from .datasets import (
     BYTE,
@@ -652,7 +652,7 @@ def prepare_dataset(
             dict_sha256=sha256_file(work / DICT_NAME),
             dict_size=_dict_size(work / DICT_NAME),
             comparable=not spec.is_sample and spec.standard_split,
-            created_by=f"trime-prepare {trime.__version__}",
+            created_by=f"trime-prepare {__version__}",
         )
         write_json_atomic(work / META_NAME, meta)
         _apply_umask(work)

@@ -39,7 +39,6 @@ from pathlib import Path
 
 import numpy as np
 
-from trime import __version__
 from trime.batch_plans import (
     TEXT_PLAN_KIND,
     check_plan,
@@ -70,6 +69,7 @@ from trime.retrieval.bm25 import (
     Segments,
     make_searcher,
 )
+from trime.version import __version__
 
 SEARCH_FORMAT = "trime-bm25-search"
 SEARCH_VERSION = 1

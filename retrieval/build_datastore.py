@@ -55,6 +55,7 @@ from trime.retrieval.datastore import (
     shard_dir_name,
     verify,
 )
+from trime.version import __version__
 
 if TYPE_CHECKING:  # torch is imported only when a model is loaded (not for --merge/--build-index)
     from trime.adapters import ModelAdapter, WindowSettings
@@ -63,12 +64,6 @@ PROG = "trime-build-datastore"
 DEFAULT_PROGRESS_SECONDS = 30.0
 DEFAULT_HEARTBEAT_SECONDS = 10.0
 ADD_CHUNK = 500_000
-
-
-def _version() -> str:
-    import trime
-
-    return trime.__version__
 
 
 @contextlib.contextmanager
@@ -143,7 +138,7 @@ def extract(
     ckpt = lm.identity
     meta = {
         "format": FORMAT,
-        "created_by": f"trime-build-datastore {_version()}",
+        "created_by": f"trime-build-datastore {__version__}",
         "key_type": KEY_TYPE,
         "count": rows,
         "dim": lm.dim,

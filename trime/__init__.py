@@ -23,7 +23,9 @@ which runs automatically when fairseq's option parser is imported (see
 
 import sys
 
-__version__ = "0.1.0"
+from trime.version import __version__
+
+__all__ = ["__version__"]
 
 if "fairseq.options" in sys.modules:  # loaded through --user-dir: register now
     from trime.plugin import register as _register
