@@ -1,4 +1,5 @@
-"""Shared pytest fixtures: the repo root, the optional ../shared/data, and data-bins of the shipped samples.
+"""Shared pytest fixtures: the repo root, the optional ../shared/data, data-bins of the shipped samples and
+the synthetic word dictionary of the criterion tests.
 
 The sample data-bins are built once per test session with ``prepare_dataset`` (a few
 seconds each) into a session temp folder; tests must treat them as read-only.
@@ -59,3 +60,18 @@ def enwik8_sample_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     dest = tmp_path_factory.mktemp("enwik8_sample") / "data-bin"
     return prepare_dataset("enwik8-sample", SAMPLES_DIR / "enwik8", dest)
+
+
+@pytest.fixture(scope="module")
+def dict_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A folder with the ``dict.txt`` of ``tests._dist_worker.NUM_WORDS`` synthetic words (``w0`` most frequent)."""
+    from fairseq.data import Dictionary
+
+    from tests._dist_worker import NUM_WORDS
+
+    path = tmp_path_factory.mktemp("word_dict")
+    d = Dictionary()
+    for i in range(NUM_WORDS):
+        d.add_symbol(f"w{i}", n=1000 - i)
+    d.save(str(path / "dict.txt"))
+    return str(path)

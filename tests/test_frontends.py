@@ -11,9 +11,8 @@
 
 import pytest
 import torch
-from fairseq.data import Dictionary
 
-from tests._dist_worker import NUM_WORDS, build, model_case_batch
+from tests._dist_worker import build, model_case_batch
 from tests.hf_helpers import build_model
 from trime.hooks import KeyCapture, fairseq_key_module
 from trime.loss import Rule
@@ -23,16 +22,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 SEED, RATIO = 5, 0.4
 STEPS, MICROS = 40, 3
-
-
-@pytest.fixture(scope="module")
-def dict_dir(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("frontends_dict")
-    d = Dictionary()
-    for i in range(NUM_WORDS):
-        d.add_symbol(f"w{i}", n=1000 - i)
-    d.save(str(path / "dict.txt"))
-    return str(path)
 
 
 def fairseq_draws(dict_dir: str, seed: int) -> list[bool]:

@@ -17,12 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from fairseq.data import Dictionary
 
 import trime.criterions.trime_long_loss as long_module
 from tests._dist_worker import (
     MODEL_ROWS,
-    NUM_WORDS,
     REP_SHAPES,
     build,
     model_case_batch,
@@ -34,16 +32,6 @@ from trime.errors import TrimeError
 
 REPO = Path(__file__).resolve().parent.parent  # workers run as `python -m tests.NAME` from here
 PYTHON = sys.executable
-
-
-@pytest.fixture(scope="module")
-def dict_dir(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("longext_dict")
-    d = Dictionary()
-    for i in range(NUM_WORDS):
-        d.add_symbol(f"w{i}", n=1000 - i)
-    d.save(str(path / "dict.txt"))
-    return str(path)
 
 
 # ----------------------------------------------------------------------------- dense references
