@@ -329,7 +329,7 @@ def _speeds(runs: list) -> str:
 def write_markdown(path: Path, record: dict) -> None:
     m, ds, ev = record["machine"], record["datastore"], record["eval"]
     lines = [
-        "# trime-eval / trime-build-datastore benchmark (`bench/eval.py`)",
+        "# trime-eval / trime-build-datastore benchmark (`python -m bench.eval`)",
         "",
         f"- Date: {record['date']}",
         f"- Machine: {m['cpu_count']} CPU cores ({m['cpu_model']}), {m['mem_total_gib']} GiB RAM, no GPU; torch "

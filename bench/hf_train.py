@@ -159,7 +159,7 @@ def markdown(results: dict) -> str:
     lines = [
         "# HF Trainer step: TRIME loss vs the plain Hugging Face loss",
         "",
-        "Produced by `bench/hf_train.py`. Each section: one random-initialised GPT-2 (50,257-token vocabulary), "
+        "Produced by `python -m bench.hf_train`. Each section: one random-initialised GPT-2 (50,257-token vocabulary), "
         "the same batches of consecutive blocks for every variant, `Trainer.training_step` (forward, backward) + "
         "AdamW step per step, variants interleaved round by round in rotated order after warm-up. `hf` is "
         "transformers' own `compute_loss`; `trime-*` is `trime-hf-train`'s `TrimeTrainer`. Ratio = hf time / "

@@ -132,7 +132,7 @@ def entry_groups(entry: Dict[str, Any]) -> Dict[str, float]:
 
 def render(report: Dict[str, Any], top: int = 15) -> str:
     lines = [
-        "# Where the memory term's time goes (`bench/profile_memory.py`)",
+        "# Where the memory term's time goes (`python -m bench.profile_memory`)",
         "",
         "The memory term alone (`memory_logsumexp` + `joint_nll`, constant token terms, in-batch keys = queries), "
         "forward + backward under `torch.profiler`, CPU, fp32. *self ms* is each op's own time; groups: "

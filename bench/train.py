@@ -297,7 +297,7 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
         "# Training throughput: TRIME criteria vs the plain loss, in `fairseq-train` words/s",
         "",
         (
-            f"Produced by `bench/train.py`; last run {report['date']}. Machine: {machine.get('cpu_model')}, "
+            f"Produced by `python -m bench.train`; last run {report['date']}. Machine: {machine.get('cpu_model')}, "
             f"{machine.get('cpu_count')} cores, {machine.get('mem_total_gib')} GiB; torch {machine.get('torch')}."
         ),
         "",
