@@ -91,7 +91,7 @@ def assert_grads_close(actual, expected, atol=1e-5):
 
 
 def test_same_device_matches_dense_long_visibility(dict_dir):
-    task, model, criterion = build(dict_dir, "trime_long_loss_same_device", task="language_modeling")
+    task, model, criterion = build(dict_dir, "trime_long_loss_same_device", ["--allow-random-batches"], task="language_modeling")
     sample = model_case_batch(task.source_dictionary)
     loss, sample_size, log = criterion(model, sample)
     assert sample_size == sample["ntokens"] and "norm_loss" in log
@@ -102,7 +102,7 @@ def test_same_device_matches_dense_long_visibility(dict_dir):
 
 
 def test_long_loss_sees_more_than_local_loss(dict_dir):
-    task, model, long_crit = build(dict_dir, "trime_long_loss_same_device", task="language_modeling")
+    task, model, long_crit = build(dict_dir, "trime_long_loss_same_device", ["--allow-random-batches"], task="language_modeling")
     _, _, local_crit = build(dict_dir, "trime_loss", task="language_modeling")
     sample = model_case_batch(task.source_dictionary)
     assert not torch.isclose(long_crit(model, sample)[0], local_crit(model, sample)[0])
@@ -112,11 +112,19 @@ def test_long_loss_sees_more_than_local_loss(dict_dir):
 
 
 def test_long_loss_single_process_equals_same_device(dict_dir):
-    for task_name, extra in (("language_modeling", []), ("trime_lm", ["--keep-order"])):
+    for task_name, extra in (("language_modeling", ["--allow-random-batches"]), ("trime_lm", ["--keep-order"])):
         task, model, long_crit = build(dict_dir, "trime_long_loss", extra, task=task_name)
-        _, _, same_crit = build(dict_dir, "trime_long_loss_same_device", task="language_modeling")
+        _, _, same_crit = build(dict_dir, "trime_long_loss_same_device", extra, task=task_name)
         sample = model_case_batch(task.source_dictionary)
         torch.testing.assert_close(long_crit(model, sample)[0], same_crit(model, sample)[0])
+
+
+@pytest.mark.parametrize("criterion_name", ["trime_long_loss_same_device", "trime_long_loss", "trime_ext_loss"])
+def test_cross_segment_criteria_refuse_random_batches(dict_dir, criterion_name):
+    with pytest.raises(TrimeError, match=f"^trime: error: {criterion_name} trains on .*--allow-random-batches"):
+        build(dict_dir, criterion_name, task="language_modeling")
+    with pytest.raises(TrimeError, match="--allow-random-batches"):  # trime_lm without an order is random too
+        build(dict_dir, criterion_name, task="trime_lm")
 
 
 def test_long_loss_refuses_world_not_divisible_by_group(dict_dir, monkeypatch):
@@ -270,7 +278,7 @@ def test_two_ranks_uneven_shapes_match_dense(two_rank_results, case, rule, local
 @pytest.mark.parametrize(
     "case,criterion_name,rule,extra",
     [
-        ("model_long", "trime_long_loss_same_device", "long", []),
+        ("model_long", "trime_long_loss_same_device", "long", ["--allow-random-batches"]),
         ("model_ext", "trime_ext_loss", "external", ["--allow-random-batches", "--cross-sent-ratio", "0"]),
     ],
 )

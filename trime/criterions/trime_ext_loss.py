@@ -27,7 +27,7 @@ from fairseq.criterions import register_criterion
 from omegaconf import II
 from torch import Tensor
 
-from trime.criterions.trime_loss import TrimeLoss, TrimeLossConfig
+from trime.criterions.trime_loss import OrderedBatchesConfig, TrimeLoss, require_ordered_batches
 from trime.distributed import gather_tokens, is_dummy_batch, world_size_and_rank
 from trime.errors import fail
 from trime.loss import DEFAULT_BLOCK_SIZE, MemoryInputs, Rule
@@ -35,17 +35,10 @@ from trime.memories import local_off
 
 
 @dataclass
-class TrimeExtLossConfig(TrimeLossConfig):
+class TrimeExtLossConfig(OrderedBatchesConfig):
     cross_sent_ratio: float = field(
         default=0.9,
         metadata={"help": "probability, per training forward, of switching off the local (own-segment) memory"},
-    )
-    allow_random_batches: bool = field(
-        default=False,
-        metadata={
-            "help": "train without --predefined-batches: the external memory then holds random, unrelated "
-            "segments (without this flag, and without --predefined-batches or --keep-order, trime_ext_loss refuses to start)"
-        },
     )
     seed: int = II("common.seed")
 
@@ -79,16 +72,7 @@ class TrimeExtLoss(TrimeLoss):
         self._untracked_draws = 0
         self._local_off: bool | None = None  # this forward's draw (None: no draw)
         _follow_task_updates(task)
-        if not (getattr(task, "predefined_batches", None) or getattr(task, "keep_order", False)):
-            if not self.allow_random_batches:
-                fail(
-                    "trime_ext_loss trains on batches of similar segments: pass --task trime_lm --predefined-batches "
-                    "PLAN (make PLAN with trime-bm25-batches), or --allow-random-batches to train on random batches"
-                )
-            logger.warning(
-                "trime_ext_loss: no --predefined-batches, training on random batches (--allow-random-batches): "
-                "the external memory holds unrelated segments"
-            )
+        require_ordered_batches(task, "trime_ext_loss", self.allow_random_batches, plans_accepted=True)
 
     @classmethod
     def criterion_name(cls) -> str:

@@ -4,9 +4,9 @@ Long-term memory: a token sees every earlier token of a stream of consecutive
 segments, not only the earlier tokens of its own segment.
 
 - ``trime_long_loss_same_device``: the stream is the local batch flattened row-major
-  (all previous rows plus the earlier tokens of the own row). With ``--task trime_lm
-  --keep-order`` the rows are consecutive segments of the corpus; it works with any
-  LM task.
+  (all previous rows plus the earlier tokens of the own row). It needs ``--task trime_lm
+  --keep-order``, so that the rows are consecutive segments of the corpus; it refuses random
+  batches unless ``--allow-random-batches``, as ``trime_ext_loss`` does.
 - ``trime_long_loss``: the stream spans a group of C consecutive ranks, concatenated in
   rank order, with C = ``--train-mem-size`` / ``--max-tokens`` (a ``trime_lm`` task
   option; C = 1 otherwise). Keys from the other ranks are gathered with
@@ -18,17 +18,22 @@ segments, not only the earlier tokens of its own segment.
 from fairseq.criterions import register_criterion
 from torch import Tensor
 
-from trime.criterions.trime_loss import TrimeLoss, TrimeLossConfig
+from trime.criterions.trime_loss import OrderedBatchesConfig, TrimeLoss, require_ordered_batches
 from trime.distributed import gather_tokens, is_dummy_batch, world_size_and_rank
 from trime.errors import fail
 from trime.loss import DEFAULT_BLOCK_SIZE, MemoryInputs, Rule
 
 
-@register_criterion("trime_long_loss_same_device", dataclass=TrimeLossConfig)
+@register_criterion("trime_long_loss_same_device", dataclass=OrderedBatchesConfig)
 class TrimeLongLossSameDevice(TrimeLoss):
     """Memory = every earlier token of the row-major flattened local batch."""
 
     rule = Rule.LONG
+
+    def __init__(self, task, ce_warmup_epoch: int = 0, memory_block_size: int = DEFAULT_BLOCK_SIZE,
+                 allow_random_batches: bool = False) -> None:
+        super().__init__(task, ce_warmup_epoch=ce_warmup_epoch, memory_block_size=memory_block_size)
+        require_ordered_batches(task, self.criterion_name(), allow_random_batches, plans_accepted=False)
 
     @classmethod
     def criterion_name(cls) -> str:
@@ -40,12 +45,14 @@ def memory_group_size(task) -> int:
     return int(getattr(task, "memory_group_size", 1) or 1)
 
 
-@register_criterion("trime_long_loss", dataclass=TrimeLossConfig)
+@register_criterion("trime_long_loss", dataclass=OrderedBatchesConfig)
 class TrimeLongLoss(TrimeLongLossSameDevice):
     """Memory = every earlier token of the group of C consecutive ranks, in rank order."""
 
-    def __init__(self, task, ce_warmup_epoch: int = 0, memory_block_size: int = DEFAULT_BLOCK_SIZE) -> None:
-        super().__init__(task, ce_warmup_epoch=ce_warmup_epoch, memory_block_size=memory_block_size)
+    def __init__(self, task, ce_warmup_epoch: int = 0, memory_block_size: int = DEFAULT_BLOCK_SIZE,
+                 allow_random_batches: bool = False) -> None:
+        super().__init__(task, ce_warmup_epoch=ce_warmup_epoch, memory_block_size=memory_block_size,
+                         allow_random_batches=allow_random_batches)
         self.group_size = memory_group_size(task)
 
     @classmethod

@@ -11,6 +11,7 @@ the derived ``ppl``. With ``--ce-warmup-epoch N`` training epochs 1..N optimise 
 plain cross-entropy; validation always reports the TRIME loss.
 """
 
+import logging
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from trime.heads import token_head_terms
 from trime.hooks import KeyCapture
 from trime.loss import DEFAULT_BLOCK_SIZE, MemoryInputs, Rule, in_batch_memory, joint_nll
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class TrimeLossConfig(FairseqDataclass):
@@ -38,6 +41,42 @@ class TrimeLossConfig(FairseqDataclass):
     memory_block_size: int = field(
         default=DEFAULT_BLOCK_SIZE,
         metadata={"help": "query rows per block of the memory computation (extra memory is O(block x keys))"},
+    )
+
+
+@dataclass
+class OrderedBatchesConfig(TrimeLossConfig):
+    allow_random_batches: bool = field(
+        default=False,
+        metadata={
+            "help": "train on fairseq's random batches: the cross-segment memory then holds unrelated segments "
+            "(without this flag the criterion refuses to start unless the task sets the batch order)"
+        },
+    )
+
+
+def require_ordered_batches(task, criterion: str, allow_random: bool, plans_accepted: bool) -> None:
+    """Refuse to train a cross-segment memory on random batches unless ``--allow-random-batches`` says so.
+
+    The order comes from ``--task trime_lm --keep-order`` (consecutive segments) or, where
+    ``plans_accepted``, ``--predefined-batches PLAN`` (BM25-similar segments).
+    """
+    ordered = getattr(task, "keep_order", False) or (plans_accepted and getattr(task, "predefined_batches", None))
+    if ordered:
+        return
+    if not allow_random:
+        if plans_accepted:
+            fail(
+                f"{criterion} trains on batches of similar segments: pass --task trime_lm --predefined-batches "
+                "PLAN (make PLAN with trime-bm25-batches), or --allow-random-batches to train on random batches"
+            )
+        fail(
+            f"{criterion} trains on consecutive segments: pass --task trime_lm --keep-order, "
+            "or --allow-random-batches to train on random batches"
+        )
+    logger.warning(
+        "%s: training on random batches (--allow-random-batches): the cross-segment memory holds unrelated segments",
+        criterion,
     )
 
 
