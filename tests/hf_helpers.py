@@ -98,6 +98,13 @@ def model_dir(arch: str = "gpt2", seed: int = 0) -> Path:
     return out
 
 
+def text_head(src: Path, dest: Path, chars: int) -> Path:
+    """``dest``: the first ``chars`` characters of ``src``, cut back to a whole line."""
+    text = src.read_text(encoding="utf-8")[:chars]
+    dest.write_text(text[: text.rfind("\n") + 1], encoding="utf-8")
+    return dest
+
+
 def hf_train_argv(model: Path, train_file: Path, out: Path, memory: str, *extra: str, block: int = 32, batch: int = 4,
                   steps: int = 3, lr: str = "1e-3") -> list[str]:
     """``trime-hf-train`` flags of a few CPU steps on a tiny model, logging every step (``extra`` appended)."""

@@ -29,6 +29,7 @@ from tests.hf_helpers import (
     load_test_tokenizer,
     model_dir,
     param_grads,
+    text_head,
     tokenizer_dir,
 )
 from trime.errors import TrimeError
@@ -45,17 +46,11 @@ BLOCK = 32
 BATCH = 4
 
 
-def _head(src: Path, dest: Path, chars: int) -> Path:
-    text = src.read_text(encoding="utf-8")[:chars]
-    dest.write_text(text[: text.rfind("\n") + 1], encoding="utf-8")
-    return dest
-
-
 @pytest.fixture(scope="module")
 def texts(tmp_path_factory):
     """(train, valid): the first ~24 KB / 5 KB of the shipped WikiText-2 sample."""
     root = tmp_path_factory.mktemp("hf_text")
-    return _head(SAMPLE_TRAIN, root / "train.txt", 24_000), _head(SAMPLE_VALID, root / "valid.txt", 5_000)
+    return text_head(SAMPLE_TRAIN, root / "train.txt", 24_000), text_head(SAMPLE_VALID, root / "valid.txt", 5_000)
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +286,7 @@ def test_plan_for_another_tokenizer_is_one_line(texts, plan, bad_dirs, tmp_path)
 
 
 def test_plan_for_other_text_and_missing_plan_are_one_line(texts, plan, tmp_path):
-    other = _head(SAMPLE_TRAIN, tmp_path / "other.txt", 20_000)
+    other = text_head(SAMPLE_TRAIN, tmp_path / "other.txt", 20_000)
     argv = train_argv((other, texts[1]), tmp_path / "o", "external", "--bm25-plan", str(plan))
     message = _error(argv)
     assert f"batch plan {plan} was built from different data than {other}" in message

@@ -65,11 +65,14 @@ def _hf_decoder_layers(model: nn.Module) -> Tuple[Optional[str], Optional[nn.Mod
     return None, None
 
 
-def hf_key_module(model: nn.Module, key_module: Optional[str] = None) -> Tuple[str, nn.Module]:
+def hf_key_module(
+    model: nn.Module, key_module: Optional[str] = None, origin: str = "key_module"
+) -> Tuple[str, nn.Module]:
     """(dotted name, module) of a Hugging Face causal LM's keys: the last decoder layer's MLP by default.
 
-    ``key_module`` names another submodule of the (unwrapped) model. Fails with one line
-    naming what was looked for and the option to select another module.
+    ``key_module`` names another submodule of the (unwrapped) model; ``origin`` says where that
+    name came from in messages (default ``key_module``). Fails with one line naming what was
+    looked for and the option to select another module.
     """
     model = unwrap_model(model)
     kind = type(model).__name__
@@ -77,7 +80,7 @@ def hf_key_module(model: nn.Module, key_module: Optional[str] = None) -> Tuple[s
         try:
             return key_module, model.get_submodule(key_module)
         except AttributeError:
-            fail(f"key_module {key_module!r} is not a submodule of {kind}; name one of model.named_modules()")
+            fail(f"{origin} {key_module!r} is not a submodule of {kind}; name one of model.named_modules()")
     layers_name, layers = _hf_decoder_layers(model)
     if layers is None:
         fail(

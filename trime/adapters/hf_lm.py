@@ -37,7 +37,7 @@ from trime.adapters.base import (
 from trime.errors import fail
 from trime.heads import full_softmax_terms
 from trime.hooks import KeyCapture, hf_key_module
-from trime.io_utils import file_identity, identity_key, read_json
+from trime.io_utils import file_identity, identity_key
 
 # the split files looked for in DATA, first match wins
 SPLIT_FILES = ("{split}.txt", "wiki.{split}.tokens")
@@ -78,7 +78,8 @@ class HFLM(ModelAdapter):
 
     frontend = "hf"
 
-    def __init__(self, model, tokenizer, path: Path, data_dir: Path, device, dtype, key_module: str | None = None):
+    def __init__(self, model, tokenizer, path: Path, data_dir: Path, device, dtype, key_module: str | None = None,
+                 trained_block_size: int | None = None):
         from trime.hf.text import tokenizer_identity
 
         self.model, self.tokenizer = model, tokenizer
@@ -94,6 +95,7 @@ class HFLM(ModelAdapter):
         self.identity = model_dir_identity(path)
         self.vocab = {"sha256": tokenizer_identity(tokenizer), "size": len(tokenizer)}
         self.max_positions = getattr(config, "max_position_embeddings", None)
+        self.trained_block_size = trained_block_size  # trime-hf-train's --block-size, from its record
         self._streams: dict[str, np.ndarray] = {}
 
     @torch.no_grad()
@@ -112,33 +114,42 @@ class HFLM(ModelAdapter):
         precision: str = "fp32",
         key_module: str | None = None,
     ) -> "HFLM":
-        """Load a ``save_pretrained`` dir (model + tokenizer) for scoring the text splits in ``data_dir``."""
-        from trime.hf.model import load_model_and_tokenizer
+        """Load a ``save_pretrained`` dir (model + tokenizer) for scoring the text splits in ``data_dir``.
+
+        Keys come from the module the model was trained with (:func:`trime.hf.model.training_record`)
+        unless ``key_module`` is given; a ``key_module`` that resolves to another module than the
+        record's is refused, since the memories would hold keys the model was not trained with.
+        """
+        from trime.hf.model import load_model_and_tokenizer, training_record
 
         path, data_dir = Path(path), Path(data_dir)
         if not data_dir.is_dir():
             fail(f"DATA {data_dir} is not a directory; pass a folder of text splits (train.txt, valid.txt, test.txt)")
         device = pick_device(cpu)
+        record = training_record(path)
+        trained_key_module = record.key_module if record is not None else None
+        record_origin = f"the key_module of training record {record.file}" if record is not None else ""
+        chosen = key_module or trained_key_module
         model, tokenizer = load_model_and_tokenizer(
-            path, dtype=precision, device=device, key_module=key_module, option="--path"
-        )
+            path, dtype=precision, device=device, key_module=chosen, option="--path",
+            key_origin="--key-module" if key_module else record_origin,
+        )  # fmt: skip
+        if key_module and record is not None and record.knows_key_module:
+            given = hf_key_module(model, key_module)[0]
+            trained = hf_key_module(model, trained_key_module, origin=record_origin)[0]
+            if given != trained:
+                fail(
+                    f"--key-module {key_module} disagrees with training record {record.file}: the model was trained "
+                    f"with keys from {trained}; drop --key-module to use them"
+                )
         model.eval()
         dtype = next(model.parameters()).dtype
-        return cls(model, tokenizer, path, data_dir, device, dtype, key_module)
-
-    def trained_block_size(self) -> int | None:
-        """The ``--block-size`` the model was trained with, when ``trime-hf-train`` wrote it."""
-        from trime.hf.model import RECORD
-
-        record = self.path / RECORD
-        if not record.is_file():
-            return None
-        block_size = read_json(record, what="training record").get("block_size")
-        return int(block_size) if block_size else None
+        block_size = record.block_size if record is not None else None
+        return cls(model, tokenizer, path, data_dir, device, dtype, chosen, trained_block_size=block_size)
 
     def window_settings(self, context_window: int, tokens_per_sample: int | None) -> WindowSettings:
         """Default window: the training block size (trime-hf-train), else the model's positions."""
-        tps = tokens_per_sample if tokens_per_sample is not None else self.trained_block_size()
+        tps = tokens_per_sample if tokens_per_sample is not None else self.trained_block_size
         if tps is None:
             if self.max_positions is None or self.max_positions > MAX_DEFAULT_WINDOW:
                 fail(

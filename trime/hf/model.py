@@ -1,26 +1,43 @@
 """Hugging Face causal LMs as TRIME models: loading, and the training record.
 
-:func:`load_model_and_tokenizer` loads a ``save_pretrained`` directory (or a hub name
-when online) with one-line errors for the usual mistakes, and checks that the model
-offers TRIME keys (:func:`trime.hooks.hf_key_module`: the input of the last decoder
-layer's MLP, or the module named by ``key_module``). ``trime-hf-train`` writes
-:data:`RECORD` into its output dir; evaluation reads the training block size from it.
+:func:`load_model_and_tokenizer` loads a ``save_pretrained`` directory (or a hub name) with
+one-line errors for the usual mistakes (a missing dir, a damaged config, tokenizer or weights
+file, a tokenizer larger than the embeddings), and checks that the model is causal
+(:func:`check_causal`: a short probe at load) and offers TRIME keys
+(:func:`trime.hooks.hf_key_module`: the input of the last decoder layer's MLP, or the module
+named by ``key_module``). A name that is no local dir is looked up on the hub once, without
+retries. ``trime-hf-train`` writes :data:`RECORD` into its output dir (and
+:data:`CHECKPOINT_RECORD` into checkpoints); evaluation takes the training block size and key
+module from it (:func:`training_record`).
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+import pickle
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Tuple, Union
+from typing import Any, NoReturn, Optional, Tuple, Union
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from trime.errors import fail
-from trime.hooks import hf_key_module
+from trime.hooks import KeyCapture, hf_key_module
+from trime.io_utils import read_json
 
 # the training record that trime-hf-train writes beside the model (arguments, data identities, block size)
 RECORD = "trime_hf_train.json"
+# a trime-hf-train checkpoint's settings (block_size, key_module under "settings"), read when RECORD is absent
+CHECKPOINT_RECORD = "trime_hf_checkpoint.json"
+# seconds the one hub lookup of a name that is not a local dir may take
+HUB_TIMEOUT_S = 10
+# tokens of the causality probe run at load (half of them are changed)
+CAUSAL_PROBE_TOKENS = 8
 # files of which a saved tokenizer has at least one
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "spiece.model", "merges.txt")
@@ -49,17 +66,77 @@ def resolve_dtype(dtype: Union[None, str, torch.dtype]) -> Union[None, str, torc
 
 
 def check_model_dir(name_or_path: Union[str, os.PathLike], option: str = "--model") -> str:
-    """Fail with one line unless ``name_or_path`` is a model dir with config.json (or looks like a hub name)."""
+    """The dir (or hub name) to load ``name_or_path`` from; one line unless it is a usable model dir or hub model.
+
+    A name that is not a local dir is a path when it starts with ``.``, ``/`` or ``~``, has more than
+    one ``/``, or its parent dir exists here: then it fails at once. Otherwise it is a hub name,
+    looked up once (:func:`_hub_model`).
+    """
     path = str(name_or_path)
     if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            fail(f"{option} {path} has no config.json; it is not a Hugging Face model dir (save one with save_pretrained)")
+        _check_config_json(path, option)
         return path
     if os.path.exists(path):
         fail(f"{option} {path} is a file; pass a Hugging Face model dir (with config.json) or a hub name")
-    if path.startswith((".", "/", "~")) or path.count("/") > 1:  # a path, not a hub name
+    parent = os.path.dirname(path)
+    if path.startswith((".", "/", "~")) or path.count("/") > 1 or (parent and os.path.isdir(parent)):
         fail(f"{option} {path}: no such directory; pass a save_pretrained dir or a hub name")
-    return path
+    return _hub_model(path, option)
+
+
+def _check_config_json(path: str, option: str) -> None:
+    """A local model dir's config.json must exist and be a JSON object (transformers' own errors blame other files)."""
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        fail(f"{option} {path} has no config.json; it is not a Hugging Face model dir (save one with save_pretrained)")
+    try:
+        with open(config, encoding="utf-8") as f:
+            body = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        fail(f"{option} {config} is not valid JSON ({_first_line(err)}); save the model again with save_pretrained")
+    if not isinstance(body, dict):
+        fail(f"{option} {config} is not a JSON object; save the model again with save_pretrained")
+
+
+@functools.lru_cache(maxsize=None)
+def _hub_model(name: str, option: str) -> str:
+    """``name`` when the hub has it (or, offline, its cache does); else one line saying no local dir exists.
+
+    One lookup, no retries. With ``HF_HUB_OFFLINE`` set only the cache is asked. When the hub cannot be
+    reached but a copy is cached, the cached snapshot dir is returned, so loading does not retry the hub.
+    """
+    from huggingface_hub import constants, model_info, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except ValueError:  # not a valid repo id either
+        fail(f"{option} {name}: no such directory; pass a save_pretrained dir or a hub name")
+    cached = cached if isinstance(cached, str) else None
+    if constants.HF_HUB_OFFLINE:
+        if cached:
+            return name
+        fail(
+            f"{option} {name}: no such local directory, and HF_HUB_OFFLINE is set and the hub cache has no "
+            f"{name}; pass a save_pretrained dir"
+        )
+    try:
+        model_info(name, timeout=HUB_TIMEOUT_S)
+    except GatedRepoError:
+        return name  # it exists; transformers asks for the token
+    except RepositoryNotFoundError:
+        fail(
+            f"{option} {name}: no such local directory, and the hub has no model {name} (a private one needs "
+            "`hf auth login`); pass a save_pretrained dir or a hub name"
+        )
+    except Exception as err:  # the network: unreachable, timed out, refused
+        if cached:
+            return os.path.dirname(cached)
+        fail(
+            f"{option} {name}: no such local directory, and the hub lookup failed ({_first_line(err)}); "
+            "pass a save_pretrained dir, or connect and retry"
+        )
+    return name
 
 
 def load_tokenizer(name_or_path: Union[str, os.PathLike], option: str = "--model"):
@@ -74,11 +151,11 @@ def load_tokenizer(name_or_path: Union[str, os.PathLike], option: str = "--model
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError, KeyError) as err:
+    except Exception as err:  # damaged files raise anything: JSON, Rust (plain Exception), sentencepiece errors
         if os.path.isdir(path):
             fail(
-                f"{option} {path} has no usable tokenizer ({type(err).__name__}); save it beside the model with "
-                f"tokenizer.save_pretrained({path!r})"
+                f"{option} {path} has no usable tokenizer ({type(err).__name__}: {_first_line(err)}); save it beside "
+                f"the model with tokenizer.save_pretrained({path!r})"
             )
         fail(f"{option} {path}: cannot load its tokenizer ({_first_line(err)}); offline? pass a local model dir")
     if tokenizer is None or isinstance(tokenizer, bool):
@@ -97,13 +174,15 @@ def load_model(
     device: Union[None, str, torch.device] = None,
     key_module: Optional[str] = None,
     option: str = "--model",
+    key_origin: str = "key_module",
     **kwargs: Any,
 ) -> nn.Module:
-    """``AutoModelForCausalLM`` from a local dir or hub name, checked to offer TRIME keys.
+    """``AutoModelForCausalLM`` from a local dir or hub name, checked to be causal and to offer TRIME keys.
 
     ``dtype``: None (transformers' default: in v5 the dtype saved in config.json, as
     ``auto``) or a name/torch dtype (``float32`` for training with mixed precision). ``kwargs`` go to
-    ``from_pretrained`` (e.g. ``attn_implementation``).
+    ``from_pretrained`` (e.g. ``attn_implementation``). ``key_origin`` names where ``key_module``
+    came from in messages (a flag or the training record).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -124,12 +203,99 @@ def load_model(
         kwargs["dtype"] = torch_dtype
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as err:
-        fail(f"{option} {path}: cannot load the model weights ({_first_line(err)})")
-    hf_key_module(model, key_module)  # unsupported architectures fail here, before any work
+    except (OSError, ValueError, RuntimeError, EOFError, KeyError, SafetensorError, pickle.UnpicklingError) as err:
+        _weights_fault(path, err, option)
     if device is not None:
         model = model.to(device)
+    check_causal(model, option=f"{option} {path}")  # non-causal models (BERT as an LM) fail before any work
+    hf_key_module(model, key_module, origin=key_origin)  # so do architectures without TRIME keys
+    check_causal(model, key_module, option=f"{option} {path}", keys=True)
     return model
+
+
+def _weights_fault(path: str, err: BaseException, option: str) -> NoReturn:
+    """One line for weights that do not load: missing, damaged (naming the file), or not matching config.json."""
+    message = _first_line(err)
+    if "mismatched_sizes" in str(err) or "size mismatch" in str(err):
+        fail(
+            f"{option} {path}: its weights do not match its config.json (tensor shapes differ); save the config "
+            "and the weights together with save_pretrained"
+        )
+    damaged = _damaged_weight_file(path) if os.path.isdir(path) else None
+    if damaged is not None:
+        fail(f"{option} {damaged} is damaged or incomplete ({message}); save or download the model again")
+    fail(f"{option} {path}: cannot load the model weights ({message})")
+
+
+def _damaged_weight_file(path: str) -> Optional[Path]:
+    """The first weight file of a local dir whose header does not read (safetensors) or that is no zip (torch)."""
+    for weights in sorted(Path(path).glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), framework="pt"):
+                pass
+        except (SafetensorError, OSError):
+            return weights
+    for weights in sorted(Path(path).glob("*.bin")):
+        if not zipfile.is_zipfile(weights):
+            return weights
+    return None
+
+
+def _probe_ids(model: nn.Module) -> Optional[torch.Tensor]:
+    """(2, n) token ids equal in their first n/2 positions and different after; None if the model is too small."""
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    positions = getattr(model.config, "max_position_embeddings", None) or CAUSAL_PROBE_TOKENS
+    n = min(CAUSAL_PROBE_TOKENS, int(positions))
+    if vocab < 2 or n < 2:
+        return None
+    ids = (torch.arange(n) * 7919 + 3) % vocab
+    other = ids.clone()
+    other[n // 2:] = (ids[n // 2:] + 1 + vocab // 2) % vocab
+    return torch.stack([ids, other]).to(next(model.parameters()).device)
+
+
+@torch.no_grad()
+def check_causal(model: nn.Module, key_module: Optional[str] = None, option: str = "--model",
+                 keys: bool = False) -> None:
+    """Fail with one line unless the model is causal: its logits (``keys``: its TRIME keys) at a position
+    stay the same when a later token changes. A short probe of two :data:`CAUSAL_PROBE_TOKENS`-token rows.
+
+    TRIME's memories hold the keys of earlier positions; a model whose attention sees later
+    tokens (BERT loaded as an LM) would be scored and trained on the tokens it predicts.
+    """
+    ids = _probe_ids(model)
+    if ids is None:
+        return
+    training = model.training
+    model.eval()
+    try:
+        if keys:
+            with KeyCapture.hf(model, key_module, stop=True) as capture:
+                model.base_model(input_ids=ids, use_cache=False)
+            out, what = capture.keys(tuple(ids.shape)), "TRIME keys"
+        else:
+            out, what = model(input_ids=ids, use_cache=False).logits, "logits"
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        fail(f"{option}: a {ids.shape[1]}-token probe forward pass fails ({type(err).__name__}: {_first_line(err)})")
+    finally:
+        model.train(training)
+    dtype = next(model.parameters()).dtype
+    out = out.float()
+    if not torch.isfinite(out).all():
+        fail(
+            f"{option} gives non-finite {what} (NaN/inf) on a {ids.shape[1]}-token probe in {dtype}; its weights "
+            "are damaged, or this precision overflows (load it in float32)"
+        )
+    # a causal model repeats its earlier outputs exactly (each row's arithmetic is the same); the margin of two
+    # units in the last place of the largest output only spares a kernel that rounds rows differently
+    half = ids.shape[1] // 2
+    change = float((out[0, :half] - out[1, :half]).abs().max())
+    tolerance = 2 * torch.finfo(dtype).eps * float(out.abs().max())
+    if change > tolerance:
+        fail(
+            f"{option} ({type(model).__name__}) is not causal: its {what} at a position change when a later token "
+            "changes, so it would see the tokens it predicts; use a causal (decoder-only) LM such as GPT-2 or Llama"
+        )
 
 
 def load_model_and_tokenizer(
@@ -138,14 +304,66 @@ def load_model_and_tokenizer(
     device: Union[None, str, torch.device] = None,
     key_module: Optional[str] = None,
     option: str = "--model",
+    key_origin: str = "key_module",
     **kwargs: Any,
 ) -> Tuple[nn.Module, Any]:
-    """(model, tokenizer) of a ``save_pretrained`` dir or hub name; the tokenizer is checked first."""
+    """(model, tokenizer) of a ``save_pretrained`` dir or hub name; the tokenizer is checked first, and fits."""
     tokenizer = load_tokenizer(name_or_path, option)
-    model = load_model(name_or_path, dtype=dtype, device=device, key_module=key_module, option=option, **kwargs)
+    model = load_model(name_or_path, dtype=dtype, device=device, key_module=key_module, option=option,
+                       key_origin=key_origin, **kwargs)
+    check_tokenizer_fits(model, tokenizer, f"{option} {name_or_path}")
     return model, tokenizer
+
+
+def check_tokenizer_fits(model: nn.Module, tokenizer: Any, option: str = "--model") -> None:
+    """Fail with one line when the tokenizer can give ids beyond the model's input or output embeddings."""
+    size = len(tokenizer)
+    for side, embeddings in (("input", model.get_input_embeddings()), ("output", model.get_output_embeddings())):
+        weight = getattr(embeddings, "weight", None)
+        if weight is None:
+            continue
+        rows = int(weight.shape[0])
+        if size > rows:
+            fail(
+                f"the tokenizer of {option} has {size} tokens but the model has {rows} {side} embeddings; "
+                "save the tokenizer the model was made with beside it (or resize the embeddings)"
+            )
 
 
 def is_hf_model_dir(path: Union[str, os.PathLike]) -> bool:
     """Whether ``path`` is a Hugging Face model dir (a directory with ``config.json``)."""
     return (Path(path) / "config.json").is_file()
+
+
+# ----------------------------------------------------------------------------- the training record
+
+
+@dataclass
+class TrainingRecord:
+    """What trime-hf-train recorded about a model dir: the block size and the key module it trained with."""
+
+    file: Path
+    block_size: Optional[int]
+    key_module: Optional[str]  # None: the default (the last decoder layer's MLP)
+    knows_key_module: bool  # False for records written before key_module was recorded
+
+
+def training_record(model_dir: Union[str, os.PathLike]) -> Optional[TrainingRecord]:
+    """The checked training record of ``model_dir`` (:data:`RECORD`, else a checkpoint's
+    :data:`CHECKPOINT_RECORD`), or None when it has neither; a damaged one fails with one line."""
+    model_dir = Path(model_dir)
+    file = next((model_dir / name for name in (RECORD, CHECKPOINT_RECORD) if (model_dir / name).is_file()), None)
+    if file is None:
+        return None
+    body = read_json(file, what="training record")
+    settings = body.get("settings", {}) if isinstance(body, dict) else None
+    if not isinstance(settings, dict):
+        fail(f"training record {file} is damaged (not a JSON object); delete it or train again")
+    fields = {**settings, **body}  # the final record's top-level fields, else a checkpoint's settings
+    block_size = fields.get("block_size")
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
+        fail(f"training record {file} has block_size {block_size!r}, not a positive integer; fix it or delete it")
+    key_module = fields.get("key_module")
+    if key_module is not None and (not isinstance(key_module, str) or not key_module):
+        fail(f"training record {file} has key_module {key_module!r}, not a module name; fix it or delete it")
+    return TrainingRecord(file, block_size, key_module, "key_module" in fields)
