@@ -12,7 +12,9 @@ bugs fixed, see docs §2.3):
    the top-k ids are kept (see :mod:`trime.retrieval.bm25`). The search can be split
    into contiguous shards and is resumable: each shard writes chunk files atomically
    into a work directory and a re-run skips finished chunks, so the shard result is
-   byte-identical to an uninterrupted run.
+   byte-identical to an uninterrupted run (also after a full disk: one error line, then a
+   re-run). A shard's search, and the run writing the plan, hold a lock in the work
+   directory: a second such run fails at once, naming the first.
 3. **Greedy chain** (:func:`greedy_chain`). Seeded shuffle of all ids; start at the first;
    repeatedly move to the best-ranked unused neighbour; if none, jump to the next unused
    id in the shuffled order. Integer ids throughout.
@@ -31,6 +33,8 @@ for another tokenizer or file is refused with one line.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import shutil
 import sys
 import time
@@ -48,9 +52,9 @@ from trime.batch_plans import (
     read_batch_plan,
     write_batch_plan,
 )
-from trime.cli import Parser, logger, silent
+from trime.cli import NONNEGATIVE_FLOAT, NONNEGATIVE_INT, POSITIVE_INT, UNIT_FLOAT, Parser, logger, silent
 from trime.databin import check_data_bin, dataset_identity
-from trime.errors import fail
+from trime.errors import fail, file_faults_as_errors
 from trime.io_utils import (
     atomic_path,
     quiet_libraries,
@@ -69,6 +73,7 @@ from trime.retrieval.bm25 import (
     Segments,
     make_searcher,
 )
+from trime.retrieval.datastore import exclusive_lock, naming_file
 from trime.version import __version__
 
 SEARCH_FORMAT = "trime-bm25-search"
@@ -164,8 +169,25 @@ def _shard_prefix(num_shards: int, shard_id: int) -> str:
 
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
+    """Write a .npy atomically with plain writes (numpy's own file writes lose the errno of a full disk)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    with naming_file(path), atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(buffer.getbuffer())
+
+
+def _write_json(path: Path, obj: object) -> None:
+    with naming_file(path):
+        write_json_atomic(path, obj)
+
+
+def _shard_lock(work_dir: Path, num_shards: int, shard_id: int) -> contextlib.AbstractContextManager:
+    """Held while a shard is searched: a second search of the same shard and work dir fails at once."""
+    return exclusive_lock(
+        work_dir / f"{_shard_prefix(num_shards, shard_id)}.lock",
+        f"shard {shard_id} of {num_shards} in the work dir {work_dir}",
+        "use another --work-dir",
+    )
 
 
 def shard_result_path(work_dir: str | Path, num_shards: int, shard_id: int) -> Path:
@@ -190,18 +212,26 @@ def run_shard_search(
     chunks are skipped on a re-run. When all are done they are concatenated into
     :func:`shard_result_path` plus a ``.json`` record. ``max_chunks`` stops after that
     many newly computed chunks (a test hook simulating a killed job) and returns None;
-    otherwise returns the result path.
+    otherwise returns the result path. The shard's lock in ``work_dir`` is held throughout.
     """
-    from tqdm import tqdm
-
     num_shards = int(config["num_shards"])
-    k = int(config["k"])
     if chunk_size < 1:
         fail(f"--chunk-size must be >= 1, got {chunk_size}")
+    if block_size < 1:
+        fail(f"--block-size must be >= 1, got {block_size}")
     if len(segments) != config["num_segments"]:
         raise ValueError("segments do not match config['num_segments']")
     work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
+    with _shard_lock(work_dir, num_shards, shard_id):
+        return _search_shard_locked(segments, config, work_dir, shard_id, chunk_size, block_size, max_chunks,
+                                    show_progress)
+
+
+def _search_shard_locked(segments: Segments, config: dict[str, object], work_dir: Path, shard_id: int,
+                         chunk_size: int, block_size: int, max_chunks: int | None, show_progress: bool) -> Path | None:
+    from tqdm import tqdm
+
+    num_shards, k = int(config["num_shards"]), int(config["k"])
     start, end = shard_range(len(segments), num_shards, shard_id)
     prefix = _shard_prefix(num_shards, shard_id)
     result_path = shard_result_path(work_dir, num_shards, shard_id)
@@ -232,7 +262,7 @@ def run_shard_search(
     rows_done = sum(min(chunk_size, end - s) for s, d in zip(chunk_starts, done) if d)
 
     def write_progress() -> None:
-        write_json_atomic(
+        _write_json(
             progress_path,
             {"config": config, "run": run_settings, "start": start, "end": end,
              "chunks_total": len(chunk_paths), "chunks_done": int(sum(done))},
@@ -269,7 +299,7 @@ def run_shard_search(
         parts.append(part)
     result = np.concatenate(parts) if parts else np.zeros((0, k), np.int64)
     _save_npy_atomic(result_path, result)
-    write_json_atomic(
+    _write_json(
         record_path,
         {"config": config, "start": start, "end": end, "rows": len(result),
          "sha256": sha256_file(result_path), "complete": True},
@@ -456,22 +486,22 @@ def build_parser() -> Parser:
     p.add_argument("data", help="fairseq data-bin with dict.txt and train.{idx,bin}; with --model, the training text file")
     p.add_argument("--model", help="build the plan over this Hugging Face tokenizer's blocks of the text file DATA "
                    "(a save_pretrained dir or hub name; for trime-hf-train --bm25-plan)")
-    p.add_argument("--tokens-per-sample", type=int, required=True, help="as in training (--sample-break-mode none)")
+    p.add_argument("--tokens-per-sample", type=POSITIVE_INT, required=True, help="as in training (--sample-break-mode none)")
     p.add_argument("--output", help="batch plan JSON to write (not needed with --shard-id)")
-    p.add_argument("--k", type=int, default=DEFAULT_K, help=f"BM25 hits kept per segment (default {DEFAULT_K})")
+    p.add_argument("--k", type=POSITIVE_INT, default=DEFAULT_K, help=f"BM25 hits kept per segment (default {DEFAULT_K})")
     p.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND, help=f"default {DEFAULT_BACKEND}")
     p.add_argument("--lucene", action="store_true",
                    help=f"pyserini/Lucene preset of the original: k1={LUCENE_PRESET.k1} b={LUCENE_PRESET.b} idf=lucene")
-    p.add_argument("--k1", type=float, help=f"BM25 k1 (default {BM25Params.k1})")
-    p.add_argument("--b", type=float, help=f"BM25 b (default {BM25Params.b})")
+    p.add_argument("--k1", type=NONNEGATIVE_FLOAT, help=f"BM25 k1 (default {BM25Params.k1})")
+    p.add_argument("--b", type=UNIT_FLOAT, help=f"BM25 b (default {BM25Params.b})")
     p.add_argument("--idf", choices=IDF_VARIANTS, help="lucene: log(1+(N-n+.5)/(n+.5)) (default); okapi: rank_bm25's")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"greedy-chain seed (default {DEFAULT_SEED})")
-    p.add_argument("--num-shards", type=int, default=1, help="split the search into this many shards (default 1)")
-    p.add_argument("--shard-id", type=int, help="search only this shard into --work-dir")
+    p.add_argument("--seed", type=NONNEGATIVE_INT, default=DEFAULT_SEED, help=f"greedy-chain seed (default {DEFAULT_SEED})")
+    p.add_argument("--num-shards", type=POSITIVE_INT, default=1, help="split the search into this many shards (default 1)")
+    p.add_argument("--shard-id", type=NONNEGATIVE_INT, help="search only this shard into --work-dir")
     p.add_argument("--merge", action="store_true", help="only merge finished shards from --work-dir and write the plan")
     p.add_argument("--work-dir", help="shard/chunk files (default: OUTPUT.work, removed after success)")
-    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="queries per resumable chunk file")
-    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="queries scored per matrix product")
+    p.add_argument("--chunk-size", type=POSITIVE_INT, default=DEFAULT_CHUNK_SIZE, help="queries per resumable chunk file")
+    p.add_argument("--block-size", type=POSITIVE_INT, default=DEFAULT_BLOCK_SIZE, help="queries scored per matrix product")
     p.add_argument("--no-progress-bar", action="store_true", help="no progress bar and no progress lines")
     return p
 
@@ -490,19 +520,28 @@ def _params_from_args(args: argparse.Namespace) -> BM25Params:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``trime-bm25-batches``; returns 0 (bad input raises :class:`trime.errors.TrimeError`)."""
+    """Entry point of ``trime-bm25-batches``; returns 0 (bad input raises :class:`trime.errors.TrimeError`).
+
+    File-system faults (a full disk, a read-only folder) are one error line; finished chunks are
+    kept, so a re-run after freeing space resumes. A run that writes the plan holds the lock of its
+    work dir's plan, and each shard search the shard's: a second such run fails at once, naming the first.
+    """
     args = build_parser().parse_args(argv)
+    with file_faults_as_errors(f"--output {args.output}" if args.output else f"--work-dir {args.work_dir}"):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Check the flags and paths, then search one shard, or search/merge and write the plan."""
     t0 = time.time()
     data_dir = Path(args.data)
     params = _params_from_args(args)
-    if args.k < 1:
-        fail(f"--k must be >= 1, got {args.k}")
-    if args.num_shards < 1:
-        fail(f"--num-shards must be >= 1, got {args.num_shards}")
     sharded_step = args.shard_id is not None
     merge_only = args.merge or (args.num_shards > 1 and not sharded_step)
     if sharded_step and args.merge:
         fail("--merge and --shard-id exclude each other: search each shard, then merge once")
+    if args.model and (merge_only or sharded_step):
+        fail("--model plans are built in one go: drop --num-shards/--shard-id/--merge")
     if sharded_step:
         shard_range(1, args.num_shards, args.shard_id)  # validates --shard-id
         if not args.work_dir:
@@ -514,11 +553,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     work_dir = Path(args.work_dir) if args.work_dir else Path(f"{args.output}.work")
     if args.output and Path(args.output).is_dir():
         fail(f"--output {args.output} is a directory; give a file name such as plan.json")
+    for path, flag in ((Path(args.output) if args.output else None, "--output"), (work_dir, "--work-dir")):
+        above = next((p for p in (path.parents if path else []) if p.exists()), None)
+        if above is not None and not above.is_dir():
+            fail(f"{flag} {path} lies under {above}, which is a file, not a folder; choose another path")
+    if work_dir.exists() and not work_dir.is_dir():
+        fail(f"the work dir {work_dir} is a file; pass --work-dir FOLDER or remove it")
+    if sharded_step:
+        return _search_step(args, data_dir, work_dir, params, t0)
+    plan_lock = exclusive_lock(work_dir / "plan.lock", f"--output {args.output} (work dir {work_dir})",
+                               "choose another --output")
+    with plan_lock:
+        return _plan_step(args, data_dir, work_dir, params, t0, merge_only)
 
+
+def _segments_and_config(
+    args: argparse.Namespace, data_dir: Path, params: BM25Params, need_segments: bool
+) -> tuple[Segments | None, dict[str, object] | None, dict[str, object]]:
+    """(segments, the text plan's identity, the search config) of DATA; no segments unless ``need_segments``."""
     text_identity = None
     if args.model:  # a text file under a HF tokenizer: segments are its blocks
-        if merge_only or sharded_step:
-            fail("--model plans are built in one go: drop --num-shards/--shard-id/--merge")
         segments, text_identity = load_text_segments(data_dir, args.model, args.tokens_per_sample)
         dataset = {**text_identity["dataset"], "tokenizer": text_identity["tokenizer"]}  # the search's config
     else:
@@ -527,7 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = silent if args.no_progress_bar else logger("trime-bm25-batches", stderr=True)
     if text_identity is not None:
         num_segments = len(segments)
-    elif merge_only:
+    elif not need_segments:
         num_segments = count_train_segments(data_dir, args.tokens_per_sample)
         segments = None
     else:
@@ -535,20 +589,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         segments = load_train_segments(data_dir, args.tokens_per_sample)
         num_segments = len(segments)
     config = search_config(dataset, args.tokens_per_sample, num_segments, args.backend, params, args.k, args.num_shards)
-    run_kwargs = {"chunk_size": args.chunk_size, "block_size": args.block_size, "show_progress": not args.no_progress_bar}
+    return segments, text_identity, config
 
-    if sharded_step:
-        path = run_shard_search(segments, config, work_dir, args.shard_id, **run_kwargs)
-        start, end = shard_range(num_segments, args.num_shards, args.shard_id)
-        print(
-            f"trime-bm25-batches: shard {args.shard_id} of {args.num_shards} done: segments {start}..{end - 1} "
-            f"of {num_segments} -> {path} ({time.time() - t0:.1f} s)"
-        )
-        return 0
 
+def _run_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    return {"chunk_size": args.chunk_size, "block_size": args.block_size, "show_progress": not args.no_progress_bar}
+
+
+def _search_step(args: argparse.Namespace, data_dir: Path, work_dir: Path, params: BM25Params, t0: float) -> int:
+    """``--shard-id``: search one shard into the work dir."""
+    segments, _, config = _segments_and_config(args, data_dir, params, need_segments=True)
+    num_segments = int(config["num_segments"])
+    path = run_shard_search(segments, config, work_dir, args.shard_id, **_run_kwargs(args))
+    start, end = shard_range(num_segments, args.num_shards, args.shard_id)
+    print(
+        f"trime-bm25-batches: shard {args.shard_id} of {args.num_shards} done: segments {start}..{end - 1} "
+        f"of {num_segments} -> {path} ({time.time() - t0:.1f} s)"
+    )
+    return 0
+
+
+def _plan_step(args: argparse.Namespace, data_dir: Path, work_dir: Path, params: BM25Params, t0: float,
+               merge_only: bool) -> int:
+    """Search (unless only merging), merge the shards, chain them and write the plan."""
+    segments, text_identity, config = _segments_and_config(args, data_dir, params, need_segments=not merge_only)
+    num_segments = int(config["num_segments"])
+    dataset = config["dataset"]
     t_search = time.time()
     if not merge_only:
-        run_shard_search(segments, config, work_dir, 0, **run_kwargs)
+        run_shard_search(segments, config, work_dir, 0, **_run_kwargs(args))
     rerun = f" {data_dir} --tokens-per-sample {args.tokens_per_sample}"
     neighbours = merge_shard_results(work_dir, config, rerun_hint=f" (same options:{rerun} ...)")
     t_search = time.time() - t_search

@@ -6,13 +6,20 @@ keeps every scored token: unlike the original, the first windows (with a short c
 are not skipped. Shards are contiguous runs of whole batches, so a sharded build merged
 together is byte-identical to an unsharded one.
 Extraction is resumable: ``progress.json`` records the batches already written to the
-``*.partial.npy`` files; a killed build re-run with the same flags continues and ends
-with byte-identical files. Final files appear atomically (rename), ``meta.json`` last.
+``*.partial.npy`` files; a killed build re-run with the same flags and the same data (the
+sha256 of the split's files, recorded in ``meta.json``) continues and ends with
+byte-identical files; other data is refused. Final files appear atomically (rename),
+``meta.json`` last. The partial files' space is reserved up front, so a full disk is one
+error line and never a SIGBUS; a re-run after freeing space resumes. NaN or inf keys (a
+diverged model) stop the build before anything final is written. Every run that writes
+holds the directory's lock (a shard's own directory for a sharded extraction); a second
+run fails at once, naming the first.
 The format, its loader and every check are :mod:`trime.retrieval.datastore`.
 """
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -26,31 +33,45 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from trime.cli import Parser, logger, silent
+from trime.cli import (
+    NONNEGATIVE_FLOAT,
+    NONNEGATIVE_INT,
+    POSITIVE_FLOAT,
+    POSITIVE_INT,
+    Number,
+    Parser,
+    logger,
+    silent,
+)
 from trime.cli.model_args import add_model_args, model_from_args
-from trime.errors import fail
+from trime.errors import fail, file_faults_as_errors
 from trime.io_utils import (
     atomic_path,
     identity_key,
     quiet_libraries,
     read_json,
     require_free_disk,
+    sha256_file,
     shard_range,
     write_json_atomic,
 )
+from trime.retrieval.checksums import nonfinite_keys_message
 from trime.retrieval.datastore import (
     FORMAT,
     INDEX_NAME,
     KEY_DTYPES,
     KEY_TYPE,
     KEYS_NAME,
+    LOCK_NAME,
     META_NAME,
     PROGRESS_NAME,
     VAL_DTYPE,
     VALS_NAME,
     Datastore,
+    build_lock,
     check_npy,
     model_info,
+    naming_file,
     record_checksums,
     shard_dir_name,
     verify,
@@ -64,6 +85,7 @@ PROG = "trime-build-datastore"
 DEFAULT_PROGRESS_SECONDS = 30.0
 DEFAULT_HEARTBEAT_SECONDS = 10.0
 ADD_CHUNK = 500_000
+SEED = Number(int, ge=0, le=2**31 - 1)  # FAISS's k-means seed is a C int
 
 
 @contextlib.contextmanager
@@ -95,11 +117,110 @@ def _config_sha(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
-def _save_progress(path: Path, config_sha: str, keys, vals, batches: int, rows: int) -> None:
+# meta.json entries that are not build settings (excluded from the build's config)
+_NOT_SETTINGS = ("created_by", "build_config_sha256", "checksums", "index")
+# the settings a user chooses, named first when two builds differ (the rest follow from them)
+_SETTINGS_FIRST = ("checkpoint", "windows", "key_dtype", "model_precision", "dictionary", "model")
+
+
+def split_files(lm: "ModelAdapter", split: str) -> list[Path]:
+    """The files a split's tokens are read from: a data-bin's SPLIT.bin, SPLIT.idx and dict.txt, or a text split."""
+    if lm.frontend == "hf":
+        from trime.adapters.hf_lm import split_file
+
+        return [split_file(Path(lm.data_dir), split)]
+    data_dir = Path(lm.data_dir)
+    return [data_dir / f"{split}.bin", data_dir / f"{split}.idx", data_dir / "dict.txt"]
+
+
+def data_identity(lm: "ModelAdapter", split: str) -> dict:
+    """What the keys are extracted from: size and sha256 of each of the split's files, by name (not folder)."""
+    return {"files": {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in split_files(lm, split)}}
+
+
+def _short(identity: object) -> str:
+    sha = identity.get("sha256") if isinstance(identity, dict) else None
+    return f"sha256 {sha[:12]}..." if sha else "not recorded"
+
+
+def settings_difference(old: dict, new: dict, data_dir: object = None) -> tuple[str, bool]:
+    """(what differs between two builds' settings, in a few words; whether it is the data).
+
+    The split is compared first, then the data, then the checkpoint and the other settings.
+    """
+    old_data, new_data = old.get("data"), new.get("data")
+    if old.get("split") != new.get("split"):
+        return f"split: {json.dumps(old.get('split'))} then, {json.dumps(new.get('split'))} now", False
+    if old_data != new_data:
+        old_files = (old_data or {}).get("files", {}) if isinstance(old_data, dict) else {}
+        new_files = (new_data or {}).get("files", {}) if isinstance(new_data, dict) else {}
+        for name in sorted(set(old_files) | set(new_files)):
+            if old_files.get(name) != new_files.get(name):
+                where = Path(data_dir) / name if data_dir is not None else name
+                return f"{where} differs: {_short(old_files.get(name))} then, {_short(new_files.get(name))} now", True
+        return "the data's identity is not recorded there", True
+    keys = [*_SETTINGS_FIRST, *sorted(set(old) | set(new))]
+    for key in keys:
+        a, b = old.get(key), new.get(key)
+        if key in _NOT_SETTINGS or key == "data" or a == b:
+            continue
+        if key == "checkpoint" and a and b and identity_key(a) != identity_key(b):
+            return f"checkpoint: {a.get('path')} then, {b.get('path')} now", False
+        if isinstance(a, dict) and isinstance(b, dict):  # name the entry: "windows.batch_size: 64 then, 32 now"
+            sub = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+            key, a, b = f"{key}.{sub}", a.get(sub), b.get(sub)
+        return f"{key}: {json.dumps(a, sort_keys=True)[:60]} then, {json.dumps(b, sort_keys=True)[:60]} now", False
+    return "build settings", False
+
+
+def _save_progress(path: Path, config: dict, config_sha: str, keys, vals, batches: int, rows: int) -> None:
     """Flush the partial files, then record how far they are complete (atomically)."""
     keys.flush()
     vals.flush()
-    write_json_atomic(path, {"config_sha256": config_sha, "batches_done": batches, "rows_done": rows})
+    with naming_file(path):
+        write_json_atomic(
+            path, {"config_sha256": config_sha, "config": config, "batches_done": batches, "rows_done": rows}
+        )
+
+
+def _reserve(path: Path) -> None:
+    """Allocate all of a file's blocks now: a full disk is then an ENOSPC error here, never a
+    SIGBUS when a page of its memory map is first written."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # no fallocate here: stay sparse
+            raise OSError(e.errno, e.strerror, str(path)) from None
+    finally:
+        os.close(fd)
+
+
+def _create_npy(path: Path, dtype, shape: tuple) -> np.memmap:
+    """A new .npy of ``shape`` with its space reserved, memory-mapped for writing."""
+    np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).flush()
+    _reserve(path)
+    return np.lib.format.open_memmap(path, mode="r+")
+
+
+def _nonfinite_keys_error(lm: "ModelAdapter", split: str, computed: np.ndarray, stored_dtype, first_row: int,
+                          out_dir: Path) -> str:
+    """The one-line error of a batch whose keys are NaN or inf (as computed, or once stored)."""
+    finite = np.isfinite(computed).all(axis=1)
+    if not finite.all():
+        row = first_row + int(np.argmin(finite))
+        cause = "likely weights from a diverged training run"
+        if "float16" in str(lm.dtype):
+            cause += ", or an overflow in --fp16 (try --bf16)"
+        return (
+            f"--path {lm.path} gives NaN or inf keys on the {split} split (datastore row {row:,}): {cause}; "
+            f"use a checkpoint from before it diverged (no datastore was written to {out_dir})"
+        )
+    largest = float(np.abs(computed).max())
+    return (
+        f"--path {lm.path} gives keys up to {largest:.3g} in size on the {split} split, beyond "
+        f"{np.dtype(stored_dtype).name}'s range: pass --key-dtype fp32 (no datastore was written to {out_dir})"
+    )
 
 
 def extract(
@@ -119,20 +240,30 @@ def extract(
     """Write keys/vals/meta of one shard (the whole datastore when ``num_shards`` is 1).
 
     Returns the directory written; ``log`` gets one line when it is done. ``kill_after_batches`` (tests only) SIGKILLs the
-    process after that many batches of this run, leaving a partial build to resume.
+    process after that many batches of this run, leaving a partial build to resume. The directory's
+    lock (:func:`build_lock`) is held throughout. A build resumes only from the same settings and
+    the same data (the sha256 of the split's files, :func:`data_identity`). A NaN or inf key stops
+    the build and removes its partial files: nothing is written.
     """
-    from tqdm import tqdm
-
     if key_dtype not in KEY_DTYPES:
         fail(f"--key-dtype must be one of {', '.join(KEY_DTYPES)}, got {key_dtype!r}")
+    shard_range(1, num_shards, shard_id)  # checks --num-shards/--shard-id before a folder is named after them
+    out_dir = output if num_shards == 1 else output / "shards" / shard_dir_name(shard_id, num_shards)
+    with build_lock(out_dir):
+        return _extract_locked(lm, split, settings, batch_size, out_dir, key_dtype, num_shards, shard_id,
+                               progress_seconds, kill_after_batches, show_progress, log)
+
+
+def _extract_locked(lm, split, settings, batch_size, out_dir, key_dtype, num_shards, shard_id, progress_seconds,
+                    kill_after_batches, show_progress, log) -> Path:
+    from tqdm import tqdm
+
     windows = lm.windows(split, settings)
     total_batches = windows.num_batches(batch_size)
     b0, b1 = shard_range(total_batches, num_shards, shard_id)
     w0, w1 = b0 * batch_size, min(len(windows), b1 * batch_size)
     sizes = windows.scored_counts()
     row0, rows = int(sizes[:w0].sum()), int(sizes[w0:w1].sum())
-    out_dir = output if num_shards == 1 else output / "shards" / shard_dir_name(shard_id, num_shards)
-    out_dir.mkdir(parents=True, exist_ok=True)
     dtype = KEY_DTYPES[key_dtype]
 
     ckpt = lm.identity
@@ -145,6 +276,7 @@ def extract(
         "key_dtype": np.dtype(dtype).name,
         "val_dtype": np.dtype(VAL_DTYPE).name,
         "split": split,
+        "data": data_identity(lm, split),
         "windows": {**settings.as_dict(), "num_windows": len(windows), "batch_size": batch_size},
         "skipped_tokens": 0,
         "dictionary": dict(lm.vocab),
@@ -163,41 +295,63 @@ def extract(
         ],
         "index": None,
     }
-    config_sha = _config_sha({k: v for k, v in meta.items() if k not in ("created_by",)})
+    config = {k: v for k, v in meta.items() if k not in ("created_by",)}
+    config_sha = _config_sha(config)
     meta_path = out_dir / META_NAME
     if meta_path.is_file():
         done = read_json(meta_path, what="datastore meta file")
         if done.get("build_config_sha256") == config_sha:
             log(f"{out_dir} is already complete ({rows:,} keys)")
             return out_dir
-        fail(f"{out_dir} already holds a datastore built with other settings; choose another --output or delete it")
+        what, is_data = settings_difference(done, meta, lm.data_dir)
+        fail(
+            f"{out_dir} already holds a datastore built {'from other data' if is_data else 'with other settings'} "
+            f"({what}); choose another --output or delete {out_dir}"
+        )
     meta["build_config_sha256"] = config_sha
 
     keys_tmp, vals_tmp = out_dir / "keys.partial.npy", out_dir / "vals.partial.npy"
+    keys_final, vals_final = out_dir / KEYS_NAME, out_dir / VALS_NAME
     progress_path = out_dir / PROGRESS_NAME
+    progress = read_json(progress_path, what="datastore progress file") if progress_path.is_file() else None
+    have_keys = keys_tmp.is_file() or (progress is not None and keys_final.is_file())
+    have_vals = vals_tmp.is_file() or (progress is not None and vals_final.is_file())
+    resume = progress is not None and have_keys and have_vals
     done_batches, done_rows = 0, 0
-    resume = progress_path.is_file() and keys_tmp.is_file() and vals_tmp.is_file()
     if resume:
-        progress = read_json(progress_path, what="datastore progress file")
         if progress.get("config_sha256") != config_sha:
+            what, is_data = settings_difference(progress.get("config") or {}, config, lm.data_dir)
+            if is_data:
+                fail(
+                    f"{out_dir} holds a partial build from other data ({what}); restore the data it was started "
+                    f"with, or delete {out_dir} to start over"
+                )
             fail(
-                f"{progress_path} belongs to a build with other settings; re-run with the same flags "
+                f"{progress_path} belongs to a build with other settings ({what}); re-run with the same flags "
                 f"or delete {out_dir} to start over"
             )
         done_batches, done_rows = int(progress["batches_done"]), int(progress["rows_done"])
+    if resume and done_batches == b1 - b0 and not (keys_tmp.is_file() and vals_tmp.is_file()):
+        return _finish(out_dir, meta, keys_tmp, vals_tmp, rows, lm.dim, dtype, log)  # killed while finishing
+    if resume:
         check_npy(keys_tmp, (rows, lm.dim), dtype, "keys")
         check_npy(vals_tmp, (rows,), VAL_DTYPE, "values")
+        _reserve(keys_tmp)  # partial files of a build killed before it reserved them are sparse
+        _reserve(vals_tmp)
         keys = np.lib.format.open_memmap(keys_tmp, mode="r+")
         vals = np.lib.format.open_memmap(vals_tmp, mode="r+")
     else:
         require_free_disk(
             out_dir, int(rows * (lm.dim * np.dtype(dtype).itemsize + 4) * 1.02) + (16 << 20), flag="--output"
         )
-        keys = np.lib.format.open_memmap(keys_tmp, mode="w+", dtype=dtype, shape=(rows, lm.dim))
-        vals = np.lib.format.open_memmap(vals_tmp, mode="w+", dtype=VAL_DTYPE, shape=(rows,))
-
-    if not resume:
-        _save_progress(progress_path, config_sha, keys, vals, 0, 0)
+        try:
+            keys = _create_npy(keys_tmp, dtype, (rows, lm.dim))
+            vals = _create_npy(vals_tmp, VAL_DTYPE, (rows,))
+        except OSError:
+            keys_tmp.unlink(missing_ok=True)
+            vals_tmp.unlink(missing_ok=True)
+            raise
+        _save_progress(progress_path, config, config_sha, keys, vals, 0, 0)
     bar = tqdm(
         total=rows,
         initial=done_rows,
@@ -213,34 +367,62 @@ def extract(
     for batches_this_run, sample in enumerate(samples, start=1):
         batch_no = done_batches + batches_this_run
         batch = lm.forward(sample, need_token_terms=False)
-        q = batch.queries
+        q = batch.queries.float().cpu().numpy()
         n = q.shape[0]
-        keys[row : row + n] = q.float().cpu().numpy().astype(dtype)
+        with np.errstate(over="ignore"):  # a key beyond float16's range becomes inf: refused just below
+            stored = q.astype(dtype)
+        if not np.isfinite(stored).all():
+            bar.close()
+            del keys, vals
+            for path in (keys_tmp, vals_tmp, progress_path):
+                path.unlink(missing_ok=True)
+            fail(_nonfinite_keys_error(lm, split, q, dtype, row0 + row, out_dir))
+        keys[row : row + n] = stored
         vals[row : row + n] = batch.targets.cpu().numpy().astype(VAL_DTYPE)
         row += n
         bar.update(n)
         if kill_after_batches is not None and batches_this_run >= kill_after_batches:
             os.kill(os.getpid(), signal.SIGKILL)  # tests: die like a killed job, progress not updated
         if time.monotonic() - last_save >= progress_seconds:
-            _save_progress(progress_path, config_sha, keys, vals, batch_no, row)
+            _save_progress(progress_path, config, config_sha, keys, vals, batch_no, row)
             last_save = time.monotonic()
     bar.close()
     if row != rows:
         fail(f"extraction wrote {row:,} keys but {rows:,} were expected; delete {out_dir} and rebuild")
-    keys.flush()
-    vals.flush()
+    _save_progress(progress_path, config, config_sha, keys, vals, b1 - b0, row)
     del keys, vals
-    os.replace(keys_tmp, out_dir / KEYS_NAME)
-    os.replace(vals_tmp, out_dir / VALS_NAME)
+    return _finish(out_dir, meta, keys_tmp, vals_tmp, rows, lm.dim, dtype, log)
+
+
+def _finish(out_dir: Path, meta: dict, keys_tmp: Path, vals_tmp: Path, rows: int, dim: int, dtype,
+            log: Callable[[str], None]) -> Path:
+    """Move the complete partial files into place, then write meta.json (last) and drop progress.json.
+
+    A re-run after a kill (or a full disk) here finishes from whatever step was reached.
+    """
+    for tmp, final in ((keys_tmp, out_dir / KEYS_NAME), (vals_tmp, out_dir / VALS_NAME)):
+        if tmp.is_file():
+            os.replace(tmp, final)
+    check_npy(out_dir / KEYS_NAME, (rows, dim), dtype, "keys")
+    check_npy(out_dir / VALS_NAME, (rows,), VAL_DTYPE, "values")
     record_checksums(out_dir, meta)
-    write_json_atomic(meta_path, meta)
-    progress_path.unlink(missing_ok=True)
-    log(f"wrote {rows:,} keys ({lm.dim}-d {np.dtype(dtype).name}) to {out_dir}")
+    with naming_file(out_dir / META_NAME):
+        write_json_atomic(out_dir / META_NAME, meta)
+    (out_dir / PROGRESS_NAME).unlink(missing_ok=True)
+    log(f"wrote {rows:,} keys ({dim}-d {np.dtype(dtype).name}) to {out_dir}")
     return out_dir
 
 
 def merge_shards(output: Path, delete_shards: bool = False, log: Callable[[str], None] = silent) -> dict:
-    """Concatenate the shards under ``output/shards`` (in shard order) into one datastore; returns its meta."""
+    """Concatenate the shards under ``output/shards`` (in shard order) into one datastore; returns its meta.
+
+    The shards must share every setting and their data (:func:`data_identity`); a NaN or inf key is refused.
+    """
+    with build_lock(output):
+        return _merge_locked(output, delete_shards, log)
+
+
+def _merge_locked(output: Path, delete_shards: bool, log: Callable[[str], None]) -> dict:
     shard_root = output / "shards"
     dirs = sorted(p for p in shard_root.glob("shard-*-of-*") if p.is_dir()) if shard_root.is_dir() else []
     if not dirs:
@@ -260,6 +442,12 @@ def merge_shards(output: Path, delete_shards: bool = False, log: Callable[[str],
     first = metas[0]
     same = ("dim", "key_dtype", "val_dtype", "split", "windows", "dictionary", "key_type", "model_precision", "model")
     for shard_id, m in enumerate(metas):
+        if m.get("data") != first.get("data"):
+            what, _ = settings_difference(first, m)
+            fail(
+                f"shard {shard_id} was extracted from other data than shard 0 ({what}); "
+                "rebuild all shards from the same data"
+            )
         differs = [key for key in same if m.get(key) != first.get(key)]
         if identity_key(m["checkpoint"]) != identity_key(first["checkpoint"]):
             differs.append("checkpoint")
@@ -271,8 +459,8 @@ def merge_shards(output: Path, delete_shards: bool = False, log: Callable[[str],
     dim, dtype = int(first["dim"]), np.dtype(first["key_dtype"])
     require_free_disk(output, int(total * (dim * dtype.itemsize + 4) * 1.02) + (16 << 20), flag="--output")
     with atomic_path(output / KEYS_NAME) as keys_tmp, atomic_path(output / VALS_NAME) as vals_tmp:
-        keys = np.lib.format.open_memmap(keys_tmp, mode="w+", dtype=dtype, shape=(total, dim))
-        vals = np.lib.format.open_memmap(vals_tmp, mode="w+", dtype=VAL_DTYPE, shape=(total,))
+        keys = _create_npy(keys_tmp, dtype, (total, dim))
+        vals = _create_npy(vals_tmp, VAL_DTYPE, (total,))
         row = 0
         for shard_id, m in enumerate(metas):
             d = shard_root / shard_dir_name(shard_id, num_shards)
@@ -281,7 +469,11 @@ def merge_shards(output: Path, delete_shards: bool = False, log: Callable[[str],
             src_k, src_v = np.load(d / KEYS_NAME, mmap_mode="r"), np.load(d / VALS_NAME, mmap_mode="r")
             for lo in range(0, src_k.shape[0], ADD_CHUNK):
                 hi = min(src_k.shape[0], lo + ADD_CHUNK)
-                keys[row + lo : row + hi] = src_k[lo:hi]
+                block = np.asarray(src_k[lo:hi])
+                finite = np.isfinite(block).all(axis=1)
+                if not finite.all():
+                    fail(nonfinite_keys_message(d / KEYS_NAME, lo + int(np.argmin(finite))))
+                keys[row + lo : row + hi] = block
             vals[row : row + src_v.shape[0]] = src_v
             row += src_k.shape[0]
         keys.flush()
@@ -292,11 +484,12 @@ def merge_shards(output: Path, delete_shards: bool = False, log: Callable[[str],
     meta["shards"] = [s for m in metas for s in m["shards"]]
     meta["index"] = None
     record_checksums(output, meta)
-    write_json_atomic(output / META_NAME, meta)
+    with naming_file(output / META_NAME):
+        write_json_atomic(output / META_NAME, meta)
     if delete_shards:
         for shard_id in range(num_shards):
             d = shard_root / shard_dir_name(shard_id, num_shards)
-            for name in (KEYS_NAME, VALS_NAME, META_NAME):
+            for name in (KEYS_NAME, VALS_NAME, META_NAME, LOCK_NAME):
                 (d / name).unlink(missing_ok=True)
             d.rmdir()
         shard_root.rmdir()
@@ -323,8 +516,16 @@ def build_index(
 
     ``log`` gets the final line; ``log_progress`` the start of the training and, with
     ``show_progress``, the elapsed time every ``heartbeat_seconds`` (FAISS trains silently,
-    minutes for a large IVF-PQ).
+    minutes for a large IVF-PQ). NaN or inf keys are refused; the index's sha256 is recorded
+    in meta.json. The directory's lock is held throughout.
     """
+    with build_lock(output):
+        return _build_index_locked(output, factory, metric, train_sample, seed, use_gpu, show_progress,
+                                   heartbeat_seconds, log, log_progress)
+
+
+def _build_index_locked(output, factory, metric, train_sample, seed, use_gpu, show_progress, heartbeat_seconds,
+                        log, log_progress) -> dict:
     from tqdm import tqdm
 
     from trime.retrieval import faiss_index
@@ -344,6 +545,9 @@ def build_index(
     n_train = min(count, train_sample)
     sample_ids = np.sort(rng.choice(count, size=n_train, replace=False)) if n_train < count else np.arange(count)
     sample = np.asarray(store.keys[sample_ids], dtype=np.float32)
+    finite = np.isfinite(sample).all(axis=1)
+    if not finite.all():
+        fail(nonfinite_keys_message(output / KEYS_NAME, int(sample_ids[np.argmin(finite)])))
     started = time.monotonic()
     log_progress(f"training {factory} ({metric}) on {n_train:,} keys{' on GPU' if gpu else ''}")
     with heartbeat(f"training {factory}", heartbeat_seconds, enabled=show_progress, log=log_progress):
@@ -360,10 +564,12 @@ def build_index(
             else:
                 bar.update(n)
 
-        index = faiss_index.add_in_chunks(index, store.keys, ADD_CHUNK, progress=added, use_gpu=gpu)
-    faiss = faiss_index.import_faiss()
+        index = faiss_index.add_in_chunks(
+            index, store.keys, ADD_CHUNK, progress=added, use_gpu=gpu, source=output / KEYS_NAME
+        )
     with atomic_path(output / INDEX_NAME) as tmp:
-        faiss.write_index(index, str(tmp))
+        faiss_index.write_index(index, tmp)
+        index_sha256 = sha256_file(tmp)
     meta["index"] = {
         "file": INDEX_NAME,
         "factory": factory,
@@ -372,8 +578,10 @@ def build_index(
         "train_sample": n_train,
         "seed": seed,
         "bytes": (output / INDEX_NAME).stat().st_size,
+        "sha256": index_sha256,
     }
-    write_json_atomic(output / META_NAME, meta)
+    with naming_file(output / META_NAME):
+        write_json_atomic(output / META_NAME, meta)
     total_seconds = time.monotonic() - started
     log(
         f"wrote {output / INDEX_NAME} ({factory}, {metric}, {count:,} keys; "
@@ -401,12 +609,12 @@ def build_parser() -> Parser:
     )
     p.add_argument(
         "--num-shards",
-        type=int,
+        type=POSITIVE_INT,
         default=1,
         help="split the extraction into this many shards of whole batches, one run per --shard-id (default 1)",
     )
     p.add_argument(
-        "--shard-id", type=int, default=0, help="the shard this run extracts, 0..--num-shards-1 (default 0)"
+        "--shard-id", type=NONNEGATIVE_INT, default=0, help="the shard this run extracts, 0..--num-shards-1 (default 0)"
     )
     p.add_argument(
         "--merge", action="store_true", help="merge finished shards under OUTPUT/shards, then build the index"
@@ -428,13 +636,19 @@ def build_parser() -> Parser:
     p.add_argument(
         "--metric", choices=("ip", "l2"), default="ip", help="index metric: inner product or L2 (default ip)"
     )
-    p.add_argument("--train-sample", type=int, default=1_000_000, help="keys sampled (seeded) to train the index")
-    p.add_argument("--seed", type=int, default=1, help="seed of the index's training sample (default 1)")
+    p.add_argument(
+        "--train-sample", type=POSITIVE_INT, default=1_000_000, help="keys sampled (seeded) to train the index"
+    )
+    p.add_argument("--seed", type=SEED, default=1, help="seed of the index's training sample (default 1)")
     p.add_argument("--faiss-cpu", action="store_true", help="never use FAISS GPUs")
     # for tests only: how often progress is saved, killing a build midway, the heartbeat period
-    p.add_argument("--progress-seconds", type=float, default=DEFAULT_PROGRESS_SECONDS, help=argparse.SUPPRESS)
-    p.add_argument("--kill-after-batches", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--heartbeat-seconds", type=float, default=DEFAULT_HEARTBEAT_SECONDS, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--progress-seconds", type=NONNEGATIVE_FLOAT, default=DEFAULT_PROGRESS_SECONDS, help=argparse.SUPPRESS
+    )
+    p.add_argument("--kill-after-batches", type=POSITIVE_INT, default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--heartbeat-seconds", type=POSITIVE_FLOAT, default=DEFAULT_HEARTBEAT_SECONDS, help=argparse.SUPPRESS
+    )
     return p
 
 
@@ -457,6 +671,7 @@ def extract_step(args: argparse.Namespace, output: Path) -> None:
     """Extract (one shard of) the datastore; then, unless sharded or --no-index, build its index."""
     if args.data is None or args.path is None:
         fail("extraction needs DATA and --path (or use --merge / --build-index on an existing --output)")
+    shard_range(1, args.num_shards, args.shard_id)  # before the model loads
     loaded = model_from_args(args)
     written = extract(
         loaded.lm,
@@ -489,20 +704,31 @@ def extract_step(args: argparse.Namespace, output: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``trime-build-datastore``; returns the exit status."""
+    """Entry point of ``trime-build-datastore``; returns the exit status.
+
+    A run that writes holds the lock of --output (a sharded extraction: of its shard's folder) to
+    the end; file-system faults (a full disk, a read-only folder) are one error line.
+    """
     args = build_parser().parse_args(argv)
     quiet_libraries()
     output = Path(args.output)
-    if args.verify:
-        logger(PROG)(verify(output, show_progress=not args.no_progress_bar))
-    elif args.build_index:
-        build_index(output, **index_options(args))
-    elif args.merge:
-        merge_shards(output, delete_shards=args.delete_shards, log=logger(PROG))
-        if not args.no_index:
-            build_index(output, **index_options(args))
-    else:
-        extract_step(args, output)
+    if output.exists() and not output.is_dir():
+        fail(f"--output {output} is a file; pass the datastore's folder")
+    with file_faults_as_errors(f"--output {output}"):
+        if args.verify:
+            logger(PROG)(verify(output, show_progress=not args.no_progress_bar))
+        elif args.build_index or args.merge or args.num_shards == 1:
+            with build_lock(output):
+                if args.build_index:
+                    build_index(output, **index_options(args))
+                elif args.merge:
+                    merge_shards(output, delete_shards=args.delete_shards, log=logger(PROG))
+                    if not args.no_index:
+                        build_index(output, **index_options(args))
+                else:
+                    extract_step(args, output)
+        else:
+            extract_step(args, output)  # one shard: extract() holds the shard folder's lock
     return 0
 
 

@@ -16,7 +16,10 @@ Everything here reads raw bytes: no pickle, no ``np.load(allow_pickle=True)``.
 
 import hashlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 from trime.errors import fail
 from trime.io_utils import sha256_file
@@ -31,19 +34,28 @@ def keys_rows_per_chunk(row_bytes: int) -> int:
     return max(1, KEYS_CHUNK_BYTES // max(1, row_bytes))
 
 
-def chunk_checksums(path: Path, data_offset: int, row_bytes: int, rows: int, rows_per_chunk: int, progress=None) -> list:
-    """sha256 of each run of ``rows_per_chunk`` rows of a .npy file's data (the last run may be shorter)."""
+def chunk_checksums(path: Path, data_offset: int, row_bytes: int, rows: int, rows_per_chunk: int, progress=None,
+                    on_block: Callable[[int, bytes], None] | None = None) -> list:
+    """sha256 of each run of ``rows_per_chunk`` rows of a .npy file's data (the last run may be shorter).
+
+    ``on_block(byte_offset, block)`` sees every block read (offsets within the data, blocks of whole rows).
+    """
     out = []
+    read_bytes = max(row_bytes, READ_BYTES - READ_BYTES % max(1, row_bytes))  # whole rows per block
+    done = 0
     with open(path, "rb") as f:
         f.seek(data_offset)
         for start in range(0, rows, rows_per_chunk):
             remaining = (min(rows, start + rows_per_chunk) - start) * row_bytes
             digest = hashlib.sha256()
             while remaining:
-                block = f.read(min(READ_BYTES, remaining))
+                block = f.read(min(read_bytes, remaining))
                 if not block:
                     fail(f"{path} ends early (at row {start:,}); the file is truncated: rebuild the datastore")
                 digest.update(block)
+                if on_block is not None:
+                    on_block(done, block)
+                done += len(block)
                 remaining -= len(block)
                 if progress is not None:
                     progress(len(block))
@@ -85,8 +97,11 @@ def verify_vals(vals_path: Path, meta: dict, meta_path: Path) -> bool:
 
 
 def verify_keys(keys_path: Path, meta: dict, meta_path: Path, data_offset: int, row_bytes: int,
-                show_progress: bool = True) -> int:
-    """Check every chunk of keys.npy against meta.json; returns the number of chunks checked."""
+                show_progress: bool = True, key_dtype=None) -> int:
+    """Check every chunk of keys.npy against meta.json, and (with ``key_dtype``) that every key is finite.
+
+    Returns the number of chunks checked. Damage is reported before non-finite keys.
+    """
     from tqdm import tqdm
 
     record = _recorded(meta, meta_path)
@@ -98,7 +113,16 @@ def verify_keys(keys_path: Path, meta: dict, meta_path: Path, data_offset: int, 
         fail(f"{meta_path}: the keys checksums do not cover {rows:,} rows; rebuild the datastore")
     with tqdm(total=rows * row_bytes, unit="B", unit_scale=True, desc=f"verify {keys_path.name}",
               disable=not show_progress, file=sys.stderr) as bar:
-        actual = chunk_checksums(keys_path, data_offset, row_bytes, rows, per_chunk, progress=bar.update)
+        nonfinite: list[int] = []
+
+        def check_finite(offset: int, block: bytes) -> None:
+            if key_dtype is not None and not nonfinite:
+                bad = np.flatnonzero(~np.isfinite(np.frombuffer(block, dtype=key_dtype)))
+                if bad.size:
+                    nonfinite.append((offset + int(bad[0]) * np.dtype(key_dtype).itemsize) // row_bytes)
+
+        actual = chunk_checksums(keys_path, data_offset, row_bytes, rows, per_chunk, progress=bar.update,
+                                 on_block=check_finite)
     for chunk, (got, want) in enumerate(zip(actual, expected)):
         if got != want:
             first, last = chunk * per_chunk, min(rows, (chunk + 1) * per_chunk) - 1
@@ -106,4 +130,14 @@ def verify_keys(keys_path: Path, meta: dict, meta_path: Path, data_offset: int, 
                 f"{keys_path} rows {first:,}..{last:,} do not match their sha256 in {meta_path.name} "
                 f"(chunk {chunk} of {len(expected)}): the keys are damaged; rebuild the datastore"
             )
+    if nonfinite:
+        fail(nonfinite_keys_message(keys_path, nonfinite[0]))
     return len(expected)
+
+
+def nonfinite_keys_message(source: object, row: int) -> str:
+    """The error of a stored key that is NaN or inf (written by a model that gives non-finite keys)."""
+    return (
+        f"{source} row {row:,} holds a NaN or inf key: the model that built it gives non-finite keys "
+        "(likely weights from a diverged training run); rebuild the datastore from a finite checkpoint"
+    )

@@ -6,17 +6,24 @@ Layout of a datastore directory::
                   checkpoint hashes, model front-end and architecture, per-shard bookkeeping, and (once built) the index settings
     keys.npy      (count, dim) float16 or float32 last-FFN inputs of every scored token
     vals.npy      (count,) int32 next-token ids
-    index.faiss   FAISS index over keys.npy (row i of keys.npy has FAISS id i)
+    index.faiss   FAISS index over keys.npy (row i of keys.npy has FAISS id i); its size and sha256 are in meta.json
     shards/shard-XXX-of-NNN/   per-shard keys/vals/meta of a sharded build (before --merge)
 
 :meth:`Datastore.open` checks meta.json against the files, the values' checksum and range,
-and the datastore against the model (key size, dictionary, model family, checkpoint);
-:func:`verify` adds the keys' checksums. Building (extraction, merging, the index, the
+the index's checksum, and the datastore against the model (key size, dictionary, model family,
+checkpoint); :func:`verify` adds the keys' checksums and that every key is finite. Every
+run that writes a datastore directory holds its lock (:func:`build_lock`). Building (extraction, merging, the index, the
 ``trime-build-datastore`` command) is :mod:`trime.retrieval.build_datastore`.
 """
 
+import contextlib
+import errno
+import fcntl
 import os
-from collections.abc import Callable
+import shlex
+import socket
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +34,7 @@ from trime.io_utils import identity_key, read_json, sha256_file
 from trime.retrieval import checksums
 
 META_NAME = "meta.json"
+LOCK_NAME = ".trime-build.lock"
 KEYS_NAME = "keys.npy"
 VALS_NAME = "vals.npy"
 INDEX_NAME = "index.faiss"
@@ -48,6 +56,67 @@ def _silent(message: str) -> None:
 def shard_dir_name(shard_id: int, num_shards: int) -> str:
     """The folder of one shard under ``shards/`` (a sharded build, before --merge)."""
     return f"shard-{shard_id:03d}-of-{num_shards:03d}"
+
+
+# lock files held by this process: path -> [fd, depth] (re-entrant: a build's index step runs under its lock)
+_HELD_LOCKS: dict[str, list] = {}
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_path: Path, what: str, fix: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_path`` for the block; if another process holds it, fail at once.
+
+    The file names its holder (pid, host, command) for that one-line error, which says ``what`` is
+    in use and ends with ``fix``. The kernel releases the lock when the holder exits or is killed,
+    so a stale file never blocks a later run. Re-entrant within one process.
+    """
+    key = os.path.realpath(lock_path)
+    if key in _HELD_LOCKS:
+        _HELD_LOCKS[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD_LOCKS[key][1] -= 1
+        return
+    Path(lock_path).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a process that is still starting"
+            fail(f"{what} is in use by another run ({holder}); wait for it to finish, or {fix}")
+        command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300]
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}: {command}\n".encode(), 0)
+        _HELD_LOCKS[key] = [fd, 1]
+        try:
+            yield
+        finally:
+            del _HELD_LOCKS[key]
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def naming_file(path: Path) -> Iterator[None]:
+    """Inside, an OSError that names no file (a failed write, fallocate or flush) is re-raised naming ``path``,
+    so that :func:`trime.errors.file_faults_as_errors` can say which file met the full disk."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
+
+
+def build_lock(directory: Path) -> contextlib.AbstractContextManager:
+    """The lock of a datastore directory (or a shard's), held by every run that writes into it."""
+    return exclusive_lock(
+        Path(directory) / LOCK_NAME, f"--output {directory}", "choose another --output"
+    )
 
 
 def _npy_header(path: Path):
@@ -151,7 +220,8 @@ class Datastore:
         Always checked: meta.json against both ``.npy`` headers and file sizes, the sha256
         of ``vals.npy`` (:mod:`trime.retrieval.checksums`) and that every value is a token id
         of the dictionary (``vocab_size``, the model's, or the one recorded in meta.json).
-        ``keys.npy``'s checksums are checked only by :func:`verify` (it may be huge).
+        ``keys.npy``'s checksums are checked only by :func:`verify` (it may be huge). With an index,
+        ``index.faiss``'s size and sha256 (when meta.json records one; a warning to ``log`` otherwise).
         Loading never unpickles anything.
         """
         if search not in SEARCH_BACKENDS:
@@ -212,7 +282,7 @@ class Datastore:
             metric = (meta.get("index") or {}).get("metric", "ip")
             torch_search = TorchExactSearch(keys, metric=metric, device=device if device is not None else "cpu")
         elif need_index:
-            index, on_gpu = load_index(directory, meta, nprobe=nprobe, gpus=gpus)
+            index, on_gpu = load_index(directory, meta, nprobe=nprobe, gpus=gpus, log=log)
         return cls(directory, meta, vals, keys, index, on_gpu=on_gpu, torch_search=torch_search)
 
     def check_k(self, k: int) -> None:
@@ -347,16 +417,47 @@ def verify(directory: Path, show_progress: bool = True) -> str:
     if "checksums" not in store.meta:
         fail(f"{meta_path} records no checksums (a datastore built before they were added); rebuild it to verify")
     _, _, offset = _npy_header(directory / KEYS_NAME)
-    row_bytes = store.dim * np.dtype(store.meta["key_dtype"]).itemsize
-    chunks = checksums.verify_keys(directory / KEYS_NAME, store.meta, meta_path, offset, row_bytes, show_progress)
-    index = directory / INDEX_NAME
+    key_dtype = np.dtype(store.meta["key_dtype"])
+    chunks = checksums.verify_keys(
+        directory / KEYS_NAME, store.meta, meta_path, offset, store.dim * key_dtype.itemsize, show_progress,
+        key_dtype=key_dtype,
+    )
     info = store.meta.get("index") or {}
-    if info and index.is_file() and "bytes" in info and index.stat().st_size != info["bytes"]:
-        fail(f"{index} is {index.stat().st_size:,} bytes but {META_NAME} records {info['bytes']:,}; rebuild it with --build-index")
+    if info:
+        check_index_file(directory, info, require_sha256=True)
     return (
         f"{directory}: OK ({store.count:,} keys of {store.dim}-d {store.meta['key_dtype']}, checksummed in {chunks} "
-        f"chunk{'s' if chunks != 1 else ''}; values verified{'; index size matches' if info else '; no index'})"
+        f"chunk{'s' if chunks != 1 else ''}, all finite; values verified"
+        f"{'; index verified (sha256)' if info else '; no index'})"
     )
+
+
+def check_index_file(
+    directory: Path, info: dict, require_sha256: bool = False, log: Callable[[str], None] = _silent
+) -> None:
+    """Fail unless ``index.faiss`` exists and has the size and sha256 recorded in meta.json's ``index``.
+
+    An index recorded without a sha256 (built before index checksums) fails with ``require_sha256``
+    (``--verify``); otherwise it is used after a warning passed to ``log``.
+    """
+    path = directory / INDEX_NAME
+    rebuild = f"rebuild it with trime-build-datastore --build-index --output {directory}"
+    if not path.is_file():
+        fail(f"{path} is missing; build it with trime-build-datastore --build-index --output {directory}")
+    size = path.stat().st_size
+    if "bytes" in info and size != info["bytes"]:
+        fail(f"{path} is {size:,} bytes but {META_NAME} records {info['bytes']:,}; {rebuild}")
+    recorded = info.get("sha256")
+    if recorded is None:
+        if require_sha256:
+            fail(f"{directory / META_NAME} records no sha256 of {INDEX_NAME} (built before index checksums); "
+                 f"{rebuild} to verify it")
+        log(f"warning: {directory / META_NAME} records no sha256 of {INDEX_NAME} (built before index checksums), "
+            f"so it is not checked; {rebuild} to have it checked")
+        return
+    if sha256_file(path) != recorded:
+        fail(f"{path} does not match the sha256 recorded in {META_NAME}: the index is corrupt or from another "
+             f"build; {rebuild}")
 
 
 def record_checksums(directory: Path, meta: dict) -> None:
@@ -367,8 +468,9 @@ def record_checksums(directory: Path, meta: dict) -> None:
     meta["checksums"] = checksums.datastore_checksums(keys_path, directory / VALS_NAME, offset, int(meta["count"]), row_bytes)
 
 
-def load_index(directory: Path, meta: dict, nprobe: int = 32, gpus: str = "none"):
-    """Read ``index.faiss``, check it against meta, set nprobe and place it on the search GPUs.
+def load_index(directory: Path, meta: dict, nprobe: int = 32, gpus: str = "none",
+               log: Callable[[str], None] = _silent):
+    """Read ``index.faiss``, check it against meta (size, sha256, shape), set nprobe and place it on the search GPUs.
 
     Returns (index, on_gpu).
     """
@@ -379,11 +481,7 @@ def load_index(directory: Path, meta: dict, nprobe: int = 32, gpus: str = "none"
     path = directory / INDEX_NAME
     if not info or not path.is_file():
         fail(f"{path} is missing; build it with trime-build-datastore --build-index --output {directory}")
-    if "bytes" in info and path.stat().st_size != info["bytes"]:
-        fail(
-            f"{path} is {path.stat().st_size:,} bytes but {META_NAME} records {info['bytes']:,}; "
-            "rebuild it with --build-index"
-        )
+    check_index_file(directory, info, log=log)
     try:
         index = faiss.read_index(str(path))
     except RuntimeError as e:

@@ -13,13 +13,17 @@ across GPUs 1..n-1, leaving cuda:0 to the model; with one GPU it shares cuda:0.
 """
 
 import contextlib
+import errno
 import math
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
 from trime.errors import fail
+from trime.retrieval.checksums import nonfinite_keys_message
 
 METRICS = ("ip", "l2")
 MIN_POINTS_PER_LIST = 39  # FAISS warns below this many training points per centroid
@@ -147,8 +151,12 @@ def _try_extract_ivf(index):
         return None
 
 
-def add_in_chunks(index, keys, chunk: int, progress: Callable[[int], None] | None = None, use_gpu: bool = False):
-    """Add ``keys`` (an array or memmap, any float dtype) in chunks; returns the (CPU) index."""
+def add_in_chunks(index, keys, chunk: int, progress: Callable[[int], None] | None = None, use_gpu: bool = False,
+                  source: object = "keys"):
+    """Add ``keys`` (an array or memmap, any float dtype) in chunks; returns the (CPU) index.
+
+    A NaN or inf key is refused (one line naming ``source`` and the row): FAISS would index it silently.
+    """
     faiss = import_faiss()
     target = index
     if use_gpu:
@@ -161,12 +169,35 @@ def add_in_chunks(index, keys, chunk: int, progress: Callable[[int], None] | Non
             target = index
     for lo in range(0, keys.shape[0], chunk):
         block = np.ascontiguousarray(keys[lo : lo + chunk], dtype=np.float32)
+        finite = np.isfinite(block).all(axis=1)
+        if not finite.all():
+            fail(nonfinite_keys_message(source, lo + int(np.argmin(finite))))
         target.add(block)
         if progress is not None:
             progress(block.shape[0])
     if target is not index:  # pragma: no cover
         index = faiss.index_gpu_to_cpu(target)
     return index
+
+
+# file-system faults FAISS reports inside a RuntimeError's text, as the OSError they are
+_WRITE_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.ENOENT, errno.ENOTDIR)
+
+
+def write_index(index, path: Path) -> None:
+    """``faiss.write_index``; a full disk (or another file-system fault) is raised as the OSError it is.
+
+    FAISS reports write errors as a RuntimeError with strerror's text in it; callers turn OSErrors
+    into one line (:func:`trime.errors.file_faults_as_errors`).
+    """
+    faiss = import_faiss()
+    try:
+        faiss.write_index(index, str(path))
+    except RuntimeError as e:
+        for code in _WRITE_FAULTS:
+            if os.strerror(code) in str(e):
+                raise OSError(code, os.strerror(code), str(path)) from None
+        raise
 
 
 def set_nprobe(index, nprobe: int, on_gpu: bool = False) -> None:

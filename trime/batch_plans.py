@@ -38,13 +38,21 @@ TEXT_PLAN_KIND = "hf-text"
 
 
 def write_batch_plan(path: str | Path, ids: np.ndarray, meta: dict[str, object]) -> None:
-    """Write ``{"format", "version", "ids", "meta"}`` atomically (compact ids, indented meta)."""
+    """Write ``{"format", "version", "ids", "meta"}`` atomically (compact ids, indented meta).
+
+    A failed write (a full disk) raises an OSError naming ``path``; the old file, if any, is untouched.
+    """
     body = {"format": PLAN_FORMAT, "version": PLAN_VERSION, "meta": meta}
     text = json.dumps(body, indent=2, sort_keys=True)
     # ids on one line: 33k ids stay ~200 KB instead of one line each
     text = text[:-2] + ',\n  "ids": ' + json.dumps([int(i) for i in ids]) + "\n}\n"
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
 
 
 def read_batch_plan(path: str | Path) -> tuple[np.ndarray, dict[str, object]]:
