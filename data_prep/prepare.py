@@ -35,9 +35,9 @@ from typing import BinaryIO
 
 import numpy as np
 
-from trime.cli import Parser, logger, silent
+from trime.cli import POSITIVE_INT, Parser, logger, silent
 from trime.databin import META_NAME, read_data_meta
-from trime.errors import TrimeError, fail
+from trime.errors import TrimeError, fail, file_faults_as_errors
 from trime.io_utils import (
     atomic_path,
     require_free_disk,
@@ -586,8 +586,7 @@ def prepare_dataset(
     progress (long runs or ``verbose``) and warnings go to ``log_progress``.
     """
     spec = get_spec(name)
-    if workers < 1:
-        fail(f"--workers must be >= 1, got {workers}")
+    POSITIVE_INT.check("--workers", workers)
     dest = Path(dest)
     folder = _resolve_raw_dir(spec, raw_dir)
     reporter = _Reporter(loud=verbose, log=log_progress)
@@ -633,7 +632,7 @@ def prepare_dataset(
     except OSError as e:
         fail(f"cannot create the parent folder of --dest {dest}: {e.strerror}")
     raw_total = sum(d.size for d in digests.values())
-    require_free_disk(dest.parent, raw_total * (6 if spec.level == BYTE else 3), flag="--dest")
+    require_free_disk(dest.parent, raw_total * (6 if spec.level == BYTE else 3), flag="the folder of --dest")
     try:
         work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     except OSError as e:
@@ -681,7 +680,7 @@ def build_parser() -> Parser:
     parser.add_argument("--raw-dir", metavar="DIR",
                         help="folder holding the raw files (plain or .xz); defaults to samples/ for *-sample")
     parser.add_argument("--dest", metavar="DIR", required=True, help="data-bin folder to write")
-    parser.add_argument("--workers", metavar="N", type=int, default=1, help="fairseq-preprocess workers")
+    parser.add_argument("--workers", metavar="N", type=POSITIVE_INT, default=1, help="fairseq-preprocess workers")
     parser.add_argument("--download", action="store_true", help="fetch the raw files into --raw-dir first")
     parser.add_argument("--force", action="store_true", help="replace an existing, different data-bin at --dest")
     parser.add_argument("--verbose", action="store_true", help="show every step and fairseq's own log")
@@ -692,8 +691,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``trime-prepare``; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        prepare_dataset(args.dataset, args.raw_dir, args.dest, workers=args.workers, download=args.download,
-                        force=args.force, verbose=args.verbose, log_progress=logger("trime-prepare", stderr=True))
+        with file_faults_as_errors():  # a full disk or read-only folder: one line (the build folder is removed)
+            prepare_dataset(args.dataset, args.raw_dir, args.dest, workers=args.workers, download=args.download,
+                            force=args.force, verbose=args.verbose,
+                            log_progress=logger("trime-prepare", stderr=True))
     except KeyboardInterrupt:
         fail("interrupted; nothing was written to --dest")
     return 0

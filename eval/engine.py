@@ -4,17 +4,24 @@
 split, searches a :class:`trime.retrieval.datastore.Datastore` when one is given, and scores
 every batch with :func:`trime.eval.memory.score_batch` (streaming, peak memory O(chunk x k))
 or collects a whole split once for tuning and sweeps (:class:`trime.eval.tuning.CachedRun`).
+
+No NaN or inf reaches a result: every forward pass and every search is checked (one
+``isfinite`` reduction each) and a non-finite one is refused in one line naming its source,
+``--path`` (a diverged checkpoint, or fp16 overflow) or ``--datastore`` (damaged keys); the
+scored log-probs are checked as well (:func:`trime.eval.memory.require_finite`).
 """
 
 import math
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
+from trime.errors import fail
 from trime.eval.cache import EvalCache, entry_key, split_files_identity
-from trime.eval.memory import MemorySettings, ScoreState, score_batch
+from trime.eval.memory import MemorySettings, ScoreState, require_finite, score_batch
 from trime.eval.tuning import CachedRun
 from trime.io_utils import identity_key
 from trime.knn import KnnResults, knn_chunk_rows
@@ -74,6 +81,35 @@ def metric_line(nll: float, count: int, is_bytes: bool) -> dict:
     return out
 
 
+def non_finite_weights(lm) -> int:
+    """How many of the model's weights are NaN or inf (0 for an adapter without a torch ``model``)."""
+    model = getattr(lm, "model", None)
+    if not isinstance(model, torch.nn.Module):
+        return 0
+    return sum(int((~torch.isfinite(p)).sum()) for p in model.parameters() if p.is_floating_point())
+
+
+def model_not_finite(lm, split: str) -> NoReturn:
+    """Refuse a model whose scores on ``split`` are NaN or inf, naming ``--path`` and the likely cause."""
+    bad = non_finite_weights(lm)
+    if bad:
+        cause = (f"{bad:,} of its weights {'is' if bad == 1 else 'are'} NaN or inf (a diverged training run); "
+                 "evaluate an earlier checkpoint, or retrain with a lower learning rate")
+    elif lm.dtype == torch.float16:
+        cause = "its activations overflow in fp16; drop --fp16 (or use --bf16)"
+    else:
+        cause = "its weights are finite but its activations overflow (a diverged training run); evaluate an earlier checkpoint"
+    fail(f"--path {lm.path} gives NaN or inf scores on the {split} split: {cause}")
+
+
+def check_batch(lm, batch, split: str) -> None:
+    """Refuse a forward pass whose token scores or keys (the memory's) are NaN or inf (one reduction)."""
+    finite = (torch.isfinite(batch.token_score).all() & torch.isfinite(batch.token_logz).all()
+              & torch.isfinite(batch.reps[batch.key_valid]).all())
+    if not bool(finite):
+        model_not_finite(lm, split)
+
+
 class Evaluator:
     """Streams (or caches) the forward passes and searches of a split and scores them."""
 
@@ -114,6 +150,9 @@ class Evaluator:
     def _search_rows(self, batch, start: int, stop: int):
         """The top-k hits of scored rows ``start:stop`` of ``batch``, on the batch's device."""
         hits = self.store.search(batch.queries[start:stop], self.k, exact=self.exact)
+        if not bool(torch.isfinite(hits.scores).all()):  # the queries are finite (check_batch): the keys are not
+            fail(f"--datastore {self.store.directory} gives NaN or inf neighbour scores: its keys are damaged; "
+                 "check it with trime-build-datastore --verify and rebuild it")
         return hits.to(batch.targets.device)
 
     def _search(self, batch):
@@ -162,7 +201,9 @@ class Evaluator:
         started = time.perf_counter()
         for sample in self._batches(split):
             batch = self.lm.forward(sample)
+            check_batch(self.lm, batch, split)
             log_probs = score_batch(batch, settings, state, self._lazy_search(batch), dim=self.lm.dim)
+            require_finite(log_probs, settings)
             nll -= float(log_probs.double().sum())
             count += log_probs.numel()
         sync()
@@ -179,6 +220,7 @@ class Evaluator:
             started = time.perf_counter()
             for sample in self._batches(split, max_batches):
                 batch = self.lm.forward(sample)
+                check_batch(self.lm, batch, split)
                 result = self._search(batch)
                 batches.append(batch.to(torch.device("cpu")))
                 knn.append(result.to(torch.device("cpu")) if result is not None else None)
@@ -194,7 +236,11 @@ class Evaluator:
         loaded = self.cache.load_forward(forward_key)
         if loaded is None:
             started = time.perf_counter()
-            batches = [self.lm.forward(s).to(torch.device("cpu")) for s in self._batches(split, max_batches)]
+            batches = []
+            for sample in self._batches(split, max_batches):
+                batch = self.lm.forward(sample)
+                check_batch(self.lm, batch, split)  # before anything is cached
+                batches.append(batch.to(torch.device("cpu")))
             forward_seconds = time.perf_counter() - started
             self.cache.save_forward(forward_key, batches, forward_seconds)
         else:

@@ -22,14 +22,14 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from trime.cli import Parser, logger
+from trime.cli import POSITIVE_FLOAT, POSITIVE_INT, Number, Parser, logger
 from trime.cli.model_args import LoadedModel, add_model_args, model_from_args
 from trime.databin import is_byte_level
-from trime.errors import fail
+from trime.errors import fail, file_faults_as_errors
 from trime.eval.cache import EvalCache
 from trime.eval.engine import Evaluator, cache_inputs, memory_label, metric_line
 from trime.eval.memory import MemorySettings
-from trime.eval.sweep import SWEEPABLE, run_sweep, sweep_name
+from trime.eval.sweep import SWEEPABLE, run_sweep, sweep_name, sweep_values
 from trime.eval.tuning import CachedRun, tune
 from trime.io_utils import quiet_libraries, write_json_atomic
 from trime.memories import CROSS_SEGMENT_MEMORIES, MEMORIES
@@ -37,6 +37,17 @@ from trime.retrieval.datastore import Datastore, model_info
 from trime.version import __version__
 
 PROG = "trime-eval"
+LMBDA = Number(float, ge=0, lt=1)
+# the rule of every numeric flag that --sweep can set: a swept value is checked as the flag's value
+SWEEP_RULES = {
+    "mem-size": POSITIVE_INT,
+    "lmbda": LMBDA,
+    "k": POSITIVE_INT,
+    "softmax-temp": POSITIVE_FLOAT,
+    "external-temp": POSITIVE_FLOAT,
+    "interp-temp": POSITIVE_FLOAT,
+}
+assert set(SWEEP_RULES) == set(SWEEPABLE), "every sweepable setting needs its flag's rule"
 
 
 def build_parser() -> Parser:
@@ -50,29 +61,29 @@ def build_parser() -> Parser:
     p.add_argument("--memory", choices=MEMORIES, default="none", help="memory level (cumulative; default none)")
     p.add_argument(
         "--softmax-temp",
-        type=float,
+        type=SWEEP_RULES["softmax-temp"],
         default=1.0,
         help="temperature of the memory logits (token logits are never scaled)",
     )
     p.add_argument(
         "--external-temp",
-        type=float,
+        type=SWEEP_RULES["external-temp"],
         default=None,
         help="temperature of the datastore's neighbours in the joint softmax (--memory external; default: "
         "--softmax-temp). Datastore scores are the best of millions of keys, local/long ones of a few thousand; "
         "--tune tunes it after --softmax-temp unless given",
     )
-    p.add_argument("--mem-size", type=int, default=None, help="long-term memory: earlier scored tokens kept (FIFO)")
+    p.add_argument("--mem-size", type=SWEEP_RULES["mem-size"], default=None, help="long-term memory: earlier scored tokens kept (FIFO)")
     p.add_argument("--datastore", default=None, help="datastore directory from trime-build-datastore")
     p.add_argument(
         "--k",
-        type=int,
+        type=SWEEP_RULES["k"],
         default=1024,
         help="neighbours retrieved per scored token (at most the datastore's keys). Memory grows linearly with k: "
         "hits are searched and scored about 2M at a time (~60 MB, whatever --max-tokens), but --tune and --sweep "
         "keep every hit of their split (tokens x k x 13 bytes, e.g. 217k tokens x k=1024: 2.9 GB)",
     )
-    p.add_argument("--nprobe", type=int, default=32, help="IVF lists probed per search")
+    p.add_argument("--nprobe", type=POSITIVE_INT, default=32, help="IVF lists probed per search")
     p.add_argument(
         "--allow-other-checkpoint",
         action="store_true",
@@ -92,12 +103,12 @@ def build_parser() -> Parser:
     )
     p.add_argument(
         "--lmbda",
-        type=float,
+        type=SWEEP_RULES["lmbda"],
         default=None,
         help="kNN-LM interpolation weight (default 0.25 with --knnlm, else 0 = off); given with --tune, it is "
         "kept (and --interp-temp with it) instead of tuned, e.g. --lmbda 0 for the joint softmax only",
     )
-    p.add_argument("--interp-temp", type=float, default=1.0, help="temperature of p_knn = softmax(score / T)")
+    p.add_argument("--interp-temp", type=SWEEP_RULES["interp-temp"], default=1.0, help="temperature of p_knn = softmax(score / T)")
     p.add_argument(
         "--knnlm", action="store_true", help="kNN-LM: use the datastore by interpolation only, not in the joint softmax"
     )
@@ -107,7 +118,7 @@ def build_parser() -> Parser:
     p.add_argument("--tune-subset", default="valid", help="split --tune tunes on (default valid)")
     p.add_argument(
         "--tune-tokens",
-        type=int,
+        type=POSITIVE_INT,
         default=None,
         help="tune on the first batches of --tune-subset that score at least this many tokens (default: all of it); "
         "a contiguous prefix, so long-term memory sees the same stream as on the whole split",
@@ -143,24 +154,22 @@ def check_args(args: argparse.Namespace) -> None:
     sweeps_mem_size = sweep_name(args.sweep) == "mem-size"
     if args.memory in CROSS_SEGMENT_MEMORIES and args.mem_size is None and sweeps_mem_size and not args.tune:
         pass  # the sweep gives the sizes
-    elif args.memory in CROSS_SEGMENT_MEMORIES and (args.mem_size is None or args.mem_size < 1):
+    elif args.memory in CROSS_SEGMENT_MEMORIES and args.mem_size is None:
         fail(f"--memory {args.memory} needs --mem-size M >= 1 (earlier scored tokens to keep, e.g. 12288)")
     if args.mem_size is not None and args.memory not in CROSS_SEGMENT_MEMORIES:
         fail("--mem-size is only used with --memory long or external")
-    if args.softmax_temp <= 0 or args.interp_temp <= 0 or (args.external_temp is not None and args.external_temp <= 0):
-        fail("--softmax-temp, --external-temp and --interp-temp must be > 0")
     if args.external_temp is not None and args.memory != "external":
         fail("--external-temp scales the datastore's neighbours in the joint softmax: it needs --memory external")
-    if args.lmbda is not None and not 0 <= args.lmbda < 1:
-        fail(f"--lmbda must be in [0, 1), got {args.lmbda}")
     if args.lmbda and not needs_store:
         fail("--lmbda interpolates with a datastore: add --knnlm or --memory external and --datastore")
-    if args.k < 1 or args.nprobe < 1:
-        fail("--k and --nprobe must be >= 1")
-    if args.tune_tokens is not None and (args.tune_tokens < 1 or not args.tune):
-        fail("--tune-tokens N needs --tune and N >= 1 (scored tokens of --tune-subset to tune on)")
+    if args.tune_tokens is not None and not args.tune:
+        fail("--tune-tokens N needs --tune (it is how many scored tokens of --tune-subset to tune on)")
     if args.knn_search != "faiss" and not args.datastore:
         fail(f"--knn-search {args.knn_search} searches a datastore: add --datastore DIR or drop --knn-search")
+    if args.sweep:
+        name, values = sweep_values(args.sweep)
+        for value in values:  # the swept values keep the rule of the flag they stand for
+            SWEEP_RULES[name].check(f"--sweep {name}", value)
 
 
 def memory_settings(args: argparse.Namespace) -> MemorySettings:
@@ -360,7 +369,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         k=args.k,
         exact=args.knn_exact,
         progress=not args.no_progress_bar,
-        cache=EvalCache(args.cache_dir) if args.cache_dir else None,
+        cache=EvalCache(args.cache_dir, log=warn) if args.cache_dir else None,
         cache_inputs=cache_inputs(lm, Path(args.data), loaded.windows, loaded.batch_size, loaded.precision, store,
                                   nprobe=args.nprobe, search=args.knn_search),
         name=PROG,
@@ -388,8 +397,13 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 
 def run(argv: Sequence[str] | None = None) -> dict:
-    """trime-eval on ``argv`` in this process; returns the results record (bad input raises TrimeError)."""
-    return evaluate(build_parser().parse_args(argv))
+    """trime-eval on ``argv`` in this process; returns the results record.
+
+    Bad input, and a fault of the file system (full disk, read-only folder), raise TrimeError (one line).
+    """
+    args = build_parser().parse_args(argv)
+    with file_faults_as_errors():
+        return evaluate(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

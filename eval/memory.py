@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from trime.adapters.base import WindowBatch
+from trime.errors import fail
 from trime.knn import KnnResults, knn_chunk_rows
 from trime.loss import (
     Rule,
@@ -337,6 +338,19 @@ def knn_log_prob(knn: KnnResults, targets: Tensor, interp_temp: float) -> Tensor
     """log p_knn(target) = log sum_{j: v_j = y} softmax_j(score_j / interp_temp); -inf if no hit has y."""
     lse_all, lse_pos = scored_memory_logsumexp(knn.scores / interp_temp, knn.labels, targets, knn.valid)
     return lse_pos - lse_all
+
+
+def require_finite(log_probs: Tensor, settings: MemorySettings) -> None:
+    """Refuse NaN or inf log-probs (one reduction). Called on scores of finite model outputs and neighbours,
+    so what overflowed is a memory score: a temperature too small for the keys' dot products."""
+    if bool(torch.isfinite(log_probs).all()):
+        return
+    temps = [f"--softmax-temp {settings.softmax_temp:g}"]
+    if settings.knn_in_joint:
+        temps.append(f"--external-temp {settings.ext_temp:g}")
+    if settings.lmbda > 0:
+        temps.append(f"--interp-temp {settings.interp_temp:g}")
+    fail(f"the memory scores overflow to NaN or inf with {', '.join(temps)}; use a larger temperature")
 
 
 def interpolate(log_p_model: Tensor, log_p_knn: Tensor, lmbda: float) -> Tensor:

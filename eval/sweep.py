@@ -29,16 +29,28 @@ def sweep_name(spec: str | None) -> str:
     return (spec or "").partition("=")[0]
 
 
-def parse_sweep(spec: str, evaluator: Evaluator, base: MemorySettings) -> tuple[str, str, list]:
-    """(flag name, MemorySettings field, values) of ``--sweep NAME=V1,...``; one-line errors for what cannot work."""
+def sweep_values(spec: str) -> tuple[str, list]:
+    """(flag name, values) of ``--sweep NAME=V1,...``, as numbers of the flag's type; one-line errors.
+
+    The values' range is the CLI's to check (the rule of the flag NAME): this only parses them.
+    """
     name, _, values_text = spec.partition("=")
     if name not in SWEEPABLE or not values_text:
         fail(f"--sweep must look like NAME=V1,V2 with NAME in {', '.join(SWEEPABLE)}; got {spec!r}")
-    field_name, cast = SWEEPABLE[name]
+    cast = SWEEPABLE[name][1]
     try:
-        values = [cast(v) for v in values_text.split(",") if v]
+        values = [cast(v) for v in values_text.split(",") if v.strip()]
     except ValueError:
         fail(f"--sweep {name}: values must be {cast.__name__}s, got {values_text!r}")
+    if not values:
+        fail(f"--sweep {name}: give at least one value, e.g. --sweep {name}=V1,V2")
+    return name, values
+
+
+def parse_sweep(spec: str, evaluator: Evaluator, base: MemorySettings) -> tuple[str, str, list]:
+    """(flag name, MemorySettings field, values) of ``--sweep NAME=V1,...``; one-line errors for what cannot work."""
+    name, values = sweep_values(spec)
+    field_name = SWEEPABLE[name][0]
     if name == "mem-size" and base.level not in CROSS_SEGMENT_MEMORIES:
         fail("--sweep mem-size needs --memory long or external")
     if name == "external-temp" and not base.knn_in_joint:
@@ -64,7 +76,8 @@ def run_sweep(
     """Evaluate ``spec`` (``NAME=V1,...``) on a collected split; write ``PREFIX.json`` and ``PREFIX.png``.
 
     ``prefix`` defaults to ``trime-sweep-NAME``; ``title`` (the split) and ``knnlm`` label the plot.
-    Returns the record written to the .json.
+    Returns the record written to the .json. A failure writing them (a full disk) leaves
+    both files untouched.
     """
     name, field_name, values = parse_sweep(spec, evaluator, base)
     metric = "bpc" if is_bytes else "ppl"
@@ -83,15 +96,16 @@ def run_sweep(
     if name == "mem-size":
         recorded["mem_size"] = None  # the swept value, per point
     record = {"parameter": name, "metric": metric, "points": points, "settings": recorded}
-    write_json_atomic(out.with_suffix(".json"), record)
     png = out.with_suffix(".png")
-    plot_points(points, name, metric, f"{title}: {memory_label(base, knnlm)}", png)
+    with atomic_path(png) as png_tmp:  # a failure writing either file leaves both untouched
+        plot_points(points, name, metric, f"{title}: {memory_label(base, knnlm)}", png_tmp)
+        write_json_atomic(out.with_suffix(".json"), record)
     log(f"wrote {out.with_suffix('.json')} and {png}")
     return record
 
 
 def plot_points(points: list[dict], name: str, metric: str, title: str, png: Path) -> None:
-    """A line plot of ``metric`` against the swept value, written atomically to ``png``."""
+    """A line plot of ``metric`` against the swept value, written to ``png``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,6 +118,7 @@ def plot_points(points: list[dict], name: str, metric: str, title: str, png: Pat
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(png, format="png", dpi=120)
+    finally:
+        plt.close(fig)

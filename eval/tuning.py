@@ -29,6 +29,7 @@ from trime.eval.memory import (
     context_memory_terms_at_temps,
     interpolate,
     knn_log_prob,
+    require_finite,
     score_with_context_terms,
 )
 from trime.knn import KnnResults
@@ -123,14 +124,16 @@ class CachedRun:
             self._context_memo[settings.with_(softmax_temp=t).context_key()] = terms
 
     def log_probs(self, settings: MemorySettings) -> Tensor:
-        """Per-token log P of every scored token (CPU, fp32) under ``settings``."""
+        """Per-token log P of every scored token (CPU, fp32) under ``settings``; NaN or inf is refused."""
         out = []
         for batch, knn, terms in zip(self.batches, self.knn, self.context_terms(settings)):
             batch = batch.to(self.device)
             knn = knn.to(self.device) if knn is not None else None
             terms = tuple(t.to(self.device) for t in terms)
             out.append(score_with_context_terms(batch, settings, terms, knn, dim=self.dim).cpu())
-        return torch.cat(out) if out else torch.zeros(0)
+        log_probs = torch.cat(out) if out else torch.zeros(0)
+        require_finite(log_probs, settings)
+        return log_probs
 
 
 def mean_nll(log_probs: Tensor) -> float:

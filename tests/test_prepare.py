@@ -280,7 +280,7 @@ def test_cli_builds_and_prints_a_summary(tmp_path: Path) -> None:
     [  # usage errors (argparse) exit with 2, bad input found later with 1
         (["wikitext-3", "--dest", "{tmp}/bin"], 2),
         (["wikitext-2-sample"], 2),
-        (["wikitext-2-sample", "--dest", "{tmp}/bin", "--workers", "0"], 1),
+        (["wikitext-2-sample", "--dest", "{tmp}/bin", "--workers", "0"], 2),
         (["wikitext-2", "--raw-dir", "{tmp}/nowhere", "--dest", "{tmp}/bin"], 1),
         (["wikitext-2-sample", "--raw-dir", "{tmp}/corrupt", "--dest", "{tmp}/bin"], 1),
         (["enwik8-prefix", "--raw-dir", "{tmp}", "--dest", "{tmp}/bin", "--download"], 1),

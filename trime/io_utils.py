@@ -2,6 +2,7 @@
 and the CLIs' quiet logging set-up."""
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -26,30 +27,51 @@ def atomic_path(final_path: PathLike) -> Iterator[Path]:
 
     On any exception the temporary file is removed and ``final_path`` is untouched,
     so readers never see a half-written file.
+    An OSError raised inside (a full disk, a read-only folder) names ``final_path``, not the
+    temporary file, so that :func:`trime.errors.file_faults_as_errors` reports the user's path.
     """
     final_path = Path(final_path)
-    final_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final_path.name}.", suffix=".tmp", dir=final_path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = None
     try:
+        try:
+            final_path.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:  # a file stands where a folder of the path should be
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(final_path.parent)) from None
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{final_path.name}.", suffix=".tmp", dir=final_path.parent)
+        except OSError as exc:  # it names its random temporary name: name the file being written instead
+            raise OSError(exc.errno, exc.strerror, str(final_path)) from exc
+        os.close(fd)
+        tmp_path = Path(tmp)
         yield tmp_path
         if tmp_path.exists():  # mkstemp makes 0600 files; give the usual umask-based mode
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, final_path)
+    except OSError as exc:
+        if exc.errno is not None and exc.filename in (None, tmp_path and str(tmp_path)):
+            raise OSError(exc.errno, exc.strerror, str(final_path)) from exc
+        raise
     finally:
-        if tmp_path.exists():
+        if tmp_path is not None and tmp_path.exists():
             tmp_path.unlink()
 
 
 def write_json_atomic(path: PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    """Write ``obj`` as indented JSON to ``path`` atomically.
+
+    NaN and infinity are not JSON: a value holding one is refused (one line, nothing written).
+    """
+    try:
+        text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False)
+    except ValueError as exc:
+        if "Out of range float" not in str(exc):
+            raise
+        fail(f"refusing to write {path}: a value is NaN or infinite, which JSON cannot hold ({exc})")
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
+            f.write(text + "\n")
 
 
 def read_json(path: PathLike, what: str = "file") -> Any:
@@ -129,6 +151,14 @@ def require_free_disk(directory: PathLike, needed_bytes: int, flag: str = "the o
     free = shutil.disk_usage(probe).free
     if free < needed_bytes:
         fail(
-            f"{flag} {directory} has {free / 2**30:.1f} GiB free but {needed_bytes / 2**30:.1f} GiB "
+            f"{flag} {directory} has {human_bytes(free)} free but {human_bytes(needed_bytes)} "
             "are needed; free space or choose another directory"
         )
+
+
+def human_bytes(count: int) -> str:
+    """``count`` bytes in the largest binary unit that keeps it >= 1 (e.g. ``1.5 GiB``, ``0 bytes``)."""
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if count >= 1 << shift:
+            return f"{count / (1 << shift):.1f} {unit}"
+    return f"{count} bytes"

@@ -63,8 +63,11 @@ class Number:
     def __init__(self, kind: type = float, gt: Optional[float] = None, ge: Optional[float] = None,
                  lt: Optional[float] = None, le: Optional[float] = None) -> None:
         self.kind, self.gt, self.ge, self.lt, self.le = kind, gt, ge, lt, le
-        bounds = [f"> {gt:g}" if gt is not None else "", f">= {ge:g}" if ge is not None else "",
-                  f"< {lt:g}" if lt is not None else "", f"<= {le:g}" if le is not None else ""]
+        def shown(bound: float) -> str:
+            return str(int(bound)) if kind is int else f"{bound:g}"
+
+        bounds = [f"> {shown(gt)}" if gt is not None else "", f">= {shown(ge)}" if ge is not None else "",
+                  f"< {shown(lt)}" if lt is not None else "", f"<= {shown(le)}" if le is not None else ""]
         noun = "an integer" if kind is int else "a finite number"
         self.description = " ".join([noun] + [b for b in bounds if b])
         self.__name__ = self.description  # argparse names the type in some messages

@@ -10,6 +10,8 @@ import argparse
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from trime.cli import NONNEGATIVE_INT, POSITIVE_INT
+
 if TYPE_CHECKING:  # torch is imported only when a model is loaded
     from trime.adapters import ModelAdapter, WindowSettings
 
@@ -44,13 +46,13 @@ def add_model_args(
     parser.add_argument("--gen-subset", default=gen_subset, help=gen_subset_help)
     parser.add_argument(
         "--context-window",
-        type=int,
+        type=NONNEGATIVE_INT,
         default=0,
         help="tokens of context before each window (also trime-eval's local memory); the same for the "
         "datastore and the evaluation (default 0)",
     )
     parser.add_argument(
-        "--tokens-per-sample", type=int, default=None, help="window length incl. context (default: the checkpoint's)"
+        "--tokens-per-sample", type=POSITIVE_INT, default=None, help="window length incl. context (default: the checkpoint's)"
     )
     parser.add_argument(
         "--key-module", default=None, help="HF models: module whose input are the keys (default: last layer's MLP)"
@@ -63,10 +65,10 @@ def add_model_args(
     precision.add_argument(
         "--bf16", action="store_true", help="run the model in bf16 (log-probs stay fp32; trime-build-datastore stores keys as --key-dtype)"
     )
-    parser.add_argument("--max-tokens", type=int, default=None, help="tokens per batch incl. context (default 8192)")
+    parser.add_argument("--max-tokens", type=POSITIVE_INT, default=None, help="tokens per batch incl. context (default 8192)")
     parser.add_argument(
         "--batch-size",
-        type=int,
+        type=POSITIVE_INT,
         default=None,
         help="windows per batch (overrides --max-tokens; must be equal for all shards of a datastore)",
     )
