@@ -1,11 +1,14 @@
 """Shared pytest fixtures: the repo root, the optional ../shared/data, data-bins of the shipped samples and
-the synthetic word dictionary of the criterion tests.
+the synthetic word dictionary of the criterion tests, and a real small disk (a tmpfs) for full-disk faults.
 
 The sample data-bins are built once per test session with ``prepare_dataset`` (a few
 seconds each) into a session temp folder; tests must treat them as read-only.
 """
 
+import contextlib
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -75,3 +78,46 @@ def dict_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
         d.add_symbol(f"w{i}", n=1000 - i)
     d.save(str(path / "dict.txt"))
     return str(path)
+
+
+def fill_disk(directory: Path, leave: int = 0) -> Path:
+    """Take the free space of ``directory``'s file system but ``leave`` bytes; returns the filler file."""
+    filler = directory / "filler"
+    with open(filler, "wb") as f, contextlib.suppress(OSError):
+        while True:
+            st = os.statvfs(directory)
+            free = st.f_bavail * st.f_frsize - leave
+            if free <= 0:
+                break
+            f.write(b"\0" * min(free, 1 << 20))
+            f.flush()
+    return filler
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """``small_disk(size="256k", read_only=False, full=False) -> Path``: a real tmpfs folder (root only).
+
+    ``full`` fills it to its last byte (the file ``filler``). Unmounted afterwards, lazily when a
+    failed in-process write still holds a file there.
+    """
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a real full disk needs root to mount a small tmpfs")
+    mounts: list[Path] = []
+
+    def make(size: str = "256k", read_only: bool = False, full: bool = False) -> Path:
+        path = tmp_path / f"disk{len(mounts)}"
+        path.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+        if mounted.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
+        mounts.append(path)
+        if full:
+            fill_disk(path)
+        return path
+
+    yield make
+    for path in mounts:
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], check=False)

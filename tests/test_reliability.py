@@ -81,7 +81,39 @@ def sandbox(tmp_path_factory, wt2_sample_bin, ext_run) -> Path:
         f.write(b"\xff" * 64)
     meta = json.loads((root / "ds-edited-meta" / "meta.json").read_text())
     (root / "ds-edited-meta" / "meta.json").write_text(json.dumps({**meta, "dim": 64}))
+    shutil.copytree(root / "ds", root / "ds-bad-index")
+    with open(root / "ds-bad-index" / "index.faiss", "r+b") as f:  # same size, 100 KB of zeros
+        f.seek(200_000)
+        f.write(b"\0" * 100_000)
+    # a diverged checkpoint: one NaN weight in the last layer's FFN
+    (root / "ckpt-nan").mkdir()
+    state = torch.load(ext_run[0] / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    state["model"]["decoder.layers.1.fc1.weight"][0, 0] = float("nan")
+    torch.save(state, root / "ckpt-nan" / "checkpoint_last.pt")
+    _add_hf_inputs(root)
     return root
+
+
+def _add_hf_inputs(root: Path) -> None:
+    """Hugging Face inputs: a tiny GPT-2 dir, text splits, a 2-step trime-hf-train run, damaged model dirs."""
+    from tests.hf_helpers import model_dir, text_head
+
+    (root / "hf").mkdir()
+    shutil.copytree(model_dir("gpt2"), root / "hf" / "tiny")
+    text_head(SAMPLES_DIR / "wikitext-2" / "wiki.train.tokens", root / "hf" / "train.txt", 24_000)
+    (root / "data").mkdir()
+    for split in ("train", "valid", "test"):
+        (root / "data" / f"wiki.{split}.tokens").symlink_to(SAMPLES_DIR / "wikitext-2" / f"wiki.{split}.tokens")
+    run_command([BIN / "trime-hf-train", "--model", "hf/tiny", "--train-file", "hf/train.txt", "--output-dir", "hf/run",
+                 "--block-size", "32", "--per-device-train-batch-size", "4", "--max-steps", "2", "--save-steps", "2",
+                 "--cpu", "--no-progress-bar"], cwd=root)
+    shutil.copytree(root / "hf" / "tiny", root / "hf-truncated")
+    weights = root / "hf-truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    shutil.copytree(root / "hf" / "tiny", root / "hf-h0")
+    (root / "hf-h0" / "trime_hf_train.json").write_text(json.dumps({"block_size": 32, "key_module": "transformer.h.0.mlp"}))
+    shutil.copytree(root / "hf" / "tiny", root / "hf-badconfig")
+    (root / "hf-badconfig" / "config.json").write_text("{not json")
 
 
 def test_bad_input_table_is_complete():
@@ -92,7 +124,8 @@ def test_bad_input_table_is_complete():
 @pytest.mark.parametrize("row", ROWS, ids=[row.case for row in ROWS])
 def test_bad_input_table_row(row, sandbox):
     proc = run_command(row.argv, cwd=sandbox, check=False)
-    assert proc.returncode == 1, (proc.returncode, proc.stderr[-3000:])
+    usage_error = row.error.endswith(" --help)")  # argparse-level: exit 2, like every CLI's usage errors
+    assert proc.returncode == (2 if usage_error else 1), (proc.returncode, proc.stderr[-3000:])
     assert proc.stderr.splitlines() == [row.error], proc.stderr[-3000:]
 
 
