@@ -57,6 +57,8 @@ from trime.databin import check_data_bin, dataset_identity
 from trime.errors import fail, file_faults_as_errors
 from trime.io_utils import (
     atomic_path,
+    exclusive_lock,
+    naming_file,
     quiet_libraries,
     read_json,
     sha256_file,
@@ -73,7 +75,6 @@ from trime.retrieval.bm25 import (
     Segments,
     make_searcher,
 )
-from trime.retrieval.datastore import exclusive_lock, naming_file
 from trime.version import __version__
 
 SEARCH_FORMAT = "trime-bm25-search"

@@ -48,6 +48,7 @@ from trime.errors import fail, file_faults_as_errors
 from trime.io_utils import (
     atomic_path,
     identity_key,
+    naming_file,
     quiet_libraries,
     read_json,
     require_free_disk,
@@ -71,7 +72,6 @@ from trime.retrieval.datastore import (
     build_lock,
     check_npy,
     model_info,
-    naming_file,
     record_checksums,
     shard_dir_name,
     verify,

@@ -17,20 +17,15 @@ run that writes a datastore directory holds its lock (:func:`build_lock`). Build
 """
 
 import contextlib
-import errno
-import fcntl
 import os
-import shlex
-import socket
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from trime.errors import fail
-from trime.io_utils import identity_key, read_json, sha256_file
+from trime.io_utils import exclusive_lock, identity_key, read_json, sha256_file
 from trime.retrieval import checksums
 
 META_NAME = "meta.json"
@@ -56,60 +51,6 @@ def _silent(message: str) -> None:
 def shard_dir_name(shard_id: int, num_shards: int) -> str:
     """The folder of one shard under ``shards/`` (a sharded build, before --merge)."""
     return f"shard-{shard_id:03d}-of-{num_shards:03d}"
-
-
-# lock files held by this process: path -> [fd, depth] (re-entrant: a build's index step runs under its lock)
-_HELD_LOCKS: dict[str, list] = {}
-
-
-@contextlib.contextmanager
-def exclusive_lock(lock_path: Path, what: str, fix: str) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``lock_path`` for the block; if another process holds it, fail at once.
-
-    The file names its holder (pid, host, command) for that one-line error, which says ``what`` is
-    in use and ends with ``fix``. The kernel releases the lock when the holder exits or is killed,
-    so a stale file never blocks a later run. Re-entrant within one process.
-    """
-    key = os.path.realpath(lock_path)
-    if key in _HELD_LOCKS:
-        _HELD_LOCKS[key][1] += 1
-        try:
-            yield
-        finally:
-            _HELD_LOCKS[key][1] -= 1
-        return
-    Path(lock_path).parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
-                raise
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a process that is still starting"
-            fail(f"{what} is in use by another run ({holder}); wait for it to finish, or {fix}")
-        command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300]
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}: {command}\n".encode(), 0)
-        _HELD_LOCKS[key] = [fd, 1]
-        try:
-            yield
-        finally:
-            del _HELD_LOCKS[key]
-    finally:
-        os.close(fd)  # releases the lock
-
-
-@contextlib.contextmanager
-def naming_file(path: Path) -> Iterator[None]:
-    """Inside, an OSError that names no file (a failed write, fallocate or flush) is re-raised naming ``path``,
-    so that :func:`trime.errors.file_faults_as_errors` can say which file met the full disk."""
-    try:
-        yield
-    except OSError as e:
-        if e.filename is None and e.errno is not None:
-            raise OSError(e.errno, e.strerror, str(path)) from e
-        raise
 
 
 def build_lock(directory: Path) -> contextlib.AbstractContextManager:
