@@ -96,6 +96,25 @@ def test_causal_models_pass_the_probe(arch, dtype):
     check_causal(model, keys=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_barely_trained_bidirectional_model_is_refused_in_every_precision(dtype):
+    """At BERT's own init scale the look-ahead effect is below bf16/fp16 rounding; the probe computes in
+    float32 and then puts the model's own tensors back, bit for bit."""
+    from transformers import BertConfig, BertLMHeadModel
+
+    from trime.hf.model import check_causal
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=H.VOCAB_SIZE, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, is_decoder=False, initializer_range=0.002)
+    model = BertLMHeadModel(config).to(dtype)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(TrimeError, match=r"\(BertLMHeadModel\) is not causal"):
+        check_causal(model)
+    after = model.state_dict()
+    assert all(after[name].dtype == tensor.dtype and torch.equal(after[name], tensor) for name, tensor in before.items())
+
+
 def test_non_causal_model_is_refused_by_training_and_evaluation(tmp_path, text_dir):
     from trime.adapters.hf_lm import HFLM
     from trime.hf.model import load_model

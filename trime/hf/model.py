@@ -13,6 +13,7 @@ module from it (:func:`training_record`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -20,7 +21,7 @@ import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, Optional, Tuple, Union
+from typing import Any, Iterator, NoReturn, Optional, Tuple, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -269,23 +270,16 @@ def check_causal(model: nn.Module, key_module: Optional[str] = None, option: str
     training = model.training
     model.eval()
     try:
-        if keys:
-            with KeyCapture.hf(model, key_module, stop=True) as capture:
-                model.base_model(input_ids=ids, use_cache=False)
-            out, what = capture.keys(tuple(ids.shape)), "TRIME keys"
-        else:
-            out, what = model(input_ids=ids, use_cache=False).logits, "logits"
+        with _float32_weights(model) as dtype:
+            out, what = _probe_outputs(model, ids, key_module, keys)
     except (RuntimeError, ValueError, TypeError, IndexError) as err:
         fail(f"{option}: a {ids.shape[1]}-token probe forward pass fails ({type(err).__name__}: {_first_line(err)})")
     finally:
         model.train(training)
-    dtype = next(model.parameters()).dtype
     out = out.float()
     if not torch.isfinite(out).all():
-        fail(
-            f"{option} gives non-finite {what} (NaN/inf) on a {ids.shape[1]}-token probe in {dtype}; its weights "
-            "are damaged, or this precision overflows (load it in float32)"
-        )
+        cause = "its weights are damaged" if dtype == torch.float32 else f"{dtype} overflows (load it in float32)"
+        fail(f"{option} gives non-finite {what} (NaN/inf) on a {ids.shape[1]}-token probe in {dtype}: {cause}")
     # a causal model repeats its earlier outputs exactly (each row's arithmetic is the same); the margin of two
     # units in the last place of the largest output only spares a kernel that rounds rows differently
     half = ids.shape[1] // 2
@@ -296,6 +290,44 @@ def check_causal(model: nn.Module, key_module: Optional[str] = None, option: str
             f"{option} ({type(model).__name__}) is not causal: its {what} at a position change when a later token "
             "changes, so it would see the tokens it predicts; use a causal (decoder-only) LM such as GPT-2 or Llama"
         )
+
+
+def _probe_outputs(model: nn.Module, ids: torch.Tensor, key_module: Optional[str],
+                   keys: bool) -> Tuple[torch.Tensor, str]:
+    """(outputs, what they are) of the causality probe: the TRIME keys or the logits of ``ids``."""
+    if keys:
+        with KeyCapture.hf(model, key_module, stop=True) as capture:
+            model.base_model(input_ids=ids, use_cache=False)
+        return capture.keys(tuple(ids.shape)), "TRIME keys"
+    return model(input_ids=ids, use_cache=False).logits, "logits"
+
+
+@contextlib.contextmanager
+def _float32_weights(model: nn.Module) -> Iterator[torch.dtype]:
+    """Run the block with the model's bf16/fp16 parameters and buffers as float32 copies, and yield the dtype
+    the probe computes in; the original tensors are put back untouched afterwards.
+
+    A look-ahead effect smaller than half-precision rounding (a barely trained bidirectional model) is
+    still far above float32 rounding. When the copies do not fit in memory the probe runs in the load dtype.
+    """
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point() and t.element_size() < 4]
+    if not tensors:
+        yield next(model.parameters()).dtype
+        return
+    originals = [t.data for t in tensors]
+    try:
+        for tensor in tensors:
+            tensor.data = tensor.data.float()
+    except torch.OutOfMemoryError:
+        for tensor, original in zip(tensors, originals):
+            tensor.data = original
+        yield originals[0].dtype
+        return
+    try:
+        yield torch.float32
+    finally:
+        for tensor, original in zip(tensors, originals):
+            tensor.data = original
 
 
 def load_model_and_tokenizer(
