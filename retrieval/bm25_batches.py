@@ -443,15 +443,16 @@ def check_plan_matches(
 # ----------------------------------------------------------------------------- text under a HF tokenizer
 
 
-def load_text_segments(text_file: Path, model: str, tokens_per_sample: int) -> tuple[Segments, dict[str, object]]:
-    """(segments, plan meta identity) of a text file's blocks under ``model``'s tokenizer."""
+def load_text_segments(text_file: Path, model: str, tokens_per_sample: int,
+                       gguf_file: str | None = None) -> tuple[Segments, dict[str, object]]:
+    """(segments, plan meta identity) of a text file's blocks under ``model``'s tokenizer (``gguf_file``'s in it)."""
     from trime.hf.data import text_blocks
     from trime.hf.model import load_tokenizer
     from trime.hf.text import special_token_ids, text_file_identity, tokenizer_identity
 
     if text_file.is_dir():
         fail(f"with --model, DATA {text_file} must be the training text file (as trime-hf-train --train-file)")
-    tokenizer = load_tokenizer(model)
+    tokenizer = load_tokenizer(model, gguf_file=gguf_file)
     blocks = text_blocks(str(text_file), tokenizer, tokens_per_sample, "DATA", model)
     if len(blocks) < 2:
         fail(
@@ -486,7 +487,8 @@ def build_parser() -> Parser:
     )
     p.add_argument("data", help="fairseq data-bin with dict.txt and train.{idx,bin}; with --model, the training text file")
     p.add_argument("--model", help="build the plan over this Hugging Face tokenizer's blocks of the text file DATA "
-                   "(a save_pretrained dir or hub name; for trime-hf-train --bm25-plan)")
+                   "(a save_pretrained dir, hub name or .gguf file; for trime-hf-train --bm25-plan)")
+    p.add_argument("--gguf-file", metavar="NAME", help="with --model DIR: the tokenizer of the GGUF file NAME in DIR")
     p.add_argument("--tokens-per-sample", type=POSITIVE_INT, required=True, help="as in training (--sample-break-mode none)")
     p.add_argument("--output", help="batch plan JSON to write (not needed with --shard-id)")
     p.add_argument("--k", type=POSITIVE_INT, default=DEFAULT_K, help=f"BM25 hits kept per segment (default {DEFAULT_K})")
@@ -541,6 +543,8 @@ def _run(args: argparse.Namespace) -> int:
     merge_only = args.merge or (args.num_shards > 1 and not sharded_step)
     if sharded_step and args.merge:
         fail("--merge and --shard-id exclude each other: search each shard, then merge once")
+    if args.gguf_file and not args.model:
+        fail("--gguf-file names a file inside --model DIR; pass --model too")
     if args.model and (merge_only or sharded_step):
         fail("--model plans are built in one go: drop --num-shards/--shard-id/--merge")
     if sharded_step:
@@ -574,7 +578,7 @@ def _segments_and_config(
     """(segments, the text plan's identity, the search config) of DATA; no segments unless ``need_segments``."""
     text_identity = None
     if args.model:  # a text file under a HF tokenizer: segments are its blocks
-        segments, text_identity = load_text_segments(data_dir, args.model, args.tokens_per_sample)
+        segments, text_identity = load_text_segments(data_dir, args.model, args.tokens_per_sample, args.gguf_file)
         dataset = {**text_identity["dataset"], "tokenizer": text_identity["tokenizer"]}  # the search's config
     else:
         dataset = dataset_identity(data_dir)

@@ -293,3 +293,46 @@ def test_truncated_weights_from_the_command_line(tmp_path, text_dir):
         assert len(lines) == 1 and lines[0].startswith(f"trime: error: {flag} {model / 'model.safetensors'} is damaged")
     assert not (tmp_path / "out" / "model.safetensors").exists()
     assert os.listdir(model)  # the model dir is left as it was
+
+
+# ----------------------------------------------------------------------------- the output head's input as keys
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_lm_head_keys_are_the_final_normed_hidden_state(arch):
+    """``key_module='lm_head'``: the head's input (after the final norm), also when only the base model runs.
+
+    References: a forward pre-hook on the head during a full forward, and transformers' own last hidden state.
+    """
+    from trime.hf.loss import causal_lm_loss
+    from trime.hf.model import check_causal
+    from trime.hooks import KeyCapture
+
+    model = H.build_model(arch).eval()
+    ids = H.sample_batch()
+    seen = {}
+    handle = model.lm_head.register_forward_pre_hook(lambda module, args: seen.setdefault("input", args[0]))
+    with torch.no_grad():
+        output = model(input_ids=ids, output_hidden_states=True)
+    handle.remove()
+    reference = seen["input"]
+    torch.testing.assert_close(output.hidden_states[-1], reference, rtol=0, atol=0)
+    for stop in (False, True):  # evaluation and datastores run the base model only
+        with torch.no_grad(), KeyCapture.hf(model, "lm_head", stop=stop) as capture:
+            model.base_model(input_ids=ids, use_cache=False)
+        torch.testing.assert_close(capture.keys(tuple(ids.shape)), reference, rtol=0, atol=0)
+    loss = causal_lm_loss(model, ids, "local", key_module="lm_head")  # training runs the whole model
+    torch.testing.assert_close(loss.keys.detach(), reference, rtol=0, atol=0)
+    assert loss.keys.requires_grad
+    check_causal(model, "lm_head", keys=True)
+
+
+def test_trime_eval_with_lm_head_keys(text_dir, tmp_path):
+    from trime.eval.evaluate import run
+
+    window = ["--memory", "local", "--context-window", "16", "--tokens-per-sample", "48", "--cpu", "--no-progress-bar"]
+    default = run([str(text_dir), "--path", str(H.model_dir("llama")), *window])
+    head = run([str(text_dir), "--path", str(H.model_dir("llama")), "--key-module", "lm_head", *window])
+    assert head["model"]["key_source"] == "lm_head"
+    assert head["results"][-1]["tokens"] == default["results"][-1]["tokens"]
+    assert head["results"][-1]["ppl"] != default["results"][-1]["ppl"]  # other keys, other local memory

@@ -12,7 +12,10 @@ module is and in the layout of its input:
   -> ``mlp`` (with ``use_parallel_residual`` the MLP reads the norm of the layer *input*,
   still the norm's output); OPT: ``final_layer_norm`` -> ``fc1`` (no ``mlp`` module; OPT
   flattens the batch to (B*T, d) before it). Another module can be named explicitly
-  (``key_module="model.layers.3.mlp"``, ``--key-module`` on the command line).
+  (``key_module="model.layers.3.mlp"``, ``--key-module`` on the command line). Naming the
+  output head (``lm_head``, GPT-NeoX's ``embed_out``: whatever ``get_output_embeddings()``
+  is) takes the head's input, the final normed hidden state: it is read from the base
+  model's output, so it is there also when only the base model runs (evaluation).
 
 A forward pre-hook yields the input without forking the model. It is registered when the
 ``with`` block is entered and removed on exit, so nothing stays attached to the model.
@@ -36,10 +39,14 @@ KEY_MODULE_FLAG = "key_module='NAME' (trime-hf-train / trime-eval --key-module N
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside DDP/accelerate wrappers (``.module``), else ``model`` itself."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
+    """The model inside DDP/accelerate wrappers (``.module``) and peft's ``PeftModel``, else ``model`` itself."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif callable(getattr(model, "get_base_model", None)) and model.get_base_model() is not model:
+            model = model.get_base_model()  # peft: its LoRA layers sit inside the HF model, hooks there see them
+        else:
+            return model
 
 
 def fairseq_key_module(model: nn.Module) -> Tuple[str, nn.Module]:
@@ -103,6 +110,20 @@ class KeysCaptured(Exception):
     """Raised by a ``stop=True`` capture once the keys are recorded, ending the forward pass (swallowed on exit)."""
 
 
+def hf_head_input_source(model: nn.Module, module: nn.Module) -> Optional[nn.Module]:
+    """The base model whose output is ``module``'s input when ``module`` is the model's output head, else None.
+
+    An HF causal LM applies its head to the base model's ``last_hidden_state`` (the final
+    norm's output), so that output is the head's input, also when only the base model runs.
+    """
+    model = unwrap_model(model)
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    base = getattr(model, "base_model", None)
+    if head is None or module is not head or not isinstance(base, nn.Module) or base is model:
+        return None
+    return base
+
+
 class KeyCapture:
     """Context manager recording the key module's input during one forward pass.
 
@@ -111,12 +132,16 @@ class KeyCapture:
     >>> keys = capture.keys(input_ids.shape)  # (B, T, d), graph kept
 
     ``time_major``: the module's input is (T, B, d) (fairseq). ``stop``: end the forward
-    pass once the keys are recorded; nothing after the key module runs.
+    pass once the keys are recorded; nothing after the key module runs. ``output_of``: take
+    the keys from this module's output (its first element) instead of ``module``'s input
+    (the HF output head: :func:`hf_head_input_source`).
     """
 
-    def __init__(self, name: str, module: nn.Module, *, time_major: bool = False, stop: bool = False) -> None:
+    def __init__(self, name: str, module: nn.Module, *, time_major: bool = False, stop: bool = False,
+                 output_of: Optional[nn.Module] = None) -> None:
         self.name, self.module = name, module
         self.time_major, self.stop = time_major, stop
+        self.output_of = output_of
         self._captured: Optional[Tensor] = None
         self._handle = None
 
@@ -127,17 +152,30 @@ class KeyCapture:
 
     @classmethod
     def hf(cls, model: nn.Module, key_module: Optional[str] = None, *, stop: bool = False) -> "KeyCapture":
-        """The capture of a Hugging Face causal LM (:func:`hf_key_module`); ``model`` may be DDP-wrapped."""
-        return cls(*hf_key_module(model, key_module), stop=stop)
+        """The capture of a Hugging Face causal LM (:func:`hf_key_module`); ``model`` may be DDP- or peft-wrapped.
+
+        The output head as ``key_module`` is read from the base model's output (:func:`hf_head_input_source`).
+        """
+        name, module = hf_key_module(model, key_module)
+        return cls(name, module, stop=stop, output_of=hf_head_input_source(model, module))
 
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._captured = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
         if self.stop:
             raise KeysCaptured
 
+    def _output_hook(self, module: nn.Module, args: tuple, output) -> None:
+        hidden = getattr(output, "last_hidden_state", None)
+        self._captured = hidden if hidden is not None else output if isinstance(output, Tensor) else output[0]
+        if self.stop:
+            raise KeysCaptured
+
     def __enter__(self) -> "KeyCapture":
         self._captured = None
-        self._handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
+        if self.output_of is not None:
+            self._handle = self.output_of.register_forward_hook(self._output_hook)
+        else:
+            self._handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:

@@ -25,7 +25,7 @@ def add_model_args(
 ) -> None:
     """Declare the model and window flags shared by ``trime-eval`` and ``trime-build-datastore``.
 
-    ``DATA``, ``--path``, ``--gen-subset``, ``--context-window``, ``--tokens-per-sample``,
+    ``DATA``, ``--path``, ``--gguf-file``, ``--gen-subset``, ``--context-window``, ``--tokens-per-sample``,
     ``--key-module``, ``--fp16``/``--bf16``, ``--cpu``, ``--max-tokens``, ``--batch-size`` and
     ``--no-progress-bar``. Only ``--gen-subset`` differs per tool (trime-eval reports
     ``test``, trime-build-datastore extracts ``train``). ``required=False`` makes ``DATA``
@@ -41,7 +41,11 @@ def add_model_args(
     parser.add_argument(
         "--path",
         required=required,
-        help="fairseq checkpoint, or Hugging Face model dir (with config.json); its last-FFN inputs are the keys",
+        help="fairseq checkpoint, Hugging Face model dir (with config.json), hub name or .gguf file; its last-FFN "
+        "inputs are the keys",
+    )
+    parser.add_argument(
+        "--gguf-file", default=None, metavar="NAME", help="HF models: load the GGUF file NAME inside the dir --path"
     )
     parser.add_argument("--gen-subset", default=gen_subset, help=gen_subset_help)
     parser.add_argument(
@@ -55,7 +59,8 @@ def add_model_args(
         "--tokens-per-sample", type=POSITIVE_INT, default=None, help="window length incl. context (default: the checkpoint's)"
     )
     parser.add_argument(
-        "--key-module", default=None, help="HF models: module whose input are the keys (default: last layer's MLP)"
+        "--key-module", default=None, help="HF models: module whose input are the keys (default: last layer's "
+        "MLP; lm_head: the head's input, the final normed hidden state)"
     )
     parser.add_argument("--cpu", action="store_true", help="run the model on the CPU even if a GPU is present")
     precision = parser.add_mutually_exclusive_group()
@@ -95,6 +100,7 @@ def model_from_args(args: argparse.Namespace) -> LoadedModel:
     from trime.adapters import batch_size_for, load_adapter
 
     precision = precision_of(args)
-    lm = load_adapter(args.path, args.data, cpu=args.cpu, precision=precision, key_module=args.key_module)
+    lm = load_adapter(args.path, args.data, cpu=args.cpu, precision=precision, key_module=args.key_module,
+                      gguf_file=args.gguf_file)
     windows = lm.window_settings(args.context_window, args.tokens_per_sample)
     return LoadedModel(lm, windows, batch_size_for(windows, args.batch_size, args.max_tokens), precision)

@@ -8,7 +8,9 @@ The HF front-end over the model-agnostic core in :mod:`trime.loss`:
   input of the last decoder layer's MLP, after its norm (defined in :mod:`trime.hooks`,
   shared with the fairseq front-end);
 - :func:`load_model_and_tokenizer`, :func:`load_model`, :func:`load_tokenizer` — local
-  ``save_pretrained`` dirs or hub names, with one-line errors;
+  ``save_pretrained`` dirs, hub names or GGUF files (``x.gguf``, or a dir with ``gguf_file``),
+  with one-line errors; :func:`model_identity` — what plans, datastores and results record of a
+  model (a GGUF file's sha256);
 - :func:`tokenize_text_file`, :func:`tokenizer_identity` — a text file as one token stream,
   and the hash that plans and datastores record; :func:`train_bpe_tokenizer` for models
   trained from scratch.
@@ -21,11 +23,15 @@ package imports transformers only inside the functions that need it.
 from trime.hf.loss import CausalLMLossOutput, causal_lm_loss, shifted_targets
 from trime.hf.model import (
     RECORD,
+    ModelSource,
     check_model_dir,
+    is_gguf,
     is_hf_model_dir,
     load_model,
     load_model_and_tokenizer,
     load_tokenizer,
+    model_identity,
+    model_source,
     resolve_dtype,
 )
 from trime.hf.text import (
@@ -45,13 +51,17 @@ __all__ = [
     "RECORD",
     "CausalLMLossOutput",
     "KeyCapture",
+    "ModelSource",
     "causal_lm_loss",
     "check_model_dir",
     "hf_key_module",
+    "is_gguf",
     "is_hf_model_dir",
     "load_model",
     "load_model_and_tokenizer",
     "load_tokenizer",
+    "model_identity",
+    "model_source",
     "read_text_file",
     "resolve_dtype",
     "shifted_targets",

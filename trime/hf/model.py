@@ -1,12 +1,17 @@
-"""Hugging Face causal LMs as TRIME models: loading, and the training record.
+"""Hugging Face causal LMs as TRIME models: loading, identities, and the training record.
 
-:func:`load_model_and_tokenizer` loads a ``save_pretrained`` directory (or a hub name) with
-one-line errors for the usual mistakes (a missing dir, a damaged config, tokenizer or weights
-file, a tokenizer larger than the embeddings), and checks that the model is causal
+:func:`load_model_and_tokenizer` loads a ``save_pretrained`` directory, a hub name, or a GGUF
+file (``x.gguf``, or a dir with ``gguf_file=NAME``: ``--gguf-file``) with
+one-line errors for the usual mistakes (a missing dir or file, a damaged config, tokenizer,
+weights or GGUF file, a tokenizer larger than the embeddings), and checks that the model is causal
 (:func:`check_causal`: a short probe at load) and offers TRIME keys
 (:func:`trime.hooks.hf_key_module`: the input of the last decoder layer's MLP, or the module
 named by ``key_module``). A name that is no local dir is looked up on the hub once, without
-retries. ``trime-hf-train`` writes :data:`RECORD` into its output dir (and
+retries. A GGUF file is dequantized to float by transformers (it needs the ``gguf`` package)
+and handed back as an ordinary model (training and ``save_pretrained`` work on it).
+:func:`model_identity` is what datastores, plans and results record of a model: the sha256 of
+a GGUF file, or one hash over a model dir's config and weights. ``trime-hf-train`` writes
+:data:`RECORD` into its output dir (and
 :data:`CHECKPOINT_RECORD` into checkpoints); evaluation takes the training block size and key
 module from it (:func:`training_record`).
 """
@@ -14,7 +19,9 @@ module from it (:func:`training_record`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
+import hashlib
 import json
 import os
 import pickle
@@ -29,7 +36,7 @@ from torch import nn
 
 from trime.errors import fail
 from trime.hooks import KeyCapture, hf_key_module
-from trime.io_utils import read_json
+from trime.io_utils import file_identity, identity_key, read_json, sha256_file
 
 # the training record that trime-hf-train writes beside the model (arguments, data identities, block size)
 RECORD = "trime_hf_train.json"
@@ -42,6 +49,10 @@ CAUSAL_PROBE_TOKENS = 8
 # files of which a saved tokenizer has at least one
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "spiece.model", "merges.txt")
+# the suffix of a GGUF file (llama.cpp's format; transformers dequantizes it to float)
+GGUF_SUFFIX = ".gguf"
+# files that make up a model dir's identity (weights and config)
+WEIGHT_PATTERNS = ("config.json", "*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 
 DTYPES = {
     "float32": torch.float32,
@@ -66,29 +77,152 @@ def resolve_dtype(dtype: Union[None, str, torch.dtype]) -> Union[None, str, torc
     return DTYPES[dtype]
 
 
-def check_model_dir(name_or_path: Union[str, os.PathLike], option: str = "--model") -> str:
-    """The dir (or hub name) to load ``name_or_path`` from; one line unless it is a usable model dir or hub model.
+@dataclass(frozen=True)
+class ModelSource:
+    """What ``from_pretrained`` loads: ``location`` (a dir or hub name) and, for a GGUF model, ``gguf_file``."""
+
+    location: str
+    gguf_file: Optional[str] = None  # a local file's path, or the file's name in a hub repo
+    local_gguf: bool = False  # gguf_file is a file here
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.gguf_file is not None
+
+    def from_pretrained_kwargs(self) -> dict:
+        """``gguf_file=`` for ``from_pretrained``: a local file by its absolute path (never looked up elsewhere)."""
+        if self.gguf_file is None:
+            return {}
+        return {"gguf_file": os.path.abspath(self.gguf_file) if self.local_gguf else self.gguf_file}
+
+    def __str__(self) -> str:
+        if self.local_gguf:
+            return str(self.gguf_file)
+        return f"{self.location} (GGUF file {self.gguf_file})" if self.gguf_file else self.location
+
+
+def is_gguf(name_or_path: Union[str, os.PathLike], gguf_file: Optional[str] = None) -> bool:
+    """Whether ``name_or_path`` (with ``gguf_file``) names a GGUF model: a ``.gguf`` path, or any ``gguf_file``."""
+    path = str(name_or_path)
+    return gguf_file is not None or (path.lower().endswith(GGUF_SUFFIX) and not os.path.isdir(path))
+
+
+def model_source(
+    name_or_path: Union[str, os.PathLike], gguf_file: Optional[str] = None, option: str = "--model"
+) -> ModelSource:
+    """Where to load ``name_or_path`` from; one line unless it is a usable model dir, hub model or GGUF file.
+
+    ``x.gguf`` is a GGUF file (split into its folder and name); ``gguf_file`` (``--gguf-file``)
+    names one inside the dir (or hub repo) ``name_or_path``. A missing ``gguf`` package fails here;
+    a damaged GGUF file when its config is read (:func:`_gguf_config`).
+    """
+    path = str(name_or_path)
+    if gguf_file is not None:
+        gguf_file = str(gguf_file)
+        if os.path.isdir(path):
+            file = os.path.join(path, gguf_file)
+            if not os.path.isfile(file):
+                fail(f"--gguf-file {gguf_file}: no such file in {option} {path}; name a .gguf file inside it")
+            _gguf_package(f"--gguf-file {file}")
+            return ModelSource(path, file, local_gguf=True)
+        if os.path.exists(path):
+            fail(
+                f"--gguf-file {gguf_file} names a file inside {option} DIR, but {option} {path} is a file; "
+                f"drop --gguf-file and pass the .gguf file as {option}"
+            )
+        _gguf_package(f"{option} {path} --gguf-file {gguf_file}")
+        return ModelSource(_hub_model(_hub_name(path, option), option, gguf_file), gguf_file)
+    if is_gguf(path):
+        if not os.path.isfile(path):
+            fail(f"{option} {path}: no such file; pass an existing .gguf file, or a model dir")
+        _gguf_package(f"{option} {path}")
+        return ModelSource(os.path.dirname(os.path.abspath(path)), path, local_gguf=True)
+    if os.path.isdir(path):
+        _check_config_json(path, option)
+        return ModelSource(path)
+    if os.path.exists(path):
+        fail(f"{option} {path} is a file; pass a Hugging Face model dir (with config.json), a .gguf file or a hub name")
+    return ModelSource(_hub_model(_hub_name(path, option), option))
+
+
+def check_model_dir(
+    name_or_path: Union[str, os.PathLike], option: str = "--model", gguf_file: Optional[str] = None
+) -> str:
+    """The dir (or hub name) to load ``name_or_path`` from; one line unless it is a usable model dir, hub model
+    or GGUF file (:func:`model_source`; for a GGUF file, the folder holding it).
 
     A name that is not a local dir is a path when it starts with ``.``, ``/`` or ``~``, has more than
     one ``/``, or its parent dir exists here: then it fails at once. Otherwise it is a hub name,
     looked up once (:func:`_hub_model`).
     """
-    path = str(name_or_path)
-    if os.path.isdir(path):
-        _check_config_json(path, option)
-        return path
-    if os.path.exists(path):
-        fail(f"{option} {path} is a file; pass a Hugging Face model dir (with config.json) or a hub name")
+    return model_source(name_or_path, gguf_file, option).location
+
+
+def _hub_name(path: str, option: str) -> str:
+    """``path`` when it may be a hub name; a path that does not exist fails at once."""
     parent = os.path.dirname(path)
     if path.startswith((".", "/", "~")) or path.count("/") > 1 or (parent and os.path.isdir(parent)):
         fail(f"{option} {path}: no such directory; pass a save_pretrained dir or a hub name")
-    return _hub_model(path, option)
+    return path
+
+
+def _gguf_package(what: str) -> Any:
+    """The ``gguf`` module, or one line saying how to install it (transformers needs it to read GGUF files)."""
+    try:
+        import gguf
+    except ImportError:
+        fail(f"{what} is a GGUF model; reading it needs the gguf package: pip install gguf")
+    return gguf
+
+
+def _gguf_config(source: ModelSource, option: str) -> Any:
+    """The config of a GGUF model (a copy; read once per file version); one line for a file transformers cannot load."""
+    version = None
+    if source.local_gguf:
+        stat = os.stat(source.gguf_file)
+        version = (stat.st_size, stat.st_mtime_ns)
+    return copy.deepcopy(_read_gguf_config(source, option, version))
+
+
+@functools.lru_cache(maxsize=None)
+def _read_gguf_config(source: ModelSource, option: str, version: Optional[Tuple[int, int]]) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source.location, **source.from_pretrained_kwargs())
+    except Exception as err:  # a truncated or foreign file raises anything from numpy and struct parsing
+        _gguf_fault(source, err, option)
+
+
+def _gguf_fault(source: ModelSource, err: BaseException, option: str) -> NoReturn:
+    """One line for a GGUF model that does not load: a damaged file (its header or tensors do not read), or an
+    architecture transformers cannot dequantize."""
+    what = f"{option} {source}"
+    if source.local_gguf:
+        gguf = _gguf_package(what)
+        try:
+            reader = gguf.GGUFReader(source.gguf_file)  # maps the file and checks every tensor lies inside it
+            field = reader.fields["general.architecture"]
+            architecture = bytes(field.parts[field.data[0]]).decode("utf-8")
+        except KeyError:
+            fail(f"{what} is damaged or incomplete (no general.architecture entry); download or convert it again")
+        except Exception as damage:
+            fail(f"{what} is damaged or incomplete ({_first_line(damage)}); download or convert it again")
+        what += f" (architecture {architecture!r})"
+    fail(
+        f"{what}: transformers cannot load this GGUF model ({type(err).__name__}: {_first_line(err)}); use an "
+        "architecture it dequantizes (Llama, Mistral, Qwen2, GPT-2, ...) or a Hugging Face model dir"
+    )
 
 
 def _check_config_json(path: str, option: str) -> None:
     """A local model dir's config.json must exist and be a JSON object (transformers' own errors blame other files)."""
     config = os.path.join(path, "config.json")
     if not os.path.isfile(config):
+        ggufs = sorted(f.name for f in Path(path).glob(f"*{GGUF_SUFFIX}"))
+        if ggufs:
+            fail(f"{option} {path} has no config.json but holds {ggufs[0]}; pass --gguf-file {ggufs[0]} "
+                 f"(or {option} {os.path.join(path, ggufs[0])})")
         fail(f"{option} {path} has no config.json; it is not a Hugging Face model dir (save one with save_pretrained)")
     try:
         with open(config, encoding="utf-8") as f:
@@ -100,17 +234,18 @@ def _check_config_json(path: str, option: str) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _hub_model(name: str, option: str) -> str:
+def _hub_model(name: str, option: str, filename: str = "config.json") -> str:
     """``name`` when the hub has it (or, offline, its cache does); else one line saying no local dir exists.
 
-    One lookup, no retries. With ``HF_HUB_OFFLINE`` set only the cache is asked. When the hub cannot be
-    reached but a copy is cached, the cached snapshot dir is returned, so loading does not retry the hub.
+    One lookup, no retries. With ``HF_HUB_OFFLINE`` set only the cache is asked (for ``filename``). When
+    the hub cannot be reached but a copy is cached, the cached snapshot dir is returned, so loading does
+    not retry the hub.
     """
     from huggingface_hub import constants, model_info, try_to_load_from_cache
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     try:
-        cached = try_to_load_from_cache(name, "config.json")
+        cached = try_to_load_from_cache(name, filename)
     except ValueError:  # not a valid repo id either
         fail(f"{option} {name}: no such directory; pass a save_pretrained dir or a hub name")
     cached = cached if isinstance(cached, str) else None
@@ -140,11 +275,20 @@ def _hub_model(name: str, option: str) -> str:
     return name
 
 
-def load_tokenizer(name_or_path: Union[str, os.PathLike], option: str = "--model"):
-    """The tokenizer saved with the model; one-line error when the dir has none."""
+def load_tokenizer(name_or_path: Union[str, os.PathLike], option: str = "--model", gguf_file: Optional[str] = None):
+    """The tokenizer saved with the model (a GGUF file's own); one-line error when the dir has none."""
     from transformers import AutoTokenizer
 
-    path = check_model_dir(name_or_path, option)
+    source = model_source(name_or_path, gguf_file, option)
+    if source.is_gguf:
+        _gguf_config(source, option)  # a damaged file or an architecture transformers cannot load, named first
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source.location, **source.from_pretrained_kwargs())
+        except Exception as err:  # an unknown tokenizer type, missing metadata, a hub failure
+            fail(f"{option} {source}: cannot build a tokenizer from the GGUF file ({type(err).__name__}: "
+                 f"{_first_line(err)}); use a model dir with a saved tokenizer")
+        return tokenizer
+    path = source.location
     if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
         fail(
             f"{option} {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}, ...); save it beside the "
@@ -176,22 +320,28 @@ def load_model(
     key_module: Optional[str] = None,
     option: str = "--model",
     key_origin: str = "key_module",
+    gguf_file: Optional[str] = None,
     **kwargs: Any,
 ) -> nn.Module:
-    """``AutoModelForCausalLM`` from a local dir or hub name, checked to be causal and to offer TRIME keys.
+    """``AutoModelForCausalLM`` from a local dir, hub name or GGUF file, checked to be causal and to offer TRIME keys.
 
     ``dtype``: None (transformers' default: in v5 the dtype saved in config.json, as
-    ``auto``) or a name/torch dtype (``float32`` for training with mixed precision). ``kwargs`` go to
-    ``from_pretrained`` (e.g. ``attn_implementation``). ``key_origin`` names where ``key_module``
-    came from in messages (a flag or the training record).
+    ``auto``; float32 for a GGUF file) or a name/torch dtype (``float32`` for training with mixed
+    precision). ``gguf_file`` names a GGUF file inside the dir or hub repo ``name_or_path``; a
+    ``.gguf`` path needs none. ``kwargs`` go to ``from_pretrained`` (e.g. ``attn_implementation``).
+    ``key_origin`` names where ``key_module`` came from in messages (a flag or the training record).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = check_model_dir(name_or_path, option)
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as err:
-        fail(f"{option} {path}: cannot read its config ({_first_line(err)})")
+    source = model_source(name_or_path, gguf_file, option)
+    path = str(source)
+    if source.is_gguf:
+        config = _gguf_config(source, option)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError, KeyError) as err:
+            fail(f"{option} {path}: cannot read its config ({_first_line(err)})")
     try:
         AutoModelForCausalLM._model_mapping[type(config)]
     except KeyError:
@@ -202,15 +352,50 @@ def load_model(
     torch_dtype = resolve_dtype(dtype)
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, RuntimeError, EOFError, KeyError, SafetensorError, pickle.UnpicklingError) as err:
-        _weights_fault(path, err, option)
+    if source.is_gguf:
+        model = _load_gguf_model(source, option, kwargs)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        except (OSError, ValueError, RuntimeError, EOFError, KeyError, SafetensorError, pickle.UnpicklingError) as err:
+            _weights_fault(path, err, option)
     if device is not None:
         model = model.to(device)
     check_causal(model, option=f"{option} {path}")  # non-causal models (BERT as an LM) fail before any work
     hf_key_module(model, key_module, origin=key_origin)  # so do architectures without TRIME keys
     check_causal(model, key_module, option=f"{option} {path}", keys=True)
+    return model
+
+
+def _load_gguf_model(source: ModelSource, option: str, kwargs: dict) -> nn.Module:
+    """The GGUF model dequantized to float, as an ordinary model over the same tensors.
+
+    transformers marks a GGUF-loaded model as quantized even once its weights are plain floats, so
+    ``save_pretrained`` and ``Trainer`` refuse it; a model built from its config (without the
+    quantization entry) takes over the loaded tensors without a copy.
+    """
+    from transformers import AutoModelForCausalLM
+
+    try:
+        from transformers import GgufConfig  # where transformers can keep GGUF blocks packed: unpack them
+    except ImportError:
+        GgufConfig = None
+    if GgufConfig is not None:
+        kwargs.setdefault("quantization_config", GgufConfig(dequantize=True))
+    kwargs.setdefault("config", _gguf_config(source, option))  # parsing the file's metadata again is slow
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(source.location, **source.from_pretrained_kwargs(), **kwargs)
+    except Exception as err:  # damaged tensors or an unsupported quantization raise anything
+        _gguf_fault(source, err, option)
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    dtype = next(loaded.parameters()).dtype
+    model = type(loaded).from_pretrained(
+        None, config=config, state_dict=loaded.state_dict(), dtype=dtype,
+        attn_implementation=loaded.config._attn_implementation,
+    )  # fmt: skip
+    model.config.name_or_path = str(source)
     return model
 
 
@@ -337,13 +522,15 @@ def load_model_and_tokenizer(
     key_module: Optional[str] = None,
     option: str = "--model",
     key_origin: str = "key_module",
+    gguf_file: Optional[str] = None,
     **kwargs: Any,
 ) -> Tuple[nn.Module, Any]:
-    """(model, tokenizer) of a ``save_pretrained`` dir or hub name; the tokenizer is checked first, and fits."""
-    tokenizer = load_tokenizer(name_or_path, option)
+    """(model, tokenizer) of a ``save_pretrained`` dir, hub name or GGUF file (``x.gguf``, or a dir or hub repo
+    with ``gguf_file``); the tokenizer is checked first, and fits."""
+    tokenizer = load_tokenizer(name_or_path, option, gguf_file=gguf_file)
     model = load_model(name_or_path, dtype=dtype, device=device, key_module=key_module, option=option,
-                       key_origin=key_origin, **kwargs)
-    check_tokenizer_fits(model, tokenizer, f"{option} {name_or_path}")
+                       key_origin=key_origin, gguf_file=gguf_file, **kwargs)
+    check_tokenizer_fits(model, tokenizer, f"{option} {model_source(name_or_path, gguf_file, option)}")
     return model, tokenizer
 
 
@@ -365,6 +552,26 @@ def check_tokenizer_fits(model: nn.Module, tokenizer: Any, option: str = "--mode
 def is_hf_model_dir(path: Union[str, os.PathLike]) -> bool:
     """Whether ``path`` is a Hugging Face model dir (a directory with ``config.json``)."""
     return (Path(path) / "config.json").is_file()
+
+
+def model_identity(name_or_path: Union[str, os.PathLike], gguf_file: Optional[str] = None) -> dict:
+    """What datastores, plans and results record of a model; :func:`trime.io_utils.identity_key` compares two.
+
+    A GGUF file (``x.gguf``, or ``gguf_file`` inside the dir): its size and sha256. A model dir: one
+    hash over its config and weight files (names and contents). A hub name: that of nothing local.
+    """
+    path = str(name_or_path)
+    file = os.path.join(path, str(gguf_file)) if gguf_file is not None else path if is_gguf(path) else None
+    if file is not None and os.path.isfile(file):
+        return {"path": file, "bytes": os.path.getsize(file), "sha256": sha256_file(file), "format": "gguf"}
+    files = sorted({f for pattern in WEIGHT_PATTERNS for f in Path(path).glob(pattern) if f.is_file()})
+    digest = hashlib.sha256()
+    total = 0
+    for f in files:
+        identity = file_identity(f)
+        total += identity["bytes"]
+        digest.update(f"{f.name}\0{identity_key(identity)}\n".encode())
+    return {"path": path, "bytes": total, "files": len(files), "sha256": digest.hexdigest()}
 
 
 # ----------------------------------------------------------------------------- the training record
