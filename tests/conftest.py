@@ -19,6 +19,14 @@ SAMPLES_DIR = REPO_ROOT / "samples"
 SHARED_DATA_DIR = Path(os.environ.get("TRIME_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def token_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tests and their CLI subprocesses keep their token cache in a session folder, not in ~/.cache."""
+    folder = tmp_path_factory.mktemp("token_cache")
+    os.environ["TRIME_TOKEN_CACHE"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op torch thread for a module (opt in with ``pytest.mark.usefixtures``).

@@ -3,6 +3,8 @@
 A text file is tokenized as one string without special tokens (:mod:`trime.hf.text`) and
 cut into consecutive blocks of ``block_size`` tokens (the tail shorter than a block is
 dropped, as in transformers' ``run_clm``). Block ``i`` is segment ``i`` of a BM25 plan.
+The blocks are a view of the token cache's memory map: a block is read and made int64 only
+when the data loader asks for it, so the corpus need not fit in memory.
 
 Orders (what the Trainer's data loader sees; see :func:`train_order`):
 
@@ -30,11 +32,13 @@ from trime.hf.text import tokenize_text_file
 from trime.memories import CROSS_SEGMENT_MEMORIES
 
 
-def text_blocks(path: str, tokenizer: Any, block_size: int, option: str = "--train-file", model: str = "") -> np.ndarray:
-    """(num_blocks, block_size) int64 blocks of the file's token stream; fails if not even one block fits."""
+def text_blocks(path: str, tokenizer: Any, block_size: int, option: str = "--train-file", model: str = "",
+                progress_bar: Optional[bool] = None) -> np.ndarray:
+    """(num_blocks, block_size) blocks of the file's token stream, a read-only view of the token cache's memmap
+    (uint16 or uint32); fails if not even one block fits. ``progress_bar``: as in :func:`tokenize_text_file`."""
     if block_size < 2:
         fail(f"--block-size must be >= 2 (a block predicts block_size - 1 tokens), got {block_size}")
-    ids = tokenize_text_file(path, tokenizer, option)
+    ids = tokenize_text_file(path, tokenizer, option, progress_bar=progress_bar)
     num_blocks = len(ids) // block_size
     if num_blocks < 1:
         under = f" under the tokenizer of {model}" if model else ""
@@ -49,7 +53,7 @@ class BlockDataset(torch.utils.data.Dataset):
     """Item ``i`` is block ``order[i]`` as ``{"input_ids", "labels"}`` (labels = input_ids, HF shifts them)."""
 
     def __init__(self, blocks: np.ndarray, order: Optional[np.ndarray] = None) -> None:
-        self.blocks = torch.from_numpy(np.ascontiguousarray(blocks))
+        self.blocks = blocks  # kept as given (a memmap view): one block is read per item
         self.order = None if order is None else np.asarray(order, dtype=np.int64)
 
     def __len__(self) -> int:
@@ -59,7 +63,7 @@ class BlockDataset(torch.utils.data.Dataset):
         return int(i) if self.order is None else int(self.order[i])
 
     def __getitem__(self, i: int) -> dict:
-        block = self.blocks[self.block_index(i)]
+        block = torch.from_numpy(np.array(self.blocks[self.block_index(i)], dtype=np.int64))  # a writable copy
         return {"input_ids": block, "labels": block}
 
 

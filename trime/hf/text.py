@@ -3,7 +3,9 @@
 Training (``trime-hf-train``), BM25 plans (``trime-bm25-batches --model``) and evaluation
 all read a text file the same way: the whole file is tokenized as **one string**,
 without special tokens (no BOS/EOS is added), so that a file's token stream does not
-depend on how it is later cut into blocks or windows.
+depend on how it is later cut into blocks or windows. :func:`tokenize_text_file` does so
+once per (file, tokenizer), in chunks, into the token cache (:mod:`trime.hf.token_cache`),
+and returns a read-only memory map, so a corpus larger than memory can be used.
 
 :func:`tokenizer_identity` is a hash of what maps text to ids (the fast tokenizer's
 serialised model, normaliser, pre-tokeniser and added tokens; the vocabulary for slow
@@ -17,7 +19,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -47,20 +49,38 @@ def tokenize_text(text: str, tokenizer: Any) -> np.ndarray:
     return np.asarray(encoded["input_ids"], dtype=np.int64)
 
 
-def tokenize_text_file(path: Union[str, os.PathLike], tokenizer: Any, option: str = "--train-file") -> np.ndarray:
-    """Token ids (int64) of the whole file tokenized as one string, without special tokens."""
-    ids = tokenize_text(read_text_file(path, option), tokenizer)
-    if ids.size == 0:
-        fail(f"{option} {path} has no tokens under this tokenizer")
-    return ids
+def tokenize_text_file(path: Union[str, os.PathLike], tokenizer: Any, option: str = "--train-file",
+                       cache_dir: Union[str, os.PathLike, None] = None,
+                       progress_bar: Optional[bool] = None) -> np.ndarray:
+    """Token ids of the whole file tokenized as one string, without special tokens.
+
+    A read-only memory map (``uint16``, or ``uint32`` for vocabularies over 65,536) from the token
+    cache: the file is tokenized once per tokenizer, in chunks, with progress and resume
+    (:func:`trime.hf.token_cache.cached_tokens`; ``cache_dir`` overrides ``$TRIME_TOKEN_CACHE``).
+    Slice it and convert the slice (``np.asarray(ids[a:b], dtype=np.int64)``); do not copy it whole.
+    """
+    from trime.hf.token_cache import cached_tokens
+
+    return cached_tokens(path, tokenizer, option, cache_dir=cache_dir, progress_bar=progress_bar)
+
+
+# path -> (stat signature, identity): a file is hashed once per process while it is unchanged
+_IDENTITIES: dict = {}
 
 
 def text_file_identity(path: Union[str, os.PathLike]) -> dict:
-    """Cheap identity of a text file: its size and sha256."""
+    """Identity of a text file: its size and sha256 (hashed once per process while the file is unchanged)."""
     from trime.io_utils import sha256_file
 
     path = Path(path)
-    return {"text_bytes": path.stat().st_size, "text_sha256": sha256_file(path)}
+    stat = path.stat()
+    signature = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    key = os.path.realpath(path)
+    cached = _IDENTITIES.get(key)
+    if cached is None or cached[0] != signature:
+        cached = (signature, {"text_bytes": stat.st_size, "text_sha256": sha256_file(path)})
+        _IDENTITIES[key] = cached
+    return dict(cached[1])
 
 
 def tokenizer_identity(tokenizer: Any) -> str:
