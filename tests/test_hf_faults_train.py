@@ -118,7 +118,9 @@ def test_a_model_with_nan_weights_is_refused(texts, tmp_path, saved_dir):
     ("--learning-rate", "0"), ("--block-size", "1"), ("--per-device-train-batch-size", "0"), ("--save-steps", "0"),
     ("--logging-steps", "0"), ("--adam-beta2", "1"), ("--warmup-steps", "-1"), ("--seed", "-1"),
     ("--num-train-epochs", "nan"), ("--max-grad-norm", "inf"), ("--cross-sent-ratio", "1.5"),
-    ("--memory-block-size", "0"), ("--max-steps", "-2"),
+    ("--memory-block-size", "0"), ("--max-steps", "-2"), ("--eval-steps", "0"), ("--lora-r", "0"),
+    ("--lora-dropout", "1"), ("--data-seed", "-1"), ("--adam-epsilon", "0"), ("--weight-decay", "nan"),
+    ("--warmup-steps", "inf"), ("--dataloader-prefetch-factor", "0"),
 ])
 def test_numeric_flags_are_one_usage_line_naming_the_flag(flag, value, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -128,10 +130,15 @@ def test_numeric_flags_are_one_usage_line_naming_the_flag(flag, value, capsys):
     assert err.count("\n") == 1 and err.startswith(f"trime: error: argument {flag}: must be ")
 
 
-def test_max_steps_zero_and_unknown_transformers_names_are_one_line(texts, tmp_path):
+def test_max_steps_zero_and_unknown_transformers_names_are_one_line(texts, tmp_path, capsys):
     assert "--max-steps must be >= 1, or -1" in error(argv(texts, tmp_path / "o", steps=0))
-    assert "--optim bogus: not a transformers name" in error(argv(texts, tmp_path / "o", "--optim", "bogus"))
-    assert "--lr-scheduler-type bogus" in error(argv(texts, tmp_path / "o", "--lr-scheduler-type", "bogus"))
+    for option in ("--optim", "--lr-scheduler-type"):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            train_main(argv(texts, tmp_path / "o", option, "bogus"))
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1
+        assert err.startswith(f"trime: error: argument {option}: bogus is not a transformers name; use one of ")
     message = error(argv(texts, tmp_path / "o", "--report-to", "bogus"))
     assert message.startswith("trime: error: transformers refuses these flags: bogus is not supported")
 
@@ -171,6 +178,7 @@ def test_every_checkpoint_records_the_settings_and_identities(run4):
         saved = json.loads((run4 / f"checkpoint-{step}" / CHECKPOINT_RECORD).read_text())
         settings = saved["settings"]
         assert settings["memory"] == "local" and settings["block_size"] == BLOCK and settings["world_size"] == 1
+        assert settings["lora_r"] is None and settings["train_sampling_strategy"] == "random"
         assert settings["tokenizer"] == tokenizer_identity(load_test_tokenizer())
         assert settings["train_data"] == text_file_identity(saved["shown"]["train_data"])
 

@@ -118,7 +118,7 @@ def test_ordered_layouts_hand_consecutive_batches_to_consecutive_ranks(texts, pl
             per_rank.append(list(BatchSamplerShard(base, num_processes=2, process_index=rank)))
         steps = [[dataset.block_index(i) for batch in step for i in batch] for step in zip(*per_rank)]
         assert [i for step in steps for i in step] == list(expected[: len(order)])
-        assert torch.equal(dataset[5]["input_ids"], torch.from_numpy(blocks[expected[5]]))
+        assert torch.equal(dataset[5]["input_ids"], torch.from_numpy(np.asarray(blocks[expected[5]], dtype=np.int64)))
 
 
 def test_external_coin_is_a_pure_function_of_seed_step_and_rank():
@@ -149,6 +149,139 @@ def test_resumed_training_continues_exactly(texts, plan, tmp_path, memory):
     a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "split" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- every TrainingArguments flag
+
+
+def final_weights(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(out / "model.safetensors")
+
+
+def step_logs(checkpoint: Path) -> dict:
+    return {e["step"]: e for e in log_history(checkpoint) if "loss" in e}
+
+
+def test_gradient_checkpointing_keeps_the_keys_gradients():
+    """Checkpointed layers recompute their activations in backward: the TRIME loss and every gradient are the same."""
+    from trime.hf import causal_lm_loss
+
+    ids = torch.randint(5, 60, (3, 16), generator=torch.Generator().manual_seed(2))
+    results = []
+    for checkpointing in (False, True):
+        model = build_model("llama", seed=4, dtype=torch.float64)
+        model.train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+            assert model.is_activation_checkpointing
+        out = causal_lm_loss(model, ids, "long")
+        results.append((out.loss_sum.detach(), param_grads(model, out.loss_sum)))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-12, atol=1e-14, msg=name)
+
+
+def test_gradient_checkpointing_flag_trains_the_same_steps(texts, tmp_path):
+    """--gradient-checkpointing (HF's flag, no value) reaches the Trainer and changes no loss and no weight."""
+    train_main(train_argv(texts, tmp_path / "plain", "local", "--save-steps", "2", steps=2))
+    train_main(train_argv(texts, tmp_path / "gc", "local", "--save-steps", "2", "--gradient-checkpointing", steps=2))
+    args = torch.load(tmp_path / "gc" / "checkpoint-2" / "training_args.bin", weights_only=False)
+    assert args.activation_checkpointing is True
+    plain, gc = step_logs(tmp_path / "plain" / "checkpoint-2"), step_logs(tmp_path / "gc" / "checkpoint-2")
+    for step in (1, 2):
+        assert gc[step]["loss"] == pytest.approx(plain[step]["loss"], rel=1e-6)
+        assert gc[step]["grad_norm"] == pytest.approx(plain[step]["grad_norm"], rel=1e-5)
+    a, b = final_weights(tmp_path / "plain"), final_weights(tmp_path / "gc")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
+
+
+def test_eval_strategy_steps_evaluates_every_step_without_changing_training(texts, tmp_path):
+    valid = ["--validation-file", str(texts[1])]
+    train_main(train_argv(texts, tmp_path / "once", "local", *valid))
+    train_main(train_argv(texts, tmp_path / "every", "local", *valid, "--eval-strategy", "steps", "--eval-steps", "1"))
+    once, every = log_history(tmp_path / "once" / "checkpoint-3"), log_history(tmp_path / "every" / "checkpoint-3")
+    assert [e["step"] for e in every if "eval_loss" in e] == [1, 2, 3]
+    assert not [e for e in once if "eval_loss" in e]  # the default: one evaluation after training, in the record
+    for e in every:
+        if "eval_loss" in e:
+            assert "eval_ori_loss" in e and e["eval_loss"] == pytest.approx(e["eval_norm_loss"], rel=1e-6)
+    for step in (1, 2, 3):
+        assert step_logs(tmp_path / "every" / "checkpoint-3")[step]["loss"] == step_logs(
+            tmp_path / "once" / "checkpoint-3")[step]["loss"]
+    final = {e["step"]: e for e in every if "eval_loss" in e}[3]["eval_loss"]
+    assert json.loads((tmp_path / "once" / "trime_hf_train.json").read_text())["eval"]["eval_loss"] == pytest.approx(
+        final, rel=1e-6)
+
+
+def test_training_arguments_parse_with_trime_defaults_and_hf_spellings():
+    from trime.hf.train_args import parse, training_arguments
+
+    base = ["--model", "m", "--train-file", "t", "--output-dir", "o"]
+    args, hf = parse(base)
+    assert (hf["seed"], hf["logging_steps"], hf["num_train_epochs"], hf["optim"], hf["report_to"]) == (
+        1, 10, 1.0, "adamw_torch", "none")
+    assert hf["per_device_eval_batch_size"] == hf["per_device_train_batch_size"] == 8 and hf["eval_strategy"] == "no"
+    assert args.memory == "local" and args.lora_r is None
+    kwargs = '{"min_lr": 1e-05}'
+    args, hf = parse(base + ["--lr_scheduler_type", "cosine_with_min_lr", "--lr-scheduler-kwargs", kwargs, "--cpu",
+                             "--no-progress-bar", "--per_device_train_batch_size", "2", "--eval-steps", "5",
+                             "--validation-file", "v", "--lora-r", "4"])
+    training_args = training_arguments(hf)
+    assert training_args.lr_scheduler_kwargs == {"min_lr": 1e-05} and training_args.use_cpu
+    assert training_args.disable_tqdm and training_args.per_device_eval_batch_size == 2
+    assert str(training_args.lr_scheduler_type.value) == "cosine_with_min_lr"
+    assert training_args.eval_strategy.value == "steps" and training_args.eval_steps == 5
+    assert args.lora_alpha == 8.0  # 2 x --lora-r
+
+
+def test_help_lists_every_training_arguments_flag(capsys):
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    from trime.hf.train import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    for field in dataclasses.fields(TrainingArguments):
+        if field.init:
+            assert f"--{field.name.replace('_', '-')}" in out, field.name
+    for name in ("--gradient-checkpointing", "--torch-compile", "--eval-strategy", "--lr-scheduler-kwargs",
+                 "--deepspeed", "--fsdp", "--lora-r", "--lora-target-modules", "--memory", "--cpu"):
+        assert name in out
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (["--lr-scheduler-kwargs", "{min_lr: 1}"], "argument --lr-scheduler-kwargs: not valid JSON"),
+    (["--eval-steps", "nan"], "argument --eval-steps: must be a finite number > 0, got nan"),
+    (["--gradient-checkpointing", "maybe"], "argument --gradient-checkpointing: Truthy value expected"),
+    (["--eval-strategy", "sometimes"], "argument --eval-strategy: invalid choice: 'sometimes'"),
+])
+def test_bad_training_arguments_values_are_one_usage_line(texts, tmp_path, capsys, extra, expected):
+    with pytest.raises(SystemExit) as exit_:
+        train_main(train_argv(texts, tmp_path / "o", "local", *extra))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith(f"trime: error: {expected}")
+    assert err.rstrip().endswith("(see trime-hf-train --help)")
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (["--eval-strategy", "steps"], "--eval-strategy steps evaluates --validation-file"),
+    (["--train-sampling-strategy", "group_by_length"], "every block has --block-size tokens"),
+    (["--label-smoothing-factor", "0.1"], "the TRIME loss has no label smoothing"),
+    (["--auto-find-batch-size"], "--auto-find-batch-size: the memories' batch layout"),
+    (["--lora-alpha", "16"], "--lora-alpha configures LoRA: pass --lora-r R too"),
+    (["--deepspeed", "ds.json"], "transformers refuses these flags: "),  # deepspeed is not installed here
+    (["--fsdp", "full_shard"], "transformers refuses these flags: Using fsdp only works in distributed training"),
+])
+def test_flags_trime_cannot_honour_here_are_one_line(texts, tmp_path, extra, expected):
+    assert expected in _error(train_argv(texts, tmp_path / "o", "local", *extra))
+    assert not (tmp_path / "o").exists()
 
 
 # ----------------------------------------------------------------------------- distributed
