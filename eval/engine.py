@@ -12,8 +12,8 @@ scored log-probs are checked as well (:func:`trime.eval.memory.require_finite`).
 """
 
 import math
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -25,6 +25,7 @@ from trime.eval.memory import MemorySettings, ScoreState, require_finite, score_
 from trime.eval.tuning import CachedRun
 from trime.io_utils import identity_key
 from trime.knn import KnnResults, knn_chunk_rows
+from trime.retrieval.datastore import progress_meter
 
 
 def cache_inputs(
@@ -60,14 +61,16 @@ def cache_inputs(
             "index": identity.get("index"),
             "nprobe": nprobe,
             "search": search,
+            "metric": store.metric,
             "on_gpu": bool(store.on_gpu),
         }
     return inputs
 
 
 def memory_label(settings: MemorySettings, knnlm: bool) -> str:
-    """The memory column of the results: the level, ``+knnlm`` for kNN-LM interpolation."""
-    return settings.level + ("+knnlm" if knnlm else "")
+    """The memory column of the results: the level, ``/interp`` for the continuous cache (``--cache interp``),
+    ``+knnlm`` for kNN-LM interpolation."""
+    return settings.level + ("/interp" if settings.interp_cache else "") + ("+knnlm" if knnlm else "")
 
 
 def metric_line(nll: float, count: int, is_bytes: bool) -> dict:
@@ -125,14 +128,17 @@ class Evaluator:
         cache: EvalCache | None = None,
         cache_inputs: dict | None = None,
         name: str = "eval",
+        log: Callable[[str], None] = lambda message: None,
     ):
         """``cache`` (``--cache-dir``) keeps forward passes and hits on disk, named by ``cache_inputs``
         (what they depend on besides the split: see :func:`cache_inputs`). ``name`` starts the
-        progress bars' labels."""
+        progress bars' labels. Without bars (``progress`` False) ``log`` gets a progress line every
+        30 s instead (:func:`trime.retrieval.datastore.progress_meter`)."""
         self.lm, self.windows, self.batch_size = lm, windows, batch_size
         self.name = name
         self.store, self.k, self.exact, self.progress = store, k, exact, progress
         self.cache, self.cache_inputs = cache, cache_inputs or {}
+        self.log = log
 
     def batches_for_tokens(self, split: str, tokens: int | None) -> int | None:
         """The fewest leading batches of ``split`` that score at least ``tokens`` tokens (None: all)."""
@@ -172,29 +178,33 @@ class Evaluator:
         return lambda start, stop: self._search_rows(batch, start, stop)
 
     def _progress(self, items, total: int, desc: str):
-        from tqdm import tqdm
-
-        return tqdm(items, total=total, desc=desc, unit="batch", disable=not self.progress, file=sys.stderr)
+        """A bar over ``items`` (``progress``), else a line to ``log`` every 30 s."""
+        return progress_meter(items, total=total, desc=f"{self.name} {desc}" if self.progress else desc, unit="batch",
+                        bar=self.progress, log=self.log)
 
     def _batches(self, split: str, max_batches: int | None = None):
         windows = self.lm.windows(split, self.windows)
         total = windows.num_batches(self.batch_size)
         if max_batches is not None:
             total = min(total, max_batches)
-        return self._progress(windows.batches(self.batch_size, 0, total), total, f"{self.name} {split}")
+        return self._progress(windows.batches(self.batch_size, 0, total), total, split)
 
-    def run(self, split: str, settings: MemorySettings, cached: CachedRun | None = None) -> tuple[float, int, float]:
-        """(NLL sum in nats, scored tokens, seconds) streaming over ``split``.
+    def run(
+        self, split: str, settings: MemorySettings, cached: CachedRun | None = None
+    ) -> tuple[float, int, float, dict[str, float]]:
+        """(NLL sum in nats, scored tokens, seconds spent now, what was read from ``--cache-dir``) over ``split``.
 
         With a cache (or ``cached``, a whole-split :meth:`collect` of ``split``) the split is scored
-        from memory; the seconds are then those of its forward passes and searches plus the scoring.
+        from memory; the seconds are then those of its forward passes and searches done now plus the
+        scoring. The last item maps each part read from the cache (``forward passes``, ``kNN hits``) to
+        the seconds it took when it was computed (empty when everything was measured now).
         """
         if self.cache is not None or cached is not None:
             cached = cached or self.collect(split)
             started = time.perf_counter()
             log_probs = cached.log_probs(settings)
             seconds = cached.seconds + time.perf_counter() - started
-            return -float(log_probs.double().sum()), log_probs.numel(), seconds
+            return -float(log_probs.double().sum()), log_probs.numel(), seconds, dict(cached.reused)
         state = ScoreState.fresh(settings)
         nll, count = 0.0, 0
         sync = torch.cuda.synchronize if self.lm.device.type == "cuda" else (lambda: None)
@@ -207,13 +217,14 @@ class Evaluator:
             nll -= float(log_probs.double().sum())
             count += log_probs.numel()
         sync()
-        return nll, count, time.perf_counter() - started
+        return nll, count, time.perf_counter() - started, {}
 
     def collect(self, split: str, max_batches: int | None = None) -> CachedRun:
         """Forward (and search) the batches of ``split`` once, keeping the results on the CPU.
 
         With a cache, forward passes and hits are loaded from it when they are there and
-        saved to it when they are computed.
+        saved to it when they are computed. The run's ``seconds`` are those spent now; its ``reused``
+        the original seconds of what was read from the cache.
         """
         if self.cache is None:
             batches, knn = [], []
@@ -233,29 +244,28 @@ class Evaluator:
             split_files=split_files_identity(Path(data_dir), split) if data_dir else None,
             max_batches=max_batches,
         )
+        started = time.perf_counter()
+        reused: dict[str, float] = {}
         loaded = self.cache.load_forward(forward_key)
         if loaded is None:
-            started = time.perf_counter()
             batches = []
             for sample in self._batches(split, max_batches):
                 batch = self.lm.forward(sample)
                 check_batch(self.lm, batch, split)  # before anything is cached
                 batches.append(batch.to(torch.device("cpu")))
-            forward_seconds = time.perf_counter() - started
-            self.cache.save_forward(forward_key, batches, forward_seconds)
+            self.cache.save_forward(forward_key, batches, time.perf_counter() - started)
         else:
-            batches, forward_seconds = loaded
+            batches, reused["forward passes"] = loaded
         knn: list = [None] * len(batches)
-        search_seconds = 0.0
         if self.store is not None:
             knn_key = entry_key(forward=forward_key, k=self.k, exact=self.exact, **self.cache_inputs.get("knn", {}))
             hits = self.cache.load_knn(knn_key)
             if hits is None:
-                started = time.perf_counter()
-                searched = self._progress(batches, len(batches), f"{self.name} {split} kNN search")
+                search_started = time.perf_counter()
+                searched = self._progress(batches, len(batches), f"{split} kNN search")
                 knn = [self._search(b.to(self.lm.device)).to(torch.device("cpu")) for b in searched]
-                search_seconds = time.perf_counter() - started
-                self.cache.save_knn(knn_key, knn, search_seconds)
+                self.cache.save_knn(knn_key, knn, time.perf_counter() - search_started)
             else:
-                knn, search_seconds = hits
-        return CachedRun(batches, knn, self.lm.device, self.lm.dim, seconds=forward_seconds + search_seconds)
+                knn, reused["kNN hits"] = hits
+        return CachedRun(batches, knn, self.lm.device, self.lm.dim, seconds=time.perf_counter() - started,
+                         reused=reused)

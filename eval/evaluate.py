@@ -5,9 +5,14 @@ Face model dir (any :mod:`trime.adapters` front-end):
 
 - ``--memory none``: the plain LM (equals ``fairseq-eval-lm`` with the same windows);
 - ``--memory local``: TrimeLM (context + earlier window tokens as memory);
-- ``--memory long --mem-size M``: TrimeLM_long, or the continuous cache on a CE model;
+- ``--memory long --mem-size M``: TrimeLM_long (with ``--cache interp``: the continuous cache, for any model);
 - ``--memory external --mem-size M --datastore DIR``: TrimeLM_ext (optionally ``--lmbda``);
 - ``--knnlm --datastore DIR``: kNN-LM (with ``--memory long``: kNN-LM + cache).
+
+``--cache interp`` turns the local + long-term memory into the continuous cache of Grave et
+al. (2017), interpolated with the model (``--cache-lmbda``, ``--cache-temp``) instead of
+joined to its softmax (``--cache joint``, the default: TRIME's memory). With ``--knnlm`` it is
+the papers' "kNN-LM + continuous cache": (1 - lmbda - cache_lmbda) P + lmbda p_knn + cache_lmbda p_cache.
 
 Windows: ``--tokens-per-sample`` (default: the checkpoint's) tokens per window of which
 the first ``--context-window`` are context, as ``fairseq-eval-lm`` does. ``--tune``
@@ -18,22 +23,24 @@ See :mod:`trime.eval.memory` for the exact probability.
 
 import argparse
 import datetime
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from trime.adapters.base import window_defaults_note
 from trime.cli import POSITIVE_FLOAT, POSITIVE_INT, Number, Parser, logger
 from trime.cli.model_args import LoadedModel, add_model_args, model_from_args
 from trime.databin import is_byte_level
 from trime.errors import fail, file_faults_as_errors
 from trime.eval.cache import EvalCache
 from trime.eval.engine import Evaluator, cache_inputs, memory_label, metric_line
-from trime.eval.memory import MemorySettings
+from trime.eval.memory import CACHE_MODES, MemorySettings
 from trime.eval.sweep import SWEEPABLE, run_sweep, sweep_name, sweep_values
 from trime.eval.tuning import CachedRun, tune
 from trime.io_utils import quiet_libraries, write_json_atomic
 from trime.memories import CROSS_SEGMENT_MEMORIES, MEMORIES
-from trime.retrieval.datastore import Datastore, model_info
+from trime.retrieval.datastore import METRICS, Datastore, model_info
 from trime.version import __version__
 
 PROG = "trime-eval"
@@ -46,7 +53,10 @@ SWEEP_RULES = {
     "softmax-temp": POSITIVE_FLOAT,
     "external-temp": POSITIVE_FLOAT,
     "interp-temp": POSITIVE_FLOAT,
+    "cache-lmbda": LMBDA,
+    "cache-temp": POSITIVE_FLOAT,
 }
+DEFAULT_LMBDA = 0.25  # --lmbda with --knnlm, and --cache-lmbda, when neither is given nor tuned
 assert set(SWEEP_RULES) == set(SWEEPABLE), "every sweepable setting needs its flag's rule"
 
 
@@ -113,7 +123,41 @@ def build_parser() -> Parser:
         "--knnlm", action="store_true", help="kNN-LM: use the datastore by interpolation only, not in the joint softmax"
     )
     p.add_argument(
-        "--tune", action="store_true", help="tune softmax-temp (and lmbda, interp-temp) on --tune-subset first"
+        "--metric",
+        choices=METRICS,
+        default=None,
+        help="search metric of the datastore: ip (inner product) or l2 (minus the squared distance); default: the "
+        "one it was built with (meta.json). Another metric than its index's needs --knn-search torch",
+    )
+    p.add_argument(
+        "--cache",
+        choices=CACHE_MODES,
+        default="joint",
+        help="how --memory local/long counts: joint (default: in the joint softmax, TRIME's memory) or interp (the "
+        "continuous cache of Grave et al. 2017: (1 - cache-lmbda) P + cache-lmbda p_cache, which a model not "
+        "trained with TRIME can use, and which --tune can switch off)",
+    )
+    p.add_argument(
+        "--cache-lmbda",
+        type=SWEEP_RULES["cache-lmbda"],
+        default=None,
+        help=f"--cache interp: weight of p_cache (default {DEFAULT_LMBDA}); given with --tune, it is kept (and "
+        "--cache-temp with it) instead of tuned. With --knnlm: P = (1 - lmbda - cache-lmbda) P_model + lmbda p_knn "
+        "+ cache-lmbda p_cache",
+    )
+    p.add_argument(
+        "--cache-temp",
+        type=SWEEP_RULES["cache-temp"],
+        default=None,
+        help="--cache interp: temperature of p_cache(w) = sum over cached w of softmax(h . h_j / T), raw dot products "
+        "as --interp-temp divides kNN scores (T = 1/theta of Grave et al.; default sqrt(key size), the scale of "
+        "TRIME's memory logits)",
+    )
+    p.add_argument(
+        "--tune",
+        action="store_true",
+        help="tune softmax-temp (or with --cache interp cache-temp and cache-lmbda; and lmbda, interp-temp) on "
+        "--tune-subset first; notes say when the memory barely helps or hurts",
     )
     p.add_argument("--tune-subset", default="valid", help="split --tune tunes on (default valid)")
     p.add_argument(
@@ -162,6 +206,19 @@ def check_args(args: argparse.Namespace) -> None:
         fail("--external-temp scales the datastore's neighbours in the joint softmax: it needs --memory external")
     if args.lmbda and not needs_store:
         fail("--lmbda interpolates with a datastore: add --knnlm or --memory external and --datastore")
+    if args.metric and not args.datastore:
+        fail("--metric is the datastore's search metric: add --datastore DIR or drop --metric")
+    if args.cache == "interp" and args.memory not in ("local", "long"):
+        fail(
+            "--cache interp interpolates the local and long-term memory: use --memory long --mem-size M (or local)"
+            + ("; for kNN-LM + cache add --knnlm" if args.memory == "external" else "")
+        )
+    if args.cache != "interp" and (args.cache_lmbda is not None or args.cache_temp is not None):
+        flag = "--cache-lmbda" if args.cache_lmbda is not None else "--cache-temp"
+        fail(f"{flag} sets the continuous cache: add --cache interp (with --memory long --mem-size M)")
+    if args.cache == "interp" and (args.lmbda or 0) + (args.cache_lmbda or 0) >= 1:
+        fail(f"--lmbda {args.lmbda} and --cache-lmbda {args.cache_lmbda} leave the model no weight: their sum must "
+             "be below 1")
     if args.tune_tokens is not None and not args.tune:
         fail("--tune-tokens N needs --tune (it is how many scored tokens of --tune-subset to tune on)")
     if args.knn_search != "faiss" and not args.datastore:
@@ -172,9 +229,10 @@ def check_args(args: argparse.Namespace) -> None:
             SWEEP_RULES[name].check(f"--sweep {name}", value)
 
 
-def memory_settings(args: argparse.Namespace) -> MemorySettings:
-    """The memory settings of the flags (before tuning)."""
-    lmbda = args.lmbda if args.lmbda is not None else (0.25 if args.knnlm else 0.0)
+def memory_settings(args: argparse.Namespace, dim: int) -> MemorySettings:
+    """The memory settings of the flags (before tuning); ``dim`` is the model's key size."""
+    lmbda = args.lmbda if args.lmbda is not None else (DEFAULT_LMBDA if args.knnlm else 0.0)
+    interp = args.cache == "interp"
     return MemorySettings(
         level=args.memory,
         softmax_temp=args.softmax_temp,
@@ -184,31 +242,40 @@ def memory_settings(args: argparse.Namespace) -> MemorySettings:
         interp_temp=args.interp_temp,
         k=args.k if args.datastore else None,  # no datastore: no neighbours, nothing to record
         external_temp=args.external_temp,
+        cache=args.cache,
+        cache_lmbda=(args.cache_lmbda if args.cache_lmbda is not None else DEFAULT_LMBDA) if interp else 0.0,
+        cache_temp=args.cache_temp if args.cache_temp is not None else math.sqrt(dim),
     )
 
 
 def print_table(rows: list[dict]) -> None:
-    """The results as a markdown table on stdout."""
+    """The results as a markdown table on stdout; tokens/s only where everything was computed by this run."""
     metric = "bpc" if "bpc" in rows[0] else "ppl"
     print(f"| subset | memory | {metric} | tokens | tokens/s |")
     print("|---|---|---|---|---|")
     for r in rows:
         value = f"{r[metric]:.4f}" if metric == "bpc" else f"{r[metric]:.2f}"
         speed = f"{r['tokens_per_s']:,.1f}" if r.get("tokens_per_s") is not None else "-"
+        if r.get("cached_seconds"):
+            speed = "cached"
         print(f"| {r['subset']} | {r['memory']} | {value} | {r['tokens']:,} | {speed} |")
 
 
-def settings_line(settings: MemorySettings, knnlm: bool, uses_store: bool, subset: str | None = None) -> str:
+def settings_line(settings: MemorySettings, knnlm: bool, uses_store: bool, subset: str | None = None,
+                  metric: str | None = None) -> str:
     """The settings a result was scored with, as one line (without the ``trime-eval:`` prefix)."""
     parts = ([f"subset {subset}"] if subset else []) + [f"memory {memory_label(settings, knnlm)}"]
-    if settings.level != "none":
+    if settings.level != "none" and not settings.interp_cache:
         parts.append(f"softmax-temp {settings.softmax_temp:.4g}")
     if settings.knn_in_joint:
         parts.append(f"external-temp {settings.ext_temp:.4g}")
+    if settings.interp_cache:
+        parts += [f"cache-lmbda {settings.cache_lmbda:.4g}", f"cache-temp {settings.cache_temp:.4g}"]
     if settings.uses_long or settings.level in CROSS_SEGMENT_MEMORIES:
         parts.append(f"mem-size {settings.mem_size or 'swept'}")
     if uses_store:
-        parts += [f"k {settings.k}", f"lmbda {settings.lmbda:.4g}", f"interp-temp {settings.interp_temp:.4g}"]
+        parts += [f"k {settings.k}", f"metric {metric}", f"lmbda {settings.lmbda:.4g}",
+                  f"interp-temp {settings.interp_temp:.4g}"]
     return ", ".join(parts)
 
 
@@ -233,6 +300,7 @@ def open_datastore(args: argparse.Namespace, lm, warn: Callable[[str], None]) ->
         device=lm.device,
         vocab_size=lm.vocab.get("size"),
         log=warn,
+        metric=args.metric,
     )
     store.check_k(args.k)
     return store
@@ -243,13 +311,14 @@ def tune_step(
     log: Callable[[str], None],
 ) -> tuple[MemorySettings, dict, dict, CachedRun]:
     """``--tune``: (tuned settings, the --tune-subset row, the tuning record, the collected --tune-subset)."""
-    tune_temp = settings.level != "none"
+    tune_temp = settings.level != "none" and not settings.interp_cache
+    tune_cache = settings.interp_cache and args.cache_lmbda is None
     tune_interp = evaluator.store is not None and args.lmbda is None
     tune_external = settings.knn_in_joint and args.external_temp is None
-    if not (tune_temp or tune_interp):
-        fail("--tune has nothing to tune with --memory none and no datastore (or a fixed --lmbda)")
+    if not (tune_temp or tune_interp or tune_cache):
+        fail("--tune has nothing to tune with --memory none and no datastore (or a fixed --lmbda / --cache-lmbda)")
     cached = evaluator.collect(args.tune_subset, evaluator.batches_for_tokens(args.tune_subset, args.tune_tokens))
-    result = tune(cached, settings, tune_temp, tune_interp, tune_external, log=log)
+    result = tune(cached, settings, tune_temp, tune_interp, tune_external, tune_cache=tune_cache, log=log)
     settings = result.settings
     lp = cached.log_probs(settings)
     row = {
@@ -266,7 +335,11 @@ def tune_step(
             "external_temp": settings.ext_temp if settings.knn_in_joint else None,
             "lmbda": settings.lmbda,
             "interp_temp": settings.interp_temp,
+            "cache_lmbda": settings.cache_lmbda if settings.interp_cache else None,
+            "cache_temp": settings.cache_temp if settings.interp_cache else None,
         },
+        "no_memory_nll": result.no_memory_nll,
+        "verdict": result.verdict,
         "trials": result.trials,
     }
     return settings, row, tuning, cached
@@ -279,8 +352,13 @@ def report_rows(
     is_bytes: bool,
     sweep: dict | None,
     gen_cached: CachedRun | None,
+    log: Callable[[str], None] = lambda message: None,
 ) -> list[dict]:
-    """The --gen-subset rows: the sweep's points when it swept mem-size without a --mem-size, else one run."""
+    """The --gen-subset rows: the sweep's points when it swept mem-size without a --mem-size, else one run.
+
+    A run whose forward passes or kNN hits were read from ``--cache-dir`` has no tokens/s (its time
+    was not measured now); the seconds they took when computed are kept as ``cached_seconds``, and ``log``
+    says so."""
     label = memory_label(settings, args.knnlm)
     if sweep is not None and args.mem_size is None and sweep["parameter"] == "mem-size":
         # no --mem-size of its own: the sweep points are the results (no extra evaluation)
@@ -290,16 +368,21 @@ def report_rows(
             rows.append({"subset": args.gen_subset, "memory": f"{label} mem-size={point['value']}", **metrics,
                          "seconds": None, "tokens_per_s": None})
         return rows
-    nll, count, seconds = evaluator.run(args.gen_subset, settings, gen_cached)
+    nll, count, seconds, reused = evaluator.run(args.gen_subset, settings, gen_cached)
     row = {"subset": args.gen_subset, "memory": label, **metric_line(nll, count, is_bytes)}
-    row.update(seconds=seconds, tokens_per_s=count / seconds if seconds > 0 else None)
+    row.update(seconds=seconds, tokens_per_s=count / seconds if seconds > 0 and not reused else None)
+    if reused:
+        row["cached_seconds"] = sum(reused.values())
+        parts = " and ".join(f"{part} (which took {s:,.1f} s when computed)" for part, s in reused.items())
+        log(f"{args.gen_subset}: {parts} read from --cache-dir; {seconds:,.1f} s spent now, so no tokens/s")
     return [row]
 
 
-def print_results(args: argparse.Namespace, settings: MemorySettings, rows: list[dict], uses_store: bool,
+def print_results(args: argparse.Namespace, settings: MemorySettings, rows: list[dict], store: Datastore | None,
                   is_bytes: bool, log: Callable[[str], None]) -> None:
     """The settings line, fairseq-eval-lm's loss line and the results table on stdout."""
-    log(settings_line(settings, args.knnlm, uses_store, subset=args.gen_subset))
+    log(settings_line(settings, args.knnlm, store is not None, subset=args.gen_subset,
+                      metric=store.metric if store is not None else None))
     last = rows[-1]
     print(
         f"Loss (base 2): {last['loss_base2']:.4f}, {'bpc' if is_bytes else 'Perplexity'}: "
@@ -333,7 +416,11 @@ def results_record(
             "softmax_temp": settings.softmax_temp,
             "external_temp": settings.ext_temp if settings.knn_in_joint else None,
             "mem_size": settings.mem_size if settings.uses_long else None,
+            "cache": settings.cache,
+            "cache_lmbda": settings.cache_lmbda if settings.interp_cache else None,
+            "cache_temp": settings.cache_temp if settings.interp_cache else None,
             "k": args.k if store else None,
+            "metric": store.metric if store else None,
             "nprobe": args.nprobe if store else None,
             "knn_exact": args.knn_exact,
             "knn_search": args.knn_search if store else None,
@@ -358,9 +445,12 @@ def evaluate(args: argparse.Namespace) -> dict:
     log, warn = logger(PROG), logger(PROG, stderr=True)
     loaded = model_from_args(args)
     lm = loaded.lm
+    note = window_defaults_note(loaded.windows, args.context_window, args.tokens_per_sample)
+    if note:
+        warn(note)
     store = open_datastore(args, lm, warn)
     is_bytes = is_byte_level(Path(args.data))
-    settings = memory_settings(args)
+    settings = memory_settings(args, lm.dim)
     evaluator = Evaluator(
         lm,
         loaded.windows,
@@ -373,6 +463,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         cache_inputs=cache_inputs(lm, Path(args.data), loaded.windows, loaded.batch_size, loaded.precision, store,
                                   nprobe=args.nprobe, search=args.knn_search),
         name=PROG,
+        log=warn,
     )
     rows: list[dict] = []
     tuning = None
@@ -388,8 +479,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         gen_cached = cached
         sweep = run_sweep(args.sweep, evaluator, cached, settings, is_bytes, prefix=args.sweep_prefix,
                           title=args.gen_subset, knnlm=args.knnlm, log=log)
-    rows += report_rows(args, evaluator, settings, is_bytes, sweep, gen_cached)
-    print_results(args, settings, rows, store is not None, is_bytes, log)
+    rows += report_rows(args, evaluator, settings, is_bytes, sweep, gen_cached, log=warn)
+    print_results(args, settings, rows, store, is_bytes, log)
     record = results_record(args, loaded, store, settings, is_bytes, rows, tuning, sweep)
     if args.results_json:
         write_json_atomic(args.results_json, record)

@@ -23,6 +23,18 @@ Levels are cumulative:
 With ``lmbda > 0`` the result is mixed kNN-LM style,
 log P = logaddexp(log(1-lmbda) + log P_joint, log lmbda + log p_knn), where
 p_knn(y) = sum_{j: v_j = y} softmax_j(score_j / interp_temp) reuses the same search.
+
+``cache="interp"`` (``--cache interp``) takes the local + long-term memory out of the joint
+softmax and interpolates it instead: the continuous cache of Grave et al. (2017),
+
+    p_cache(y) = sum_{j in M(i), y_j = y} softmax_j(h_i . h_j / cache_temp)
+
+over the same entries M(i) (window context and earlier window tokens, and the FIFO), with the
+raw dot product divided by ``cache_temp`` = 1/theta, as ``interp_temp`` divides kNN scores. An
+empty cache (a stream's first token) predicts as the model. With kNN-LM, both are
+interpolated with the model, as in the kNN-LM paper's "kNN-LM + continuous cache" row:
+
+    P = (1 - lmbda - cache_lmbda) P_model + lmbda p_knn + cache_lmbda p_cache.
 """
 
 import math
@@ -49,6 +61,8 @@ from trime.memories import MEMORIES
 # external-memory hits of a batch: all of them, or a search of rows (start, stop)
 KnnSource = KnnResults | Callable[[int, int], KnnResults]
 _NEG_INF = float("-inf")
+# how the local + long-term memory counts: inside the joint softmax (TRIME), or interpolated (continuous cache)
+CACHE_MODES = ("joint", "interp")
 
 
 @dataclass(frozen=True)
@@ -63,10 +77,40 @@ class MemorySettings:
     interp_temp: float = 1.0
     k: int | None = None  # use only the first k neighbours of the search results
     external_temp: float | None = None  # temperature of external neighbours in the joint softmax (None: softmax_temp)
+    cache: str = "joint"  # one of CACHE_MODES
+    cache_lmbda: float = 0.0  # cache "interp": weight of p_cache (0 = off)
+    cache_temp: float = 1.0  # cache "interp": p_cache = softmax_j(h . h_j / cache_temp)
+
+    def __post_init__(self) -> None:
+        if self.cache not in CACHE_MODES:
+            raise ValueError(f"cache must be one of {CACHE_MODES}, got {self.cache!r}")
 
     @property
     def ext_temp(self) -> float:
         return self.softmax_temp if self.external_temp is None else self.external_temp
+
+    @property
+    def interp_cache(self) -> bool:
+        """The local + long-term memory is interpolated (continuous cache), not in the joint softmax."""
+        return self.cache == "interp"
+
+    @property
+    def context_temp(self) -> float:
+        """The temperature of the local + long-term memory: ``cache_temp`` when interpolated, else ``softmax_temp``."""
+        return self.cache_temp if self.interp_cache else self.softmax_temp
+
+    def with_context_temp(self, temp: float) -> "MemorySettings":
+        """These settings with :attr:`context_temp` set to ``temp``."""
+        return self.with_(cache_temp=temp) if self.interp_cache else self.with_(softmax_temp=temp)
+
+    def context_scale(self, dim: int) -> float:
+        """The factor of the local + long-term memory's dot products: 1/cache_temp, or 1/(sqrt(d) softmax_temp)."""
+        return 1.0 / self.cache_temp if self.interp_cache else memory_scale(dim, self.softmax_temp)
+
+    @property
+    def uses_context_terms(self) -> bool:
+        """Whether scoring needs the local + long-term memory terms (an interpolated cache of weight 0 does not)."""
+        return self.uses_local and not (self.interp_cache and self.cache_lmbda <= 0)
 
     @property
     def uses_local(self) -> bool:
@@ -78,7 +122,8 @@ class MemorySettings:
 
     def context_key(self) -> tuple:
         """What the local and long-term memory terms depend on (not the external memory's settings)."""
-        return (self.uses_local, self.mem_size if self.uses_long else 0, self.softmax_temp if self.uses_local else 0)
+        return (self.uses_local, self.mem_size if self.uses_long else 0, self.cache,
+                self.context_temp if self.uses_local else 0)
 
     def with_(self, **changes) -> "MemorySettings":
         return replace(self, **changes)
@@ -235,17 +280,18 @@ def context_memory_terms(
 
     They depend only on :meth:`MemorySettings.context_key`, not on the external memory's settings.
     """
-    lse_all, lse_pos = context_memory_terms_at_temps(batch, settings, [settings.softmax_temp], state, dim)
+    lse_all, lse_pos = context_memory_terms_at_temps(batch, settings, [settings.context_temp], state, dim)
     return lse_all[0], lse_pos[0]
 
 
 def context_memory_terms_at_temps(
     batch: WindowBatch, settings: MemorySettings, temps: Sequence[float], state: ScoreState, dim: int | None = None
 ) -> tuple[Tensor, Tensor]:
-    """:func:`context_memory_terms` at each softmax temperature of ``temps`` (instead of ``settings``'), as
-    (len(temps), N): the memory scores are computed once for all of them. Updates ``state`` once."""
+    """:func:`context_memory_terms` at each temperature of ``temps`` (instead of ``settings``'
+    :attr:`~MemorySettings.context_temp`: the softmax or the cache temperature), as (len(temps), N): the
+    memory scores are computed once for all of them. Updates ``state`` once."""
     dim = dim or batch.reps.shape[-1]
-    scales = [memory_scale(dim, t) for t in temps]
+    scales = [settings.with_context_temp(t).context_scale(dim) for t in temps]
     n = batch.num_scored
     device = batch.targets.device
     lse_all = torch.full((len(scales), n), _NEG_INF, device=device)
@@ -264,14 +310,23 @@ def context_memory_terms_at_temps(
 def score_with_context_terms(
     batch: WindowBatch,
     settings: MemorySettings,
-    context_terms: tuple[Tensor, Tensor],
+    context_terms: tuple[Tensor, Tensor] | None,
     knn: "KnnSource | None" = None,
     dim: int | None = None,
 ) -> Tensor:
-    """Per-token log P(target) of one batch from its :func:`context_memory_terms`, the external memory and
-    the kNN-LM mixture."""
+    """Per-token log P(target) of one batch from its :func:`context_memory_terms` (None: no local or long-term
+    memory), the external memory, the continuous cache and the kNN-LM mixture."""
     dim = dim or batch.reps.shape[-1]
-    lse_all, lse_pos = context_terms
+    if context_terms is None:
+        empty = torch.full((batch.num_scored,), _NEG_INF, device=batch.targets.device)
+        context_terms = (empty, empty)
+    cache_terms = None
+    if settings.interp_cache:  # the memory is interpolated, not in the joint softmax
+        cache_terms = context_terms
+        empty = torch.full_like(context_terms[0], _NEG_INF)
+        lse_all, lse_pos = empty, empty
+    else:
+        lse_all, lse_pos = context_terms
     knn_terms = None
     if knn is not None and (settings.knn_in_joint or settings.lmbda > 0) and batch.num_scored > 0:
         knn_terms = knn_row_terms(knn, batch.targets, settings, memory_scale(dim, settings.ext_temp))
@@ -279,9 +334,12 @@ def score_with_context_terms(
         lse_all, lse_pos = torch.logaddexp(lse_all, knn_terms[0]), torch.logaddexp(lse_pos, knn_terms[1])
 
     log_prob = -joint_nll(batch.token_score, batch.token_logz, lse_all, lse_pos)
+    parts = []
     if knn_terms is not None and settings.lmbda > 0:
-        log_prob = interpolate(log_prob, knn_terms[2], settings.lmbda)
-    return log_prob
+        parts.append((knn_terms[2], settings.lmbda))
+    if cache_terms is not None and settings.cache_lmbda > 0:
+        parts.append((cache_log_prob(*cache_terms, log_prob), settings.cache_lmbda))
+    return mixture(log_prob, parts)
 
 
 def score_batch(
@@ -296,7 +354,7 @@ def score_batch(
     ``knn``: the batch's external-memory hits, or a function searching rows ``(start, stop)``
     (evaluated in chunks, see :func:`knn_row_terms`).
     """
-    terms = context_memory_terms(batch, settings, state, dim)
+    terms = context_memory_terms(batch, settings, state, dim) if settings.uses_context_terms else None
     return score_with_context_terms(batch, settings, terms, knn, dim)
 
 
@@ -345,7 +403,7 @@ def require_finite(log_probs: Tensor, settings: MemorySettings) -> None:
     so what overflowed is a memory score: a temperature too small for the keys' dot products."""
     if bool(torch.isfinite(log_probs).all()):
         return
-    temps = [f"--softmax-temp {settings.softmax_temp:g}"]
+    temps = [f"--cache-temp {settings.cache_temp:g}" if settings.interp_cache else f"--softmax-temp {settings.softmax_temp:g}"]
     if settings.knn_in_joint:
         temps.append(f"--external-temp {settings.ext_temp:g}")
     if settings.lmbda > 0:
@@ -353,10 +411,26 @@ def require_finite(log_probs: Tensor, settings: MemorySettings) -> None:
     fail(f"the memory scores overflow to NaN or inf with {', '.join(temps)}; use a larger temperature")
 
 
-def interpolate(log_p_model: Tensor, log_p_knn: Tensor, lmbda: float) -> Tensor:
-    """log((1 - lmbda) P_model + lmbda p_knn), in fp32."""
-    if lmbda <= 0:
+def cache_log_prob(lse_all: Tensor, lse_pos: Tensor, log_p_model: Tensor) -> Tensor:
+    """log p_cache(target) from the cache's (lse_all, lse_pos); rows with an empty cache get ``log_p_model``."""
+    has_cache = torch.isfinite(lse_all)
+    return torch.where(has_cache, lse_pos - torch.where(has_cache, lse_all, 0.0), log_p_model)
+
+
+def mixture(log_p_model: Tensor, parts: Sequence[tuple[Tensor, float]]) -> Tensor:
+    """log((1 - sum w) P_model + sum_i w_i p_i) for ``parts`` = [(log p_i, w_i), ...], in fp32.
+
+    Weights of 0 are left out; the model's share is dropped when the weights sum to 1 or more.
+    """
+    parts = [(log_p, float(w)) for log_p, w in parts if w > 0]
+    if not parts:
         return log_p_model
-    if lmbda >= 1:
-        return log_p_knn
-    return torch.logaddexp(log_p_model + math.log1p(-lmbda), log_p_knn + math.log(lmbda))
+    total = sum(w for _, w in parts)
+    terms = [log_p_model + math.log1p(-total)] if total < 1 else []
+    terms += [log_p + math.log(w) for log_p, w in parts]
+    return terms[0] if len(terms) == 1 else torch.logsumexp(torch.stack(terms), dim=0)
+
+
+def interpolate(log_p_model: Tensor, log_p_knn: Tensor, lmbda: float) -> Tensor:
+    """log((1 - lmbda) P_model + lmbda p_knn), in fp32 (:func:`mixture` of one part)."""
+    return mixture(log_p_model, [(log_p_knn, lmbda)])

@@ -21,6 +21,8 @@ SWEEPABLE = {
     "softmax-temp": ("softmax_temp", float),
     "external-temp": ("external_temp", float),
     "interp-temp": ("interp_temp", float),
+    "cache-lmbda": ("cache_lmbda", float),
+    "cache-temp": ("cache_temp", float),
 }
 
 
@@ -55,8 +57,13 @@ def parse_sweep(spec: str, evaluator: Evaluator, base: MemorySettings) -> tuple[
         fail("--sweep mem-size needs --memory long or external")
     if name == "external-temp" and not base.knn_in_joint:
         fail("--sweep external-temp needs --memory external")
+    if name in ("cache-lmbda", "cache-temp") and not base.interp_cache:
+        fail(f"--sweep {name} needs --cache interp (with --memory long or local)")
     if name in ("k", "lmbda", "interp-temp") and evaluator.store is None:
         fail(f"--sweep {name} needs a datastore (--memory external or --knnlm with --datastore)")
+    other = {"lmbda": base.cache_lmbda, "cache-lmbda": base.lmbda}.get(name, 0.0)
+    if name in ("lmbda", "cache-lmbda") and max(values) + other >= 1:
+        fail(f"--sweep {name} values must leave the model a weight: lmbda + cache-lmbda below 1")
     if name == "k" and max(values) > evaluator.k:
         fail(f"--sweep k values must be <= --k {evaluator.k} (the search depth)")
     return name, field_name, values
@@ -92,6 +99,9 @@ def run_sweep(
     recorded = dict(base.__dict__)
     if evaluator.store is None:  # a sweep without a datastore has no neighbours: record none of their settings
         for key in ("k", "lmbda", "interp_temp", "knn_in_joint"):
+            recorded.pop(key, None)
+    if not base.interp_cache:  # nor the continuous cache's without one
+        for key in ("cache_lmbda", "cache_temp"):
             recorded.pop(key, None)
     if name == "mem-size":
         recorded["mem_size"] = None  # the swept value, per point

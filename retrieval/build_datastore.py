@@ -58,13 +58,16 @@ from trime.io_utils import (
 )
 from trime.retrieval.checksums import nonfinite_keys_message
 from trime.retrieval.datastore import (
+    DEFAULT_METRIC,
     FORMAT,
     INDEX_NAME,
     KEY_DTYPES,
     KEY_TYPE,
     KEYS_NAME,
+    LEGACY_METRIC,
     LOCK_NAME,
     META_NAME,
+    METRICS,
     PROGRESS_NAME,
     VAL_DTYPE,
     VALS_NAME,
@@ -72,7 +75,9 @@ from trime.retrieval.datastore import (
     build_lock,
     check_npy,
     model_info,
+    progress_meter,
     record_checksums,
+    recorded_metric,
     shard_dir_name,
     verify,
 )
@@ -89,13 +94,8 @@ SEED = Number(int, ge=0, le=2**31 - 1)  # FAISS's k-means seed is a C int
 
 
 @contextlib.contextmanager
-def heartbeat(
-    message: str, every_seconds: float, enabled: bool = True, log: Callable[[str], None] = silent
-) -> Iterator[None]:
+def heartbeat(message: str, every_seconds: float, log: Callable[[str], None] = silent) -> Iterator[None]:
     """``log`` ``message: N s`` every ``every_seconds`` while the block runs (FAISS releases the GIL)."""
-    if not enabled:
-        yield
-        return
     stop = threading.Event()
     started = time.monotonic()
 
@@ -117,8 +117,8 @@ def _config_sha(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
-# meta.json entries that are not build settings (excluded from the build's config)
-_NOT_SETTINGS = ("created_by", "build_config_sha256", "checksums", "index")
+# meta.json entries that are not build settings (excluded from the build's config; the metric does not change the keys)
+_NOT_SETTINGS = ("created_by", "build_config_sha256", "checksums", "index", "metric")
 # the settings a user chooses, named first when two builds differ (the rest follow from them)
 _SETTINGS_FIRST = ("checkpoint", "windows", "key_dtype", "model_precision", "dictionary", "model")
 
@@ -236,10 +236,15 @@ def extract(
     kill_after_batches: int | None = None,
     show_progress: bool = True,
     log: Callable[[str], None] = silent,
+    metric: str | None = None,
+    log_progress: Callable[[str], None] = silent,
 ) -> Path:
     """Write keys/vals/meta of one shard (the whole datastore when ``num_shards`` is 1).
 
-    Returns the directory written; ``log`` gets one line when it is done. ``kill_after_batches`` (tests only) SIGKILLs the
+    ``metric`` (``ip`` or ``l2``) is recorded in meta.json as the datastore's search metric (None: none
+    recorded, read as ``ip``); it is not a build setting (it does not change the keys). Returns the
+    directory written; ``log`` gets one line when it is done, ``log_progress`` a progress line every
+    30 s without ``show_progress``'s bar. ``kill_after_batches`` (tests only) SIGKILLs the
     process after that many batches of this run, leaving a partial build to resume. The directory's
     lock (:func:`build_lock`) is held throughout. A build resumes only from the same settings and
     the same data (the sha256 of the split's files, :func:`data_identity`). A NaN or inf key stops
@@ -249,15 +254,15 @@ def extract(
         fail(f"--key-dtype must be one of {', '.join(KEY_DTYPES)}, got {key_dtype!r}")
     shard_range(1, num_shards, shard_id)  # checks --num-shards/--shard-id before a folder is named after them
     out_dir = output if num_shards == 1 else output / "shards" / shard_dir_name(shard_id, num_shards)
+    if metric is not None and metric not in METRICS:
+        fail(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
     with build_lock(out_dir):
         return _extract_locked(lm, split, settings, batch_size, out_dir, key_dtype, num_shards, shard_id,
-                               progress_seconds, kill_after_batches, show_progress, log)
+                               progress_seconds, kill_after_batches, show_progress, log, metric, log_progress)
 
 
 def _extract_locked(lm, split, settings, batch_size, out_dir, key_dtype, num_shards, shard_id, progress_seconds,
-                    kill_after_batches, show_progress, log) -> Path:
-    from tqdm import tqdm
-
+                    kill_after_batches, show_progress, log, metric, log_progress) -> Path:
     windows = lm.windows(split, settings)
     total_batches = windows.num_batches(batch_size)
     b0, b1 = shard_range(total_batches, num_shards, shard_id)
@@ -309,6 +314,8 @@ def _extract_locked(lm, split, settings, batch_size, out_dir, key_dtype, num_sha
             f"({what}); choose another --output or delete {out_dir}"
         )
     meta["build_config_sha256"] = config_sha
+    if metric is not None:
+        meta["metric"] = metric
 
     keys_tmp, vals_tmp = out_dir / "keys.partial.npy", out_dir / "vals.partial.npy"
     keys_final, vals_final = out_dir / KEYS_NAME, out_dir / VALS_NAME
@@ -352,15 +359,8 @@ def _extract_locked(lm, split, settings, batch_size, out_dir, key_dtype, num_sha
             vals_tmp.unlink(missing_ok=True)
             raise
         _save_progress(progress_path, config, config_sha, keys, vals, 0, 0)
-    bar = tqdm(
-        total=rows,
-        initial=done_rows,
-        unit="tok",
-        unit_scale=True,
-        desc=f"datastore {out_dir.name}",
-        disable=not show_progress,
-        file=sys.stderr,
-    )
+    bar = progress_meter(total=rows, initial=done_rows, unit="tok", unit_scale=True, desc=f"datastore {out_dir.name}",
+                   bar=show_progress, log=log_progress)
     last_save = time.monotonic()
     row = done_rows
     samples = windows.batches(batch_size, b0 + done_batches, b1)
@@ -503,7 +503,7 @@ def _merge_locked(output: Path, delete_shards: bool, log: Callable[[str], None])
 def build_index(
     output: Path,
     factory: str = "auto",
-    metric: str = "ip",
+    metric: str | None = None,
     train_sample: int = 1_000_000,
     seed: int = 1,
     use_gpu: bool = True,
@@ -514,10 +514,11 @@ def build_index(
 ) -> dict:
     """Train and fill ``index.faiss`` for the datastore in ``output``; records it in meta.json.
 
-    ``log`` gets the final line; ``log_progress`` the start of the training and, with
-    ``show_progress``, the elapsed time every ``heartbeat_seconds`` (FAISS trains silently,
-    minutes for a large IVF-PQ). NaN or inf keys are refused; the index's sha256 is recorded
-    in meta.json. The directory's lock is held throughout.
+    ``metric`` defaults to the one meta.json records (else ``ip``); it is recorded as the datastore's
+    metric. ``log`` gets the final line; ``log_progress`` the start of the training, the elapsed
+    time every ``heartbeat_seconds`` (FAISS trains silently, minutes for a large IVF-PQ) and, without
+    ``show_progress``'s bar, a line every 30 s while keys are added. NaN or inf keys are refused; the
+    index's sha256 is recorded in meta.json. The directory's lock is held throughout.
     """
     with build_lock(output):
         return _build_index_locked(output, factory, metric, train_sample, seed, use_gpu, show_progress,
@@ -526,12 +527,11 @@ def build_index(
 
 def _build_index_locked(output, factory, metric, train_sample, seed, use_gpu, show_progress, heartbeat_seconds,
                         log, log_progress) -> dict:
-    from tqdm import tqdm
-
     from trime.retrieval import faiss_index
 
     store = Datastore.open(output, need_index=False)
     meta, count, dim = store.meta, store.count, store.dim
+    metric = metric or recorded_metric(meta) or LEGACY_METRIC
     if count == 0:
         fail(f"{output} holds no keys; nothing to index")
     if factory == "auto":
@@ -550,16 +550,15 @@ def _build_index_locked(output, factory, metric, train_sample, seed, use_gpu, sh
         fail(nonfinite_keys_message(output / KEYS_NAME, int(sample_ids[np.argmin(finite)])))
     started = time.monotonic()
     log_progress(f"training {factory} ({metric}) on {n_train:,} keys{' on GPU' if gpu else ''}")
-    with heartbeat(f"training {factory}", heartbeat_seconds, enabled=show_progress, log=log_progress):
+    with heartbeat(f"training {factory}", heartbeat_seconds, log=log_progress):
         index = faiss_index.train_index(factory, metric, dim, sample, seed, gpu)
     del sample
     train_seconds = time.monotonic() - started
-    with tqdm(
-        total=count, unit="key", unit_scale=True, desc="index add", disable=not show_progress, file=sys.stderr
-    ) as bar:
+    with progress_meter(total=count, unit="key", unit_scale=True, desc="index add", bar=show_progress,
+                  log=log_progress) as bar:
 
         def added(n: int) -> None:
-            if bar.n + n >= count:  # leave the 100% line to close(): printed once, not twice
+            if show_progress and bar.n + n >= count:  # leave tqdm's 100% line to close(): printed once, not twice
                 bar.n = count
             else:
                 bar.update(n)
@@ -570,6 +569,7 @@ def _build_index_locked(output, factory, metric, train_sample, seed, use_gpu, sh
     with atomic_path(output / INDEX_NAME) as tmp:
         faiss_index.write_index(index, tmp)
         index_sha256 = sha256_file(tmp)
+    meta["metric"] = metric
     meta["index"] = {
         "file": INDEX_NAME,
         "factory": factory,
@@ -634,7 +634,12 @@ def build_parser() -> Parser:
         help="FAISS factory string, or auto (IVF-PQ sized to the datastore; Flat when tiny)",
     )
     p.add_argument(
-        "--metric", choices=("ip", "l2"), default="ip", help="index metric: inner product or L2 (default ip)"
+        "--metric",
+        choices=METRICS,
+        default=None,
+        help=f"search metric, recorded in meta.json with or without an index: inner product or L2 (default "
+        f"{DEFAULT_METRIC}: measured better than ip for kNN-LM and TRIME's external memory, TRIME-trained models "
+        "included; --merge/--build-index keep the recorded one)",
     )
     p.add_argument(
         "--train-sample", type=POSITIVE_INT, default=1_000_000, help="keys sampled (seeded) to train the index"
@@ -672,7 +677,15 @@ def extract_step(args: argparse.Namespace, output: Path) -> None:
     if args.data is None or args.path is None:
         fail("extraction needs DATA and --path (or use --merge / --build-index on an existing --output)")
     shard_range(1, args.num_shards, args.shard_id)  # before the model loads
+    from trime.adapters.base import window_defaults_note
+
     loaded = model_from_args(args)
+    note = window_defaults_note(loaded.windows, args.context_window, args.tokens_per_sample)
+    if note:
+        logger(PROG, stderr=True)(note)
+    metric = args.metric or DEFAULT_METRIC
+    logger(PROG)(f"metric {metric}" + ("" if args.metric else " (the default: measured better than ip for kNN-LM "
+                                        "and TRIME's external memory alike)"))
     written = extract(
         loaded.lm,
         args.gen_subset,
@@ -686,6 +699,8 @@ def extract_step(args: argparse.Namespace, output: Path) -> None:
         kill_after_batches=args.kill_after_batches,
         show_progress=not args.no_progress_bar,
         log=logger(PROG),
+        metric=metric,
+        log_progress=logger(PROG, stderr=True),
     )
     if args.num_shards > 1:
         finished = [
@@ -700,7 +715,7 @@ def extract_step(args: argparse.Namespace, output: Path) -> None:
     if not args.no_index:
         meta = read_json(written / META_NAME, what="datastore meta file")
         if meta.get("index") is None or not (written / INDEX_NAME).is_file():
-            build_index(output, **index_options(args))
+            build_index(output, **{**index_options(args), "metric": metric})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

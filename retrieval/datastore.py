@@ -9,6 +9,13 @@ Layout of a datastore directory::
     index.faiss   FAISS index over keys.npy (row i of keys.npy has FAISS id i); its size and sha256 are in meta.json
     shards/shard-XXX-of-NNN/   per-shard keys/vals/meta of a sharded build (before --merge)
 
+The search metric (``ip``: inner product, ``l2``: minus the squared L2 distance) is chosen when
+the datastore is built and recorded in meta.json's ``metric``, with or without an index
+(default DEFAULT_METRIC, ``l2``: measured better for kNN-LM and for TRIME's external memory alike,
+docs/results.md); a datastore that records none (built before the metric was recorded) is read as
+``ip``, the old default. ``trime-eval --metric`` may search another metric exactly (``--knn-search
+torch``), never through an index built for the other one.
+
 :meth:`Datastore.open` checks meta.json against the files, the values' checksum and range,
 the index's checksum, and the datastore against the model (key size, dictionary, model family,
 checkpoint); :func:`verify` adds the keys' checksums and that every key is finite. Every
@@ -18,7 +25,9 @@ run that writes a datastore directory holds its lock (:func:`build_lock`). Build
 
 import contextlib
 import os
-from collections.abc import Callable
+import sys
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +36,7 @@ import numpy as np
 from trime.errors import fail
 from trime.io_utils import exclusive_lock, identity_key, read_json, sha256_file
 from trime.retrieval import checksums
+from trime.retrieval.faiss_index import METRICS  # --metric: inner product, or minus the squared L2 distance
 
 META_NAME = "meta.json"
 LOCK_NAME = ".trime-build.lock"
@@ -39,6 +49,12 @@ KEY_TYPE = "last_ffn_input"
 KEY_DTYPES = {"fp16": np.float16, "fp32": np.float32}
 KEY_DTYPE_NAMES = tuple(np.dtype(t).name for t in KEY_DTYPES.values())
 SEARCH_BACKENDS = ("faiss", "torch")  # trime-eval --knn-search
+# the default --metric of a new datastore. Measured (docs/results.md): kNN-LM on SmolLM2 21.43 with l2 vs 22.15-22.30
+# with ip; tuned TRIME external memory on the demo's models 153.8 vs 162.0 (TrimeLM), 156.6 vs 167.2 (TrimeLM_long),
+# 155.7 vs 170.6 (TrimeLM_ext, trained with dot products); a tie for the demo's CE kNN-LM (264.1 vs 263.8)
+DEFAULT_METRIC = "l2"
+LEGACY_METRIC = "ip"  # the metric of a datastore that records none (the default before it was recorded)
+PROGRESS_LINE_SECONDS = 30.0  # without a progress bar: one progress line this often
 VAL_DTYPE = np.int32
 if TYPE_CHECKING:  # torch is imported only when a model is loaded
     from trime.adapters import ModelAdapter
@@ -46,6 +62,76 @@ if TYPE_CHECKING:  # torch is imported only when a model is loaded
 
 def _silent(message: str) -> None:
     """The default ``log``: library calls print nothing."""
+
+
+class ProgressLines:
+    """A counter that ``log``s one line every ``every_seconds`` (default PROGRESS_LINE_SECONDS) and a last one
+    when closed (if it logged any):
+    what a progress bar shows, for logs and ``--no-progress-bar``. Used like tqdm (iterate, ``update``, ``close``)."""
+
+    def __init__(self, iterable: Iterable | None = None, total: int | None = None, desc: str = "", unit: str = "it",
+                 log: Callable[[str], None] = _silent, every_seconds: float | None = None,
+                 initial: int = 0) -> None:
+        self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit
+        self.log = log
+        self.every_seconds = PROGRESS_LINE_SECONDS if every_seconds is None else every_seconds
+        self.n = self.initial = initial
+        self.started = self.last = time.monotonic()
+        self.lines = 0
+
+    def line(self) -> str:
+        """``desc: n/total unit (p%), elapsed, rate, time left``."""
+        elapsed = time.monotonic() - self.started
+        rate = (self.n - self.initial) / elapsed if elapsed > 0 else 0.0
+        text = f"{self.desc}: {self.n:,}" + (f"/{self.total:,}" if self.total else "") + f" {self.unit}"
+        if self.total:
+            text += f" ({100 * self.n / self.total:.0f}%)"
+        text += f", {elapsed:.0f} s, {rate:,.1f} {self.unit}/s"
+        if self.total and rate > 0 and self.n < self.total:
+            text += f", about {(self.total - self.n) / rate:.0f} s left"
+        return text
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= self.every_seconds:
+            self.last = now
+            self.lines += 1
+            self.log(self.line())
+
+    def close(self) -> None:
+        if self.lines:
+            self.lines = 0
+            self.log(self.line())
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)
+        self.close()
+
+    def __enter__(self) -> "ProgressLines":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def progress_meter(iterable: Iterable | None = None, *, total: int | None, desc: str, unit: str, bar: bool,
+             log: Callable[[str], None] = _silent, initial: int = 0, unit_scale: bool = False):
+    """The tools' one progress display: tqdm's bar on stderr (``bar``), else :class:`ProgressLines`
+    (a line to ``log`` every PROGRESS_LINE_SECONDS), so that ``--no-progress-bar`` is never silent for long."""
+    if bar:
+        from tqdm import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, unit_scale=unit_scale,
+                    file=sys.stderr)
+    return ProgressLines(iterable, total=total, desc=desc, unit=unit, log=log, initial=initial)
+
+
+def recorded_metric(meta: dict) -> str | None:
+    """The search metric meta.json records (its ``metric``, else its index's), or None."""
+    return meta.get("metric") or (meta.get("index") or {}).get("metric")
 
 
 def shard_dir_name(shard_id: int, num_shards: int) -> str:
@@ -109,6 +195,7 @@ class Datastore:
         index=None,
         on_gpu: bool = False,
         torch_search=None,
+        metric: str | None = None,
     ) -> None:
         self.directory = directory
         self.on_gpu = on_gpu
@@ -116,7 +203,7 @@ class Datastore:
         self.vals = vals
         self.keys = keys
         self.index = index
-        self.metric = (meta.get("index") or {}).get("metric", "ip")
+        self.metric = metric or recorded_metric(meta) or LEGACY_METRIC
         # --knn-search torch: a TorchExactSearch over all keys on the model's device (no FAISS index)
         self.torch_search = torch_search
         self._device_vals = None
@@ -146,8 +233,13 @@ class Datastore:
         model_path: str | None = None,
         allow_other_checkpoint: bool = False,
         log: Callable[[str], None] = _silent,
+        metric: str | None = None,
     ) -> "Datastore":
         """Open and validate a datastore; every mismatch is a one-line error naming the file and fix.
+
+        ``metric`` (``--metric``) is the search metric, by default the one the datastore records
+        (:func:`recorded_metric`, else ``ip``); an index built for another metric is refused (the exact
+        ``torch`` search takes any).
 
         ``dim``/``dict_sha256`` are the model's key size and the dictionary's sha256,
         ``model`` its ``{"frontend", "architecture"}`` (:func:`model_info`). ``checkpoint`` is
@@ -167,6 +259,8 @@ class Datastore:
         """
         if search not in SEARCH_BACKENDS:
             fail(f"--knn-search must be one of {', '.join(SEARCH_BACKENDS)}, got {search!r}")
+        if metric is not None and metric not in METRICS:
+            fail(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
         directory = Path(directory)
         meta_path = directory / META_NAME
         if not directory.is_dir():
@@ -216,15 +310,22 @@ class Datastore:
         keys = np.load(keys_path, mmap_mode="r", allow_pickle=False)  # never unpickle: plain .npy only
         vals = np.load(vals_path, allow_pickle=False)
         check_value_range(vals, meta, vals_path, vocab_size)
+        metric = metric or recorded_metric(meta) or LEGACY_METRIC
         index, on_gpu, torch_search = None, False, None
         if search == "torch":
             from trime.retrieval.torch_knn import TorchExactSearch
 
-            metric = (meta.get("index") or {}).get("metric", "ip")
             torch_search = TorchExactSearch(keys, metric=metric, device=device if device is not None else "cpu")
         elif need_index:
+            built_for = (meta.get("index") or {}).get("metric", LEGACY_METRIC)
+            if meta.get("index") and built_for != metric:
+                fail(
+                    f"--metric {metric}: {directory / INDEX_NAME} was built for {built_for}; rebuild it with "
+                    f"trime-build-datastore --build-index --metric {metric} --output {directory}, or search "
+                    "exactly with --knn-search torch"
+                )
             index, on_gpu = load_index(directory, meta, nprobe=nprobe, gpus=gpus, log=log)
-        return cls(directory, meta, vals, keys, index, on_gpu=on_gpu, torch_search=torch_search)
+        return cls(directory, meta, vals, keys, index, on_gpu=on_gpu, torch_search=torch_search, metric=metric)
 
     def check_k(self, k: int) -> None:
         """Fail unless ``k`` (``--k``) neighbours can be searched: at most the keys, and FAISS's GPU limit."""
@@ -302,6 +403,7 @@ class Datastore:
             "count": self.count,
             "dim": self.dim,
             "key_dtype": self.meta["key_dtype"],
+            "metric": self.metric,
             "index": self.meta.get("index"),
             "checkpoint": self.meta.get("checkpoint"),
         }

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from trime.errors import fail
+from trime.retrieval.faiss_index import METRICS
 
-METRICS = ("ip", "l2")
 # Bytes of fp32 scores one chunk may hold (queries x keys); bounds the search's working memory.
 DEFAULT_SCORE_BYTES = 1 << 30
 # Keys copied to the device per transfer when loading (bounds the host-side fp32/fp16 staging copy).

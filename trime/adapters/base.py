@@ -11,7 +11,11 @@ Windows: ``tokens_per_sample`` tokens per window of which up to ``context_window
 earlier tokens (context); only the new tokens are scored. Context positions are memory
 keys labelled with their true next tokens. Batches are fixed runs of ``batch_size``
 consecutive windows, so a window's numbers do not depend on where a run or a datastore
-shard starts (``first_batch``/``end_batch``).
+shard starts (``first_batch``/``end_batch``). Defaults (:func:`default_window_settings`): the
+window the model was trained with, else its positions up to DEFAULT_WINDOW (a CPU-sane 1,024),
+and half of it as context, so that windows overlap as in the papers' evaluations (their
+WikiText-103 runs keep 2,560 of 3,072 tokens as context; half costs two forward passes per
+scored token instead of six).
 """
 
 import math
@@ -30,6 +34,8 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 # Largest (rows x vocabulary) block of fp32 token logits held at once.
 TOKEN_LOGIT_BUDGET = 1 << 26
 DEFAULT_MAX_TOKENS = 8192
+# the default window of a model whose training window is unknown: its positions, at most this many tokens
+DEFAULT_WINDOW = 1024
 
 
 @dataclass
@@ -49,6 +55,11 @@ class WindowSettings:
             "context_window": self.context_window,
             "new_tokens_per_window": self.new_tokens,
         }
+
+    def describe(self) -> str:
+        """``windows of T tokens, C of them context (N new)``."""
+        return (f"windows of {self.tokens_per_sample:,} tokens, {self.context_window:,} of them context "
+                f"({self.new_tokens:,} new)")
 
 
 @dataclass
@@ -142,8 +153,8 @@ class ModelAdapter(ABC):
         return self.vocab["sha256"]
 
     @abstractmethod
-    def window_settings(self, context_window: int, tokens_per_sample: int | None) -> WindowSettings:
-        """Resolve ``--context-window``/``--tokens-per-sample`` (default: the model's) and check them."""
+    def window_settings(self, context_window: int | None, tokens_per_sample: int | None) -> WindowSettings:
+        """Resolve ``--context-window``/``--tokens-per-sample`` (None: :func:`default_window_settings`) and check them."""
 
     @abstractmethod
     def windows(self, split: str, settings: WindowSettings) -> SplitWindows:
@@ -159,6 +170,28 @@ def pick_device(cpu: bool) -> torch.device:
     if not cpu and torch.cuda.is_available():
         return torch.device("cuda", 0)
     return torch.device("cpu")
+
+
+def default_window_settings(
+    context_window: int | None, tokens_per_sample: int | None, trained_window: int | None, max_positions: int | None
+) -> tuple[int, int]:
+    """(context_window, tokens_per_sample) with each None replaced by its default.
+
+    ``tokens_per_sample``: the window the model was trained with (``trained_window``), else its
+    positions (``max_positions``) up to DEFAULT_WINDOW. ``context_window``: half the window.
+    """
+    tps = tokens_per_sample
+    if tps is None:
+        tps = trained_window if trained_window is not None else min(max_positions or DEFAULT_WINDOW, DEFAULT_WINDOW)
+    return (tps // 2 if context_window is None else context_window), int(tps)
+
+
+def window_defaults_note(settings: WindowSettings, context_window: int | None, tokens_per_sample: int | None) -> str | None:
+    """The windows and the flags they took defaults for (None when ``--context-window`` and
+    ``--tokens-per-sample`` were both given): what the tools print."""
+    defaults = [flag for flag, value in (("--tokens-per-sample", tokens_per_sample),
+                                         ("--context-window", context_window)) if value is None]
+    return f"{settings.describe()} (default {' and '.join(defaults)})" if defaults else None
 
 
 def check_window_settings(

@@ -23,6 +23,7 @@ from trime.adapters.base import (
     WindowBatch,
     WindowSettings,
     check_window_settings,
+    default_window_settings,
     pick_device,
     token_terms_in_blocks,
 )
@@ -110,11 +111,14 @@ class FairseqLM(ModelAdapter):
         model.eval()
         return cls(model, task, cfg, path, data_dir, device, dtype, dict_sha, identity)
 
-    def window_settings(self, context_window: int, tokens_per_sample: int | None) -> WindowSettings:
-        tps = self.ckpt_tokens_per_sample if tokens_per_sample is None else tokens_per_sample
+    def window_settings(self, context_window: int | None, tokens_per_sample: int | None) -> WindowSettings:
+        """Default window: the checkpoint's --tokens-per-sample (as fairseq-eval-lm), half of it as context."""
         max_positions = self.model.max_positions()
         if isinstance(max_positions, tuple):
             max_positions = max_positions[0]
+        context_window, tps = default_window_settings(
+            context_window, tokens_per_sample, self.ckpt_tokens_per_sample, max_positions
+        )
         return check_window_settings(context_window, tps, max_positions)
 
     def windows(self, split: str, settings: WindowSettings) -> "FairseqWindows":

@@ -16,7 +16,6 @@ output embeddings applied to the base model's last hidden state, for scored rows
 transformers is imported only when a model is loaded.
 """
 
-import hashlib
 import math
 import os
 from collections.abc import Iterator
@@ -31,20 +30,16 @@ from trime.adapters.base import (
     WindowBatch,
     WindowSettings,
     check_window_settings,
+    default_window_settings,
     pick_device,
     token_terms_in_blocks,
 )
 from trime.errors import fail
 from trime.heads import full_softmax_terms
 from trime.hooks import KeyCapture, hf_key_module
-from trime.io_utils import file_identity, identity_key
 
 # the split files looked for in DATA, first match wins
 SPLIT_FILES = ("{split}.txt", "wiki.{split}.tokens")
-# files that make up a model dir's identity (weights and config)
-WEIGHT_PATTERNS = ("config.json", "*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
-# the default window is the model's context unless it is longer than this (then --tokens-per-sample is needed)
-MAX_DEFAULT_WINDOW = 8192
 
 
 def split_file(data_dir: Path, split: str) -> Path:
@@ -61,25 +56,14 @@ def split_file(data_dir: Path, split: str) -> Path:
     )
 
 
-def model_dir_identity(path: Path) -> dict:
-    """Identity of a model dir: one hash over its config and weight files (names and contents)."""
-    files = sorted({f for pattern in WEIGHT_PATTERNS for f in path.glob(pattern) if f.is_file()})
-    digest = hashlib.sha256()
-    total = 0
-    for f in files:
-        identity = file_identity(f)
-        total += identity["bytes"]
-        digest.update(f"{f.name}\0{identity_key(identity)}\n".encode())
-    return {"path": str(path), "bytes": total, "files": len(files), "sha256": digest.hexdigest()}
-
-
 class HFLM(ModelAdapter):
     """A Hugging Face causal LM and its tokenizer, ready for scoring text splits."""
 
     frontend = "hf"
 
     def __init__(self, model, tokenizer, path: Path, data_dir: Path, device, dtype, key_module: str | None = None,
-                 trained_block_size: int | None = None):
+                 trained_block_size: int | None = None, gguf_file: str | None = None):
+        from trime.hf.model import model_identity
         from trime.hf.text import tokenizer_identity
 
         self.model, self.tokenizer = model, tokenizer
@@ -92,7 +76,7 @@ class HFLM(ModelAdapter):
         config = model.config
         self.dim = self._key_dim()
         self.architecture = str(config.model_type)
-        self.identity = model_dir_identity(path)
+        self.identity = model_identity(path, gguf_file)  # a GGUF file: its sha256
         self.vocab = {"sha256": tokenizer_identity(tokenizer), "size": len(tokenizer)}
         self.max_positions = getattr(config, "max_position_embeddings", None)
         self.trained_block_size = trained_block_size  # trime-hf-train's --block-size, from its record
@@ -113,26 +97,28 @@ class HFLM(ModelAdapter):
         cpu: bool = False,
         precision: str = "fp32",
         key_module: str | None = None,
+        gguf_file: str | None = None,
     ) -> "HFLM":
-        """Load a ``save_pretrained`` dir (model + tokenizer) for scoring the text splits in ``data_dir``.
+        """Load a ``save_pretrained`` dir (model + tokenizer), hub name or GGUF file (``x.gguf``, or a dir with
+        ``gguf_file``) for scoring the text splits in ``data_dir``.
 
         Keys come from the module the model was trained with (:func:`trime.hf.model.training_record`)
         unless ``key_module`` is given; a ``key_module`` that resolves to another module than the
         record's is refused, since the memories would hold keys the model was not trained with.
         """
-        from trime.hf.model import load_model_and_tokenizer, training_record
+        from trime.hf.model import is_gguf, load_model_and_tokenizer, training_record
 
         path, data_dir = Path(path), Path(data_dir)
         if not data_dir.is_dir():
             fail(f"DATA {data_dir} is not a directory; pass a folder of text splits (train.txt, valid.txt, test.txt)")
         device = pick_device(cpu)
-        record = training_record(path)
+        record = None if is_gguf(path, gguf_file) else training_record(path)  # trime-hf-train writes model dirs
         trained_key_module = record.key_module if record is not None else None
         record_origin = f"the key_module of training record {record.file}" if record is not None else ""
         chosen = key_module or trained_key_module
         model, tokenizer = load_model_and_tokenizer(
             path, dtype=precision, device=device, key_module=chosen, option="--path",
-            key_origin="--key-module" if key_module else record_origin,
+            key_origin="--key-module" if key_module else record_origin, gguf_file=gguf_file,
         )  # fmt: skip
         if key_module and record is not None and record.knows_key_module:
             given = hf_key_module(model, key_module)[0]
@@ -145,22 +131,19 @@ class HFLM(ModelAdapter):
         model.eval()
         dtype = next(model.parameters()).dtype
         block_size = record.block_size if record is not None else None
-        return cls(model, tokenizer, path, data_dir, device, dtype, chosen, trained_block_size=block_size)
+        return cls(model, tokenizer, path, data_dir, device, dtype, chosen, trained_block_size=block_size,
+                   gguf_file=gguf_file)
 
-    def window_settings(self, context_window: int, tokens_per_sample: int | None) -> WindowSettings:
-        """Default window: the training block size (trime-hf-train), else the model's positions."""
-        tps = tokens_per_sample if tokens_per_sample is not None else self.trained_block_size
-        if tps is None:
-            if self.max_positions is None or self.max_positions > MAX_DEFAULT_WINDOW:
-                fail(
-                    f"--path {self.path} allows {self.max_positions or 'unbounded'} positions; pass "
-                    "--tokens-per-sample (the window length, e.g. the training --block-size)"
-                )
-            tps = int(self.max_positions)
+    def window_settings(self, context_window: int | None, tokens_per_sample: int | None) -> WindowSettings:
+        """Default window: the training block size (trime-hf-train), else the model's positions up to
+        DEFAULT_WINDOW (1,024: SmolLM2's 8,192 would crawl on a CPU); half of it as context."""
+        context_window, tps = default_window_settings(
+            context_window, tokens_per_sample, self.trained_block_size, self.max_positions
+        )
         return check_window_settings(context_window, tps, self.max_positions)
 
     def stream(self, split: str) -> np.ndarray:
-        """The split's token ids, tokenized once per split."""
+        """The split's token ids: the token cache's read-only memmap (tokenized once per file and tokenizer)."""
         if split not in self._streams:
             from trime.hf.text import tokenize_text_file
 
@@ -254,9 +237,10 @@ class TextWindows(SplitWindows):
             attention_mask = torch.zeros(len(ids), length, dtype=torch.long)
             label_valid = torch.zeros(len(ids), length, dtype=torch.bool)
             for row, ((lo, _, hi), n) in enumerate(zip(spans, lengths)):
-                input_ids[row, :n] = torch.from_numpy(self.stream[lo : lo + n])
+                # the stream is the token cache's read-only memmap: read one window's slice as int64
+                input_ids[row, :n] = torch.from_numpy(np.asarray(self.stream[lo : lo + n], dtype=np.int64))
                 attention_mask[row, :n] = 1
-                predicted = self.stream[lo + 1 : hi]
+                predicted = np.asarray(self.stream[lo + 1 : hi], dtype=np.int64)
                 labels[row, : len(predicted)] = torch.from_numpy(predicted)
                 label_valid[row, : len(predicted)] = True
             yield {
