@@ -11,7 +11,7 @@ DEPS_STAMP := $(VENV)/.trime-deps
 INSTALL_STAMP := $(VENV)/.trime-installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: venv install demo test test-fast reproduce reproduce-enwik8 bench lint clean gpu-bringalong gpu-check
+.PHONY: venv install demo test test-fast reproduce reproduce-enwik8 real-model bench lint clean gpu-bringalong gpu-check
 
 $(DEPS_STAMP): requirements.txt requirements-hf.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,10 @@ reproduce: $(INSTALL_STAMP)
 
 reproduce-enwik8: $(INSTALL_STAMP)
 	$(PY) -m bench.reproduce --dataset enwik8-prefix
+
+# the paper's comparison on a real pretrained LM (SmolLM2-135M from the package index, LoRA fine-tuning)
+real-model: $(INSTALL_STAMP)
+	$(PY) -m bench.real_model
 
 # loss time/memory, then training words/s of every criterion (byte and word level)
 bench: $(INSTALL_STAMP)

@@ -240,3 +240,24 @@ def write_json(path: str, obj: Any) -> None:
         json.dump(obj, fh, indent=2, sort_keys=False)
         fh.write("\n")
     os.replace(tmp, path)
+
+
+def run_logged(cmd: Sequence[str], log_path: Path, env: Optional[dict] = None,
+               cwd: Optional[Path] = None) -> Dict[str, Any]:
+    """Run ``cmd`` with stdout and stderr into ``log_path``: its exit status, wall seconds and peak RSS.
+
+    The peak is the child's own high-water mark (``ru_maxrss`` of ``os.wait4`` on its pid,
+    which covers the descendants it waited for), so each step of a run is measured alone.
+    """
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:  # interrupted: do not leave the step running
+            proc.kill()
+            proc.wait()
+            raise
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return {"returncode": proc.returncode, "seconds": time.perf_counter() - start,
+            "peak_rss_bytes": usage.ru_maxrss * 1024}
