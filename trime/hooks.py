@@ -61,7 +61,8 @@ def fairseq_key_module(model: nn.Module) -> Tuple[str, nn.Module]:
     return f"decoder.layers.{len(layers) - 1}.fc1", layers[-1].fc1
 
 
-def _hf_decoder_layers(model: nn.Module) -> Tuple[Optional[str], Optional[nn.ModuleList]]:
+def hf_decoder_layers(model: nn.Module) -> Tuple[Optional[str], Optional[nn.ModuleList]]:
+    """(dotted name, module list) of the model's non-empty decoder layer list, or (None, None)."""
     for name in HF_LAYER_LISTS:
         try:
             layers = model.get_submodule(name)
@@ -88,7 +89,7 @@ def hf_key_module(
             return key_module, model.get_submodule(key_module)
         except AttributeError:
             fail(f"{origin} {key_module!r} is not a submodule of {kind}; name one of model.named_modules()")
-    layers_name, layers = _hf_decoder_layers(model)
+    layers_name, layers = hf_decoder_layers(model)
     if layers is None:
         fail(
             f"unsupported architecture {kind}: found no decoder layer list ({', '.join(HF_LAYER_LISTS)}) to take "

@@ -23,7 +23,7 @@ from typing import Optional, Union
 from torch import nn
 
 from trime.errors import fail
-from trime.hooks import HF_LAYER_LISTS
+from trime.hooks import HF_LAYER_LISTS, hf_decoder_layers
 
 # the adapter's folder inside trime-hf-train's --output-dir
 ADAPTER_DIR = "adapter"
@@ -45,25 +45,13 @@ def _linear_types() -> tuple:
     return nn.Linear, Conv1D
 
 
-def _decoder_layers_prefix(model: nn.Module) -> Optional[str]:
-    """``model.layers`` (or GPT-2's ``transformer.h``, ...): the dotted name of the decoder layer list, if found."""
-    for name in HF_LAYER_LISTS:
-        try:
-            layers = model.get_submodule(name)
-        except AttributeError:
-            continue
-        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-            return name
-    return None
-
-
 def default_target_modules(model: nn.Module) -> Union[list[str], str]:
     """The linear projections inside the decoder layers: their last name components, in model order.
 
     When such a name also names a linear layer outside the decoder layers, a regular expression over
     the full module names (peft's other form of ``target_modules``) keeps the adaptation inside them.
     """
-    prefix = _decoder_layers_prefix(model)
+    prefix = hf_decoder_layers(model)[0]
     if prefix is None:
         fail(f"--lora-r: found no decoder layer list ({', '.join(HF_LAYER_LISTS)}) in {type(model).__name__} to "
              "adapt; name the modules with --lora-target-modules")
