@@ -447,7 +447,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     lm = loaded.lm
     note = window_defaults_note(loaded.windows, args.context_window, args.tokens_per_sample)
     if note:
-        warn(note)
+        log(note)  # stdout: stderr stays the one error line when a later check fails
     store = open_datastore(args, lm, warn)
     is_bytes = is_byte_level(Path(args.data))
     settings = memory_settings(args, lm.dim)

@@ -682,7 +682,7 @@ def extract_step(args: argparse.Namespace, output: Path) -> None:
     loaded = model_from_args(args)
     note = window_defaults_note(loaded.windows, args.context_window, args.tokens_per_sample)
     if note:
-        logger(PROG, stderr=True)(note)
+        logger(PROG)(note)  # stdout: stderr stays the one error line when a later check fails
     metric = args.metric or DEFAULT_METRIC
     logger(PROG)(f"metric {metric}" + ("" if args.metric else " (the default: measured better than ip for kNN-LM "
                                         "and TRIME's external memory alike)"))
