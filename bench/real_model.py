@@ -383,7 +383,16 @@ class RealModelRun(Pipeline):
         peaks = read_json(rss) if rss.exists() else {}
         peaks[log_name] = result["peak_rss_bytes"]
         write_json_atomic(rss, peaks)
+        # the cores may be shared: the 1-minute load average when the step ended
+        loads = self.logs / "step-load.json"
+        ended = read_json(loads) if loads.exists() else {}
+        ended[log_name] = round(os.getloadavg()[0], 2)
+        write_json_atomic(loads, ended)
         return self._finish(Path(str(cmd[0])).name, log, result["returncode"] == 0, started)
+
+    def step_load(self) -> Dict[str, float]:
+        path = self.logs / "step-load.json"
+        return read_json(path) if path.exists() else {}
 
     def peak_rss(self) -> Dict[str, int]:
         path = self.logs / "step-peak-rss.json"
@@ -622,7 +631,9 @@ def training_log(log: Path) -> dict:
             with contextlib.suppress(ValueError, SyntaxError):
                 records.append({k: float(v) for k, v in ast.literal_eval(line).items()
                                 if k in ("loss", "ori_loss", "norm_loss", "epoch")})
-    return {"first_logged": records[0], "last_logged": records[-1]} if records else {}
+    resumed = re.search(r"resumed from \S*checkpoint-(\d+)", log.read_text()) if log.is_file() else None
+    summary = {"resumed_at_step": int(resumed.group(1))} if resumed else {}
+    return {**summary, "first_logged": records[0], "last_logged": records[-1]} if records else summary
 
 
 def tokens_per_s(result: dict) -> Optional[float]:
@@ -645,23 +656,54 @@ def store_info(path: Path) -> dict:
 # ----------------------------------------------------------------------------- report
 
 
-def answer(rows: List[dict]) -> str:
-    """The question's answer from the measured rows (or why it cannot be given yet)."""
-    got = {r["label"]: r["test_ppl"] for r in rows if "test_ppl" in r}
-    ce_knn = [v for k, v in got.items() if k.startswith("CE + kNN-LM")]
-    trime = [v for k, v in got.items() if k.startswith("TrimeLM") and "no memory" not in k]
+def answer(rows: List[dict], why: Dict[str, dict]) -> str:
+    """The question's answer from the measured rows and diagnostics (or why it cannot be given yet)."""
+    got = {r["label"]: r for r in rows if "test_ppl" in r}
+    ce_knn = [r for k, r in got.items() if k.startswith("CE + kNN-LM")]
+    trime = [r for k, r in got.items() if k.startswith("TrimeLM") and "no memory" not in k]
     if not ce_knn or not trime:
-        base = got.get("SmolLM2-135M")
-        knn = got.get("+ kNN-LM")
+        base, knn = got.get("SmolLM2-135M"), got.get("+ kNN-LM")
         text = "Not answered yet: the fine-tuned rows are pending."
         if base and knn:
             text += (f" On the pretrained model, kNN-LM over the train prefix changes test perplexity "
-                     f"{base:.2f} -> {knn:.2f} ({100 * (knn / base - 1):+.1f}%).")
+                     f"{base['test_ppl']:.2f} -> {knn['test_ppl']:.2f} ({100 * (knn['test_ppl'] / base['test_ppl'] - 1):+.1f}%).")
         return text
-    best_trime, best_ce = min(trime), min(ce_knn)
-    better = best_trime < best_ce
-    return (f"{'Yes' if better else 'No'}: the best TRIME-trained model with its memories reaches {best_trime:.2f} "
-            f"test perplexity, CE fine-tuning plus kNN-LM {best_ce:.2f} ({100 * (best_trime / best_ce - 1):+.1f}%).")
+    best_trime = min(trime, key=lambda r: r["test_ppl"])
+    best_ce = min(ce_knn, key=lambda r: r["test_ppl"])
+    ratio = best_trime["test_ppl"] / best_ce["test_ppl"] - 1
+    own = {r["model"]: r["test_ppl"] for r in got.values() if r["memory"] == "none"}
+    gains = []
+    for model in ("ce", "trimelm", "trimelm_long", "trimelm_ext"):
+        best = min((r for r in got.values() if r["model"] == model and r["memory"] != "none"),
+                   key=lambda r: r["test_ppl"], default=None)
+        if best is not None and model in own:
+            gains.append(f"{model} {100 * (best['test_ppl'] / own[model] - 1):+.1f}% ({best['label']})")
+    text = (f"{'Yes' if ratio < 0 else 'No'}: the best TRIME-trained model with its memories ({best_trime['label']}) "
+            f"reaches {best_trime['test_ppl']:.2f} test perplexity, CE fine-tuning plus kNN-LM "
+            f"({best_ce['label']}) {best_ce['test_ppl']:.2f} ({100 * ratio:+.1f}%). The best memory of each fine-tuned "
+            f"model against its own perplexity without memory: {'; '.join(gains)}.")
+    before, after = why.get("pretrained"), why.get("trimelm")
+    if before and after:
+        text += (f" Why: at temperature 1, as in training, TRIME's memory logits (median {before['memory_logit_median']:.1f},"
+                 f" p99 {before['memory_logit_p99']:.1f}) sit far below the token logits' logsumexp "
+                 f"({before['token_logsumexp_median']:.1f}), so the memory holds a median "
+                 f"{before['memory_share_median']:.1e} of the joint softmax's mass, and the keys of a window are alike "
+                 f"(median cosine {before['key_cosine_median']:.2f}). TrimeLM's fine-tuning moved the key cosine "
+                 f"{before['key_cosine_median']:.3f} -> {after['key_cosine_median']:.3f} and the token logsumexp "
+                 f"{before['token_logsumexp_median']:.1f} -> {after['token_logsumexp_median']:.1f}; TRIME NLL minus CE "
+                 f"went {before['trime_nll'] - before['ce']:+.3f} -> {after['trime_nll'] - after['ce']:+.3f} nats.")
+        muted = (abs(after["key_cosine_median"] - before["key_cosine_median"]) < 0.02
+                 and after["token_logsumexp_median"] > before["token_logsumexp_median"] + 0.5)
+        if muted:
+            text += (" The TRIME loss was lowered by muting the memory (larger token logits), not by making its keys "
+                     "discriminative.")
+    joint = [r for r in got.values() if r.get("cache") == "joint" or r["memory"] == "local"]
+    temps = [r["tuned"].get("softmax_temp") or 1.0 for r in joint]
+    if temps and min(temps) >= 8:
+        text += (f" Tuning on valid chose softmax temperatures of {min(temps):.0f} to {max(temps):.0f} for every "
+                 "joint-softmax memory, which all but switches it off; the interpolated cache and kNN-LM add mass "
+                 "only through their tuned weights.")
+    return text
 
 
 def write_report(payload: dict, out: Path, echo: bool = True) -> None:
@@ -731,7 +773,8 @@ def write_report(payload: dict, out: Path, echo: bool = True) -> None:
             def pair(key: str, a: dict = first, z: dict = last) -> str:
                 return f"{a[key]:.3f} -> {z[key]:.3f}" if key in a and key in z else "–"
 
-            lines.append(f"| {name} | {t.get('seconds', 0):,.0f} | {pair('loss')} | {pair('ori_loss')} | "
+            resumed = f" (steps after {t['resumed_at_step']}: resumed)" if t.get("resumed_at_step") else ""
+            lines.append(f"| {name} | {t.get('seconds', 0):,.0f}{resumed} | {pair('loss')} | {pair('ori_loss')} | "
                          f"{pair('norm_loss')} |")
         lines.append("")
     if payload["why"]:
@@ -746,11 +789,14 @@ def write_report(payload: dict, out: Path, echo: bool = True) -> None:
                          f"{w['token_logsumexp_median']:.2f} | {w['memory_share_median']:.2g} / "
                          f"{w['memory_share_mean']:.2g} |")
         lines.append("")
-    lines += ["| step | seconds | peak RSS |", "|---|---|---|"]
+    load = payload["step_load"]
+    lines += ["| step | seconds | peak RSS | load average at its end |", "|---|---|---|---|"]
     for name, seconds in secs.items():
         peak = rss.get(name)
-        lines.append(f"| {name} | {seconds:,.0f} | " + (f"{peak / 2**30:.2f} GiB |" if peak else "– |"))
-    lines += ["", f"Wall time {sum(payload['phase_seconds'].values()) / 60:.1f} min in all (resumed runs included): "
+        lines.append(f"| {name} | {seconds:,.0f} | " + (f"{peak / 2**30:.2f} GiB" if peak else "–")
+                     + f" | {load.get(name, '–')} |")
+    lines += ["", f"Wall time {sum(payload['phase_seconds'].values()) / 60:.1f} min in all (resumed runs included; the "
+              "cores may have been shared with other jobs, see the load column): "
               + ", ".join(f"{k} {v:.0f} s" for k, v in payload["phase_seconds"].items()) + ".", ""]
     with atomic_path(out.with_suffix(".md")) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
@@ -811,8 +857,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         payload.update({
             "machine": machine, "date": today(), "quick": args.quick, "work": str(work), "budget": budget.as_dict(),
             "model": run.model_record, "sizes": run.sizes, "step_seconds": run.step_seconds(),
-            "peak_rss_bytes": run.peak_rss(), "phase_seconds": run.phase_seconds(), "answer": answer(payload["rows"]),
-            "eval_flags": run.window_flags(), "omp_threads": os.environ["OMP_NUM_THREADS"],
+            "peak_rss_bytes": run.peak_rss(), "step_load": run.step_load(), "phase_seconds": run.phase_seconds(),
+            "answer": answer(payload["rows"], payload["why"]), "eval_flags": run.window_flags(),
+            "omp_threads": os.environ["OMP_NUM_THREADS"],
         })  # fmt: skip
         write_report(payload, out, echo=final)
 
