@@ -23,9 +23,8 @@ from trime.errors import fail
 from trime.eval.cache import EvalCache, entry_key, split_files_identity
 from trime.eval.memory import MemorySettings, ScoreState, require_finite, score_batch
 from trime.eval.tuning import CachedRun
-from trime.io_utils import identity_key
+from trime.io_utils import identity_key, progress_meter
 from trime.knn import KnnResults, knn_chunk_rows
-from trime.retrieval.datastore import progress_meter
 
 
 def cache_inputs(
@@ -133,7 +132,7 @@ class Evaluator:
         """``cache`` (``--cache-dir``) keeps forward passes and hits on disk, named by ``cache_inputs``
         (what they depend on besides the split: see :func:`cache_inputs`). ``name`` starts the
         progress bars' labels. Without bars (``progress`` False) ``log`` gets a progress line every
-        30 s instead (:func:`trime.retrieval.datastore.progress_meter`)."""
+        30 s instead (:func:`trime.io_utils.progress_meter`)."""
         self.lm, self.windows, self.batch_size = lm, windows, batch_size
         self.name = name
         self.store, self.k, self.exact, self.progress = store, k, exact, progress

@@ -25,9 +25,7 @@ run that writes a datastore directory holds its lock (:func:`build_lock`). Build
 
 import contextlib
 import os
-import sys
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,7 +52,6 @@ SEARCH_BACKENDS = ("faiss", "torch")  # trime-eval --knn-search
 # 155.7 vs 170.6 (TrimeLM_ext, trained with dot products); a tie for the demo's CE kNN-LM (264.1 vs 263.8)
 DEFAULT_METRIC = "l2"
 LEGACY_METRIC = "ip"  # the metric of a datastore that records none (the default before it was recorded)
-PROGRESS_LINE_SECONDS = 30.0  # without a progress bar: one progress line this often
 VAL_DTYPE = np.int32
 if TYPE_CHECKING:  # torch is imported only when a model is loaded
     from trime.adapters import ModelAdapter
@@ -62,71 +59,6 @@ if TYPE_CHECKING:  # torch is imported only when a model is loaded
 
 def _silent(message: str) -> None:
     """The default ``log``: library calls print nothing."""
-
-
-class ProgressLines:
-    """A counter that ``log``s one line every ``every_seconds`` (default PROGRESS_LINE_SECONDS) and a last one
-    when closed (if it logged any):
-    what a progress bar shows, for logs and ``--no-progress-bar``. Used like tqdm (iterate, ``update``, ``close``)."""
-
-    def __init__(self, iterable: Iterable | None = None, total: int | None = None, desc: str = "", unit: str = "it",
-                 log: Callable[[str], None] = _silent, every_seconds: float | None = None,
-                 initial: int = 0) -> None:
-        self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit
-        self.log = log
-        self.every_seconds = PROGRESS_LINE_SECONDS if every_seconds is None else every_seconds
-        self.n = self.initial = initial
-        self.started = self.last = time.monotonic()
-        self.lines = 0
-
-    def line(self) -> str:
-        """``desc: n/total unit (p%), elapsed, rate, time left``."""
-        elapsed = time.monotonic() - self.started
-        rate = (self.n - self.initial) / elapsed if elapsed > 0 else 0.0
-        text = f"{self.desc}: {self.n:,}" + (f"/{self.total:,}" if self.total else "") + f" {self.unit}"
-        if self.total:
-            text += f" ({100 * self.n / self.total:.0f}%)"
-        text += f", {elapsed:.0f} s, {rate:,.1f} {self.unit}/s"
-        if self.total and rate > 0 and self.n < self.total:
-            text += f", about {(self.total - self.n) / rate:.0f} s left"
-        return text
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        now = time.monotonic()
-        if now - self.last >= self.every_seconds:
-            self.last = now
-            self.lines += 1
-            self.log(self.line())
-
-    def close(self) -> None:
-        if self.lines:
-            self.lines = 0
-            self.log(self.line())
-
-    def __iter__(self):
-        for item in self.iterable:
-            yield item
-            self.update(1)
-        self.close()
-
-    def __enter__(self) -> "ProgressLines":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def progress_meter(iterable: Iterable | None = None, *, total: int | None, desc: str, unit: str, bar: bool,
-             log: Callable[[str], None] = _silent, initial: int = 0, unit_scale: bool = False):
-    """The tools' one progress display: tqdm's bar on stderr (``bar``), else :class:`ProgressLines`
-    (a line to ``log`` every PROGRESS_LINE_SECONDS), so that ``--no-progress-bar`` is never silent for long."""
-    if bar:
-        from tqdm import tqdm
-
-        return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, unit_scale=unit_scale,
-                    file=sys.stderr)
-    return ProgressLines(iterable, total=total, desc=desc, unit=unit, log=log, initial=initial)
 
 
 def recorded_metric(meta: dict) -> str | None:

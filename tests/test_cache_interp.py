@@ -378,10 +378,10 @@ def test_cache_dir_results_say_they_were_read_and_have_no_speed(repeated_text, t
 
 
 def test_no_progress_bar_prints_progress_lines(repeated_text, tmp_path, monkeypatch, capsys):
-    import trime.retrieval.datastore as datastore
+    import trime.io_utils as io_utils
     from trime.retrieval.build_datastore import main
 
-    monkeypatch.setattr(datastore, "PROGRESS_LINE_SECONDS", 0.0)  # a line per update instead of every 30 s
+    monkeypatch.setattr(io_utils, "PROGRESS_LINE_SECONDS", 0.0)  # a line per update instead of every 30 s
     main([str(repeated_text), "--path", str(H.model_dir("gpt2")), "--gen-subset", "valid", "--output",
           str(tmp_path / "ds"), "--tokens-per-sample", "64", "--context-window", "16", "--batch-size", "4",
           "--index-factory", "Flat", "--cpu", "--no-progress-bar"])  # fmt: skip
