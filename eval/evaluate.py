@@ -379,10 +379,12 @@ def report_rows(
 
 
 def print_results(args: argparse.Namespace, settings: MemorySettings, rows: list[dict], store: Datastore | None,
-                  is_bytes: bool, log: Callable[[str], None]) -> None:
-    """The settings line, fairseq-eval-lm's loss line and the results table on stdout."""
-    log(settings_line(settings, args.knnlm, store is not None, subset=args.gen_subset,
-                      metric=store.metric if store is not None else None))
+                  is_bytes: bool, log: Callable[[str], None], windows_note: str | None = None) -> None:
+    """The settings line (ending with the windows where they took defaults), fairseq-eval-lm's loss line
+    and the results table on stdout."""
+    line = settings_line(settings, args.knnlm, store is not None, subset=args.gen_subset,
+                         metric=store.metric if store is not None else None)
+    log(f"{line}; {windows_note}" if windows_note else line)
     last = rows[-1]
     print(
         f"Loss (base 2): {last['loss_base2']:.4f}, {'bpc' if is_bytes else 'Perplexity'}: "
@@ -445,9 +447,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     log, warn = logger(PROG), logger(PROG, stderr=True)
     loaded = model_from_args(args)
     lm = loaded.lm
-    note = window_defaults_note(loaded.windows, args.context_window, args.tokens_per_sample)
-    if note:
-        log(note)  # stdout: stderr stays the one error line when a later check fails
+    windows_note = window_defaults_note(loaded.windows, args.context_window, args.tokens_per_sample)
     store = open_datastore(args, lm, warn)
     is_bytes = is_byte_level(Path(args.data))
     settings = memory_settings(args, lm.dim)
@@ -480,7 +480,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         sweep = run_sweep(args.sweep, evaluator, cached, settings, is_bytes, prefix=args.sweep_prefix,
                           title=args.gen_subset, knnlm=args.knnlm, log=log)
     rows += report_rows(args, evaluator, settings, is_bytes, sweep, gen_cached, log=warn)
-    print_results(args, settings, rows, store, is_bytes, log)
+    print_results(args, settings, rows, store, is_bytes, log, windows_note)
     record = results_record(args, loaded, store, settings, is_bytes, rows, tuning, sweep)
     if args.results_json:
         write_json_atomic(args.results_json, record)
