@@ -99,6 +99,19 @@ def test_memory_none_equals_transformers_perplexity(text_dir, arch, context, tmp
     assert (tmp_path / "r.json").is_file()
 
 
+def test_window_defaults_half_context_of_the_positions(text_dir, tmp_path, capsys):
+    """Neither window flag: windows of the model's positions (128 here, capped at 1024) with half as context."""
+    model_dir = H.model_dir("gpt2")
+    record = run_eval(text_dir, "--path", model_dir, "--gen-subset", "valid", "--memory", "none")
+    nll, count = transformers_nll(model_dir, text_dir / "valid.txt", 128, 64)
+    row = record["results"][-1]
+    assert row["tokens"] == count
+    assert abs(row["loss_base2"] * math.log(2) - nll / count) <= 1e-6 * (nll / count)
+    first_line = capsys.readouterr().out.splitlines()[0]
+    assert "windows of 128 tokens, 64 of them context" in first_line
+    assert "default --tokens-per-sample and --context-window" in first_line
+
+
 # ----------------------------------------------------------------------------- external memory, brute force
 
 

@@ -51,12 +51,16 @@ def add_model_args(
     parser.add_argument(
         "--context-window",
         type=NONNEGATIVE_INT,
-        default=0,
-        help="tokens of context before each window (also trime-eval's local memory); the same for the "
-        "datastore and the evaluation (default 0)",
+        default=None,
+        help="tokens of context before each window's scored tokens (also trime-eval's local memory); the same "
+        "for the datastore and the evaluation (default: half of --tokens-per-sample)",
     )
     parser.add_argument(
-        "--tokens-per-sample", type=POSITIVE_INT, default=None, help="window length incl. context (default: the checkpoint's)"
+        "--tokens-per-sample",
+        type=POSITIVE_INT,
+        default=None,
+        help="window length incl. context (default: the window the checkpoint was trained with, else its "
+        "positions up to 1024)",
     )
     parser.add_argument(
         "--key-module", default=None, help="HF models: module whose input are the keys (default: last layer's "
