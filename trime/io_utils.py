@@ -245,6 +245,7 @@ class ProgressLines:
         self.n = self.initial = initial
         self.started = self.last = time.monotonic()
         self.lines = 0
+        self.logged_n: int | None = None  # the count of the last line logged
 
     def line(self) -> str:
         """``desc: n/total unit (p%), elapsed, rate, time left``."""
@@ -263,13 +264,18 @@ class ProgressLines:
         now = time.monotonic()
         if now - self.last >= self.every_seconds:
             self.last = now
-            self.lines += 1
-            self.log(self.line())
+            self._log_line()
+
+    def _log_line(self) -> None:
+        self.lines += 1
+        self.logged_n = self.n
+        self.log(self.line())
 
     def close(self) -> None:
-        if self.lines:
-            self.lines = 0
-            self.log(self.line())
+        """Log the last count, unless no line was logged yet or the last line already showed it."""
+        if self.lines and self.logged_n != self.n:
+            self._log_line()
+        self.lines = 0
 
     def __iter__(self):
         for item in self.iterable:
