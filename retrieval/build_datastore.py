@@ -23,6 +23,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -60,6 +61,8 @@ from trime.io_utils import (
 from trime.retrieval.checksums import nonfinite_keys_message
 from trime.retrieval.datastore import (
     DEFAULT_METRIC,
+    DOCUMENTS_FORMAT,
+    DOCUMENTS_NAME,
     FORMAT,
     INDEX_NAME,
     KEY_DTYPES,
@@ -69,12 +72,15 @@ from trime.retrieval.datastore import (
     LOCK_NAME,
     META_NAME,
     METRICS,
+    ORIGIN_DTYPE,
+    ORIGINS_NAME,
     PROGRESS_NAME,
     VAL_DTYPE,
     VALS_NAME,
     Datastore,
     build_lock,
     check_npy,
+    data_identity,
     model_info,
     record_checksums,
     recorded_metric,
@@ -84,12 +90,16 @@ from trime.retrieval.datastore import (
 from trime.version import __version__
 
 if TYPE_CHECKING:  # torch is imported only when a model is loaded (not for --merge/--build-index)
-    from trime.adapters import ModelAdapter, WindowSettings
+    from trime.adapters import ModelAdapter, SplitWindows, WindowSettings
+    from trime.adapters.base import Documents
 
 PROG = "trime-build-datastore"
 DEFAULT_PROGRESS_SECONDS = 30.0
 DEFAULT_HEARTBEAT_SECONDS = 10.0
 ADD_CHUNK = 500_000
+SOURCE_ID = 0  # a build reads one source, the split: its id in origins.npy and meta.json's sources
+FINAL_NAMES = {"keys": KEYS_NAME, "vals": VALS_NAME, "origins": ORIGINS_NAME}  # per-row files of an extraction
+NO_SOURCES_NOTE = " (built before sources were recorded: rebuild it into a new --output to record them)"
 SEED = Number(int, ge=0, le=2**31 - 1)  # FAISS's k-means seed is a C int
 
 
@@ -117,25 +127,11 @@ def _config_sha(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
-# meta.json entries that are not build settings (excluded from the build's config; the metric does not change the keys)
-_NOT_SETTINGS = ("created_by", "build_config_sha256", "checksums", "index", "metric")
+# meta.json entries that are not build settings (excluded from the build's config; the metric does not change the
+# keys, and the sources follow from the split, the data and the dictionary)
+_NOT_SETTINGS = ("created_by", "build_config_sha256", "checksums", "index", "metric", "sources")
 # the settings a user chooses, named first when two builds differ (the rest follow from them)
 _SETTINGS_FIRST = ("checkpoint", "windows", "key_dtype", "model_precision", "dictionary", "model")
-
-
-def split_files(lm: "ModelAdapter", split: str) -> list[Path]:
-    """The files a split's tokens are read from: a data-bin's SPLIT.bin, SPLIT.idx and dict.txt, or a text split."""
-    if lm.frontend == "hf":
-        from trime.adapters.hf_lm import split_file
-
-        return [split_file(Path(lm.data_dir), split)]
-    data_dir = Path(lm.data_dir)
-    return [data_dir / f"{split}.bin", data_dir / f"{split}.idx", data_dir / "dict.txt"]
-
-
-def data_identity(lm: "ModelAdapter", split: str) -> dict:
-    """What the keys are extracted from: size and sha256 of each of the split's files, by name (not folder)."""
-    return {"files": {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in split_files(lm, split)}}
 
 
 def _short(identity: object) -> str:
@@ -173,10 +169,11 @@ def settings_difference(old: dict, new: dict, data_dir: object = None) -> tuple[
     return "build settings", False
 
 
-def _save_progress(path: Path, config: dict, config_sha: str, keys, vals, batches: int, rows: int) -> None:
+def _save_progress(path: Path, config: dict, config_sha: str, arrays: Sequence[np.memmap], batches: int,
+                   rows: int) -> None:
     """Flush the partial files, then record how far they are complete (atomically)."""
-    keys.flush()
-    vals.flush()
+    for array in arrays:
+        array.flush()
     with naming_file(path):
         write_json_atomic(
             path, {"config_sha256": config_sha, "config": config, "batches_done": batches, "rows_done": rows}
@@ -306,7 +303,8 @@ def _extract_locked(lm, split, settings, batch_size, out_dir, key_dtype, num_sha
     if meta_path.is_file():
         done = read_json(meta_path, what="datastore meta file")
         if done.get("build_config_sha256") == config_sha:
-            log(f"{out_dir} is already complete ({rows:,} keys)")
+            note = "" if done.get("sources") else NO_SOURCES_NOTE
+            log(f"{out_dir} is already complete ({rows:,} keys){note}")
             return out_dir
         what, is_data = settings_difference(done, meta, lm.data_dir)
         fail(
@@ -316,14 +314,18 @@ def _extract_locked(lm, split, settings, batch_size, out_dir, key_dtype, num_sha
     meta["build_config_sha256"] = config_sha
     if metric is not None:
         meta["metric"] = metric
+    stream = lm.stream(split)
+    documents = lm.documents(split)
+    meta["sources"] = [source_record(lm, split, len(stream), documents, meta["data"])]
 
-    keys_tmp, vals_tmp = out_dir / "keys.partial.npy", out_dir / "vals.partial.npy"
-    keys_final, vals_final = out_dir / KEYS_NAME, out_dir / VALS_NAME
+    partial = {name: _partial_path(out_dir, name) for name in FINAL_NAMES}
+    final = {name: out_dir / file_name for name, file_name in FINAL_NAMES.items()}
+    shapes = {"keys": ((rows, lm.dim), dtype), "vals": ((rows,), VAL_DTYPE), "origins": ((rows, 2), ORIGIN_DTYPE)}
+    described = {"keys": "keys", "vals": "values", "origins": "origins"}
     progress_path = out_dir / PROGRESS_NAME
     progress = read_json(progress_path, what="datastore progress file") if progress_path.is_file() else None
-    have_keys = keys_tmp.is_file() or (progress is not None and keys_final.is_file())
-    have_vals = vals_tmp.is_file() or (progress is not None and vals_final.is_file())
-    resume = progress is not None and have_keys and have_vals
+    have = {name: partial[name].is_file() or (progress is not None and final[name].is_file()) for name in partial}
+    resume = progress is not None and have["keys"] and have["vals"]
     done_batches, done_rows = 0, 0
     if resume:
         if progress.get("config_sha256") != config_sha:
@@ -338,27 +340,37 @@ def _extract_locked(lm, split, settings, batch_size, out_dir, key_dtype, num_sha
                 f"or delete {out_dir} to start over"
             )
         done_batches, done_rows = int(progress["batches_done"]), int(progress["rows_done"])
-    if resume and done_batches == b1 - b0 and not (keys_tmp.is_file() and vals_tmp.is_file()):
-        return _finish(out_dir, meta, keys_tmp, vals_tmp, rows, lm.dim, dtype, log)  # killed while finishing
+        if not have["origins"]:  # started by a trime that recorded no origins: they need no model
+            origins = _create_npy(partial["origins"], ORIGIN_DTYPE, (rows, 2))
+            filled = _fill_origins(origins, windows, w0, min(w1, w0 + done_batches * batch_size))
+            if filled != done_rows:
+                fail(f"{progress_path} records {done_rows:,} keys but its batches score {filled:,}; "
+                     f"delete {out_dir} and rebuild")
+            origins.flush()
+            del origins
+    if resume and done_batches == b1 - b0 and not all(path.is_file() for path in partial.values()):
+        return _finish(out_dir, meta, documents, rows, lm.dim, dtype, log)  # killed while finishing
     if resume:
-        check_npy(keys_tmp, (rows, lm.dim), dtype, "keys")
-        check_npy(vals_tmp, (rows,), VAL_DTYPE, "values")
-        _reserve(keys_tmp)  # partial files of a build killed before it reserved them are sparse
-        _reserve(vals_tmp)
-        keys = np.lib.format.open_memmap(keys_tmp, mode="r+")
-        vals = np.lib.format.open_memmap(vals_tmp, mode="r+")
+        for name, path in partial.items():
+            check_npy(path, *shapes[name], described[name])
+            _reserve(path)  # partial files of a build killed before it reserved them are sparse
+        arrays = {name: np.lib.format.open_memmap(path, mode="r+") for name, path in partial.items()}
     else:
         require_free_disk(
-            out_dir, int(rows * (lm.dim * np.dtype(dtype).itemsize + 4) * 1.02) + (16 << 20), flag="--output"
+            out_dir, int(rows * (lm.dim * np.dtype(dtype).itemsize + 4 + 16) * 1.02) + (16 << 20), flag="--output"
         )
         try:
-            keys = _create_npy(keys_tmp, dtype, (rows, lm.dim))
-            vals = _create_npy(vals_tmp, VAL_DTYPE, (rows,))
+            arrays = {}
+            for name, path in partial.items():
+                shape, array_dtype = shapes[name]
+                arrays[name] = _create_npy(path, array_dtype, shape)
         except OSError:
-            keys_tmp.unlink(missing_ok=True)
-            vals_tmp.unlink(missing_ok=True)
+            for path in partial.values():
+                path.unlink(missing_ok=True)
             raise
-        _save_progress(progress_path, config, config_sha, keys, vals, 0, 0)
+        _save_progress(progress_path, config, config_sha, list(arrays.values()), 0, 0)
+    keys, vals, origins = arrays["keys"], arrays["vals"], arrays["origins"]
+    del arrays
     bar = progress_meter(total=rows, initial=done_rows, unit="tok", unit_scale=True, desc=f"datastore {out_dir.name}",
                    bar=show_progress, log=log_progress)
     last_save = time.monotonic()
@@ -373,38 +385,88 @@ def _extract_locked(lm, split, settings, batch_size, out_dir, key_dtype, num_sha
             stored = q.astype(dtype)
         if not np.isfinite(stored).all():
             bar.close()
-            del keys, vals
-            for path in (keys_tmp, vals_tmp, progress_path):
+            del keys, vals, origins
+            for path in (*partial.values(), progress_path):
                 path.unlink(missing_ok=True)
             fail(_nonfinite_keys_error(lm, split, q, dtype, row0 + row, out_dir))
+        targets = batch.targets.cpu().numpy()
+        first_window = (b0 + batch_no - 1) * batch_size
+        positions = windows.target_positions(first_window, min(len(windows), first_window + batch_size))
+        if len(positions) != n or not np.array_equal(np.asarray(stream[positions]), targets):
+            fail(f"the {lm.frontend} adapter's targets of batch {b0 + batch_no - 1} are not the {split} split's "
+                 f"tokens at their positions, so their origins would be wrong (a trime bug: please report it)")
         keys[row : row + n] = stored
-        vals[row : row + n] = batch.targets.cpu().numpy().astype(VAL_DTYPE)
+        vals[row : row + n] = targets.astype(VAL_DTYPE)
+        origins[row : row + n, 0] = SOURCE_ID
+        origins[row : row + n, 1] = positions
         row += n
         bar.update(n)
         if kill_after_batches is not None and batches_this_run >= kill_after_batches:
             os.kill(os.getpid(), signal.SIGKILL)  # tests: die like a killed job, progress not updated
         if time.monotonic() - last_save >= progress_seconds:
-            _save_progress(progress_path, config, config_sha, keys, vals, batch_no, row)
+            _save_progress(progress_path, config, config_sha, (keys, vals, origins), batch_no, row)
             last_save = time.monotonic()
     bar.close()
     if row != rows:
         fail(f"extraction wrote {row:,} keys but {rows:,} were expected; delete {out_dir} and rebuild")
-    _save_progress(progress_path, config, config_sha, keys, vals, b1 - b0, row)
-    del keys, vals
-    return _finish(out_dir, meta, keys_tmp, vals_tmp, rows, lm.dim, dtype, log)
+    _save_progress(progress_path, config, config_sha, (keys, vals, origins), b1 - b0, row)
+    del keys, vals, origins
+    return _finish(out_dir, meta, documents, rows, lm.dim, dtype, log)
 
 
-def _finish(out_dir: Path, meta: dict, keys_tmp: Path, vals_tmp: Path, rows: int, dim: int, dtype,
+def _partial_path(out_dir: Path, name: str) -> Path:
+    """The file an extraction writes ``name`` (keys, vals, origins) into until it is complete."""
+    return out_dir / f"{name}.partial.npy"
+
+
+def source_record(lm: "ModelAdapter", split: str, tokens: int, documents: "Documents", data: dict) -> dict:
+    """meta.json's record of the one source of a build: the split, its files' identity, tokens and documents."""
+    return {
+        "id": SOURCE_ID,
+        "name": split,
+        "split": split,
+        "file": lm.data_files(split)[0].name,
+        "files": data["files"],
+        "tokens": int(tokens),
+        "documents": len(documents.starts),
+        "document_rule": documents.by,
+    }
+
+
+def _fill_origins(origins: np.ndarray, windows: "SplitWindows", first_window: int, end_window: int,
+                  chunk_windows: int = 1 << 14) -> int:
+    """Write the origins of windows ``first_window .. end_window-1`` from row 0 on; returns the rows written."""
+    row = 0
+    for lo in range(first_window, end_window, chunk_windows):
+        positions = windows.target_positions(lo, min(end_window, lo + chunk_windows))
+        origins[row : row + len(positions), 0] = SOURCE_ID
+        origins[row : row + len(positions), 1] = positions
+        row += len(positions)
+    return row
+
+
+def _documents_json(meta: dict, documents: "Documents") -> dict:
+    source = meta["sources"][0]
+    return {"format": DOCUMENTS_FORMAT,
+            "sources": [{"id": source["id"], "name": source["name"], "starts": documents.starts,
+                         "titles": documents.titles}]}
+
+
+def _finish(out_dir: Path, meta: dict, documents: "Documents", rows: int, dim: int, dtype,
             log: Callable[[str], None]) -> Path:
-    """Move the complete partial files into place, then write meta.json (last) and drop progress.json.
+    """Move the complete partial files into place, write documents.json, then meta.json (last), and drop
+    progress.json.
 
     A re-run after a kill (or a full disk) here finishes from whatever step was reached.
     """
-    for tmp, final in ((keys_tmp, out_dir / KEYS_NAME), (vals_tmp, out_dir / VALS_NAME)):
-        if tmp.is_file():
-            os.replace(tmp, final)
+    for name, final in FINAL_NAMES.items():
+        if _partial_path(out_dir, name).is_file():
+            os.replace(_partial_path(out_dir, name), out_dir / final)
     check_npy(out_dir / KEYS_NAME, (rows, dim), dtype, "keys")
     check_npy(out_dir / VALS_NAME, (rows,), VAL_DTYPE, "values")
+    check_npy(out_dir / ORIGINS_NAME, (rows, 2), ORIGIN_DTYPE, "origins")
+    with naming_file(out_dir / DOCUMENTS_NAME):
+        write_json_atomic(out_dir / DOCUMENTS_NAME, _documents_json(meta, documents))
     record_checksums(out_dir, meta)
     with naming_file(out_dir / META_NAME):
         write_json_atomic(out_dir / META_NAME, meta)
@@ -440,7 +502,8 @@ def _merge_locked(output: Path, delete_shards: bool, log: Callable[[str], None])
     if len(dirs) != num_shards:
         fail(f"{shard_root} mixes shards of different --num-shards; delete the stale ones")
     first = metas[0]
-    same = ("dim", "key_dtype", "val_dtype", "split", "windows", "dictionary", "key_type", "model_precision", "model")
+    same = ("dim", "key_dtype", "val_dtype", "split", "windows", "dictionary", "key_type", "model_precision", "model",
+            "sources")
     for shard_id, m in enumerate(metas):
         if m.get("data") != first.get("data"):
             what, _ = settings_difference(first, m)
@@ -457,13 +520,18 @@ def _merge_locked(output: Path, delete_shards: bool, log: Callable[[str], None])
             )
     total = sum(int(m["count"]) for m in metas)
     dim, dtype = int(first["dim"]), np.dtype(first["key_dtype"])
-    require_free_disk(output, int(total * (dim * dtype.itemsize + 4) * 1.02) + (16 << 20), flag="--output")
-    with atomic_path(output / KEYS_NAME) as keys_tmp, atomic_path(output / VALS_NAME) as vals_tmp:
-        keys = _create_npy(keys_tmp, dtype, (total, dim))
-        vals = _create_npy(vals_tmp, VAL_DTYPE, (total,))
+    with_sources = bool(first.get("sources"))  # shards of a trime that recorded none merge without them
+    row_bytes = dim * dtype.itemsize + 4 + (16 if with_sources else 0)
+    require_free_disk(output, int(total * row_bytes * 1.02) + (16 << 20), flag="--output")
+    shard_dirs = [shard_root / shard_dir_name(shard_id, num_shards) for shard_id in range(num_shards)]
+    with contextlib.ExitStack() as stack:
+        tmp = {name: stack.enter_context(atomic_path(output / FINAL_NAMES[name]))
+               for name in (("keys", "vals", "origins") if with_sources else ("keys", "vals"))}
+        keys = _create_npy(tmp["keys"], dtype, (total, dim))
+        vals = _create_npy(tmp["vals"], VAL_DTYPE, (total,))
+        origins = _create_npy(tmp["origins"], ORIGIN_DTYPE, (total, 2)) if with_sources else None
         row = 0
-        for shard_id, m in enumerate(metas):
-            d = shard_root / shard_dir_name(shard_id, num_shards)
+        for d, m in zip(shard_dirs, metas):
             check_npy(d / KEYS_NAME, (int(m["count"]), dim), dtype, "keys")
             check_npy(d / VALS_NAME, (int(m["count"]),), VAL_DTYPE, "values")
             src_k, src_v = np.load(d / KEYS_NAME, mmap_mode="r"), np.load(d / VALS_NAME, mmap_mode="r")
@@ -475,10 +543,17 @@ def _merge_locked(output: Path, delete_shards: bool, log: Callable[[str], None])
                     fail(nonfinite_keys_message(d / KEYS_NAME, lo + int(np.argmin(finite))))
                 keys[row + lo : row + hi] = block
             vals[row : row + src_v.shape[0]] = src_v
+            if origins is not None:
+                check_npy(d / ORIGINS_NAME, (int(m["count"]), 2), ORIGIN_DTYPE, "origins")
+                origins[row : row + src_v.shape[0]] = np.load(d / ORIGINS_NAME, mmap_mode="r")
             row += src_k.shape[0]
-        keys.flush()
-        vals.flush()
-        del keys, vals
+        for array in (keys, vals, origins):
+            if array is not None:
+                array.flush()
+        del keys, vals, origins
+        if with_sources:
+            documents = stack.enter_context(atomic_path(output / DOCUMENTS_NAME))
+            shutil.copyfile(shard_dirs[0] / DOCUMENTS_NAME, documents)  # every shard lists the same documents
     meta = {k: v for k, v in first.items() if k not in ("shards", "build_config_sha256")}
     meta["count"] = total
     meta["shards"] = [s for m in metas for s in m["shards"]]
@@ -489,7 +564,7 @@ def _merge_locked(output: Path, delete_shards: bool, log: Callable[[str], None])
     if delete_shards:
         for shard_id in range(num_shards):
             d = shard_root / shard_dir_name(shard_id, num_shards)
-            for name in (KEYS_NAME, VALS_NAME, META_NAME, LOCK_NAME):
+            for name in (KEYS_NAME, VALS_NAME, ORIGINS_NAME, DOCUMENTS_NAME, META_NAME, LOCK_NAME):
                 (d / name).unlink(missing_ok=True)
             d.rmdir()
         shard_root.rmdir()

@@ -6,8 +6,22 @@ Layout of a datastore directory::
                   checkpoint hashes, model front-end and architecture, per-shard bookkeeping, and (once built) the index settings
     keys.npy      (count, dim) float16 or float32 last-FFN inputs of every scored token
     vals.npy      (count,) int32 next-token ids
+    origins.npy   (count, 2) int64 where each key came from: (source id, position of its target token
+                  in that source's token stream), so vals[i] == stream[position]
+    documents.json  per source, the first token position and the title of each document
     index.faiss   FAISS index over keys.npy (row i of keys.npy has FAISS id i); its size and sha256 are in meta.json
-    shards/shard-XXX-of-NNN/   per-shard keys/vals/meta of a sharded build (before --merge)
+    shards/shard-XXX-of-NNN/   per-shard keys/vals/origins/documents/meta of a sharded build (before --merge)
+
+Sources. meta.json's ``sources`` lists what the keys were read from, one record per source:
+its ``id`` (origins.npy's first column), ``name`` (default: the split), ``split``, ``file`` (the
+file holding its tokens), ``files`` (size and sha256 of each data file, :func:`data_identity`),
+``tokens`` (its stream's length), ``documents`` (how many) and ``document_rule`` (``heading``:
+WikiText articles, or ``file``). A key's document is the last one that starts at or before its
+position. :meth:`Datastore.origins` reads them; :func:`snippets` shows a key's surrounding text
+through an adapter over the same data (refused when the files' sha256 differ). origins.npy and
+documents.json are checksummed in meta.json and read only when asked for (and by :func:`verify`),
+so they cost a search or an evaluation nothing. A datastore built before sources were recorded
+has neither: it opens, searches and evaluates as before, and asking for origins is one error line.
 
 The search metric (``ip``: inner product, ``l2``: minus the squared L2 distance) is chosen when
 the datastore is built and recorded in meta.json's ``metric``, with or without an index
@@ -25,7 +39,8 @@ run that writes a datastore directory holds its lock (:func:`build_lock`). Build
 
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,7 +56,13 @@ LOCK_NAME = ".trime-build.lock"
 KEYS_NAME = "keys.npy"
 VALS_NAME = "vals.npy"
 INDEX_NAME = "index.faiss"
+ORIGINS_NAME = "origins.npy"
+DOCUMENTS_NAME = "documents.json"
 PROGRESS_NAME = "progress.json"
+ORIGIN_DTYPE = np.int64  # origins.npy: (source id, token position) per key
+DOCUMENTS_FORMAT = 1
+VERIFY_ORIGIN_ROWS = 1 << 20  # origins checked at once by --verify
+NO_SOURCES = "was built before sources were recorded; rebuild it with trime-build-datastore to show them"
 FORMAT = 1
 KEY_TYPE = "last_ffn_input"
 KEY_DTYPES = {"fp16": np.float16, "fp32": np.float32}
@@ -115,6 +136,49 @@ def check_npy(path: Path, shape: tuple, dtype, what: str) -> None:
         )
 
 
+def data_identity(lm: "ModelAdapter", split: str) -> dict:
+    """What the keys are extracted from: size and sha256 of each of the split's files, by name (not folder)."""
+    return {
+        "files": {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in lm.data_files(split)}
+    }
+
+
+@dataclass(frozen=True)
+class KeyOrigin:
+    """Where datastore key ``key`` came from: its target token, ``position`` in the token stream of source
+    ``source`` (read from ``file`` of split ``split``), inside document ``document`` titled ``title``."""
+
+    key: int
+    source: str
+    split: str
+    file: str
+    position: int
+    document: int
+    title: str
+
+
+@dataclass(frozen=True)
+class Snippet:
+    """A key's surrounding text: the decoded tokens ``before`` its target, the ``target``, and ``after`` it."""
+
+    origin: KeyOrigin
+    before: str
+    target: str
+    after: str
+
+    def marked(self, left: str = "[[", right: str = "]]") -> str:
+        """The text with the target between ``left`` and ``right`` (its leading spaces outside; a target that
+        is only whitespace, such as a newline, escaped)."""
+        core = self.target.lstrip()
+        lead = self.target[: len(self.target) - len(core)]
+        if not core:
+            lead, core = "", self.target.encode("unicode_escape").decode("ascii")
+        return f"{self.before}{lead}{left}{core}{right}{self.after}"
+
+    def __str__(self) -> str:
+        return self.marked()
+
+
 class Datastore:
     """A finished datastore: values in RAM, keys memory-mapped, and (optionally) the FAISS index."""
 
@@ -139,6 +203,8 @@ class Datastore:
         # --knn-search torch: a TorchExactSearch over all keys on the model's device (no FAISS index)
         self.torch_search = torch_search
         self._device_vals = None
+        self._origins: np.ndarray | None = None  # origins.npy and documents.json, read and checked when first asked
+        self._documents: dict | None = None
 
     @property
     def count(self) -> int:
@@ -147,6 +213,41 @@ class Datastore:
     @property
     def dim(self) -> int:
         return int(self.meta["dim"])
+
+    @property
+    def has_sources(self) -> bool:
+        """Whether the datastore records where its keys came from (False for one built before sources were)."""
+        return bool(self.meta.get("sources"))
+
+    def sources(self) -> dict[int, dict]:
+        """meta.json's source records by id; origins.npy and documents.json are checked on the first call
+        (header, size and sha256; every document list against its source)."""
+        if not self.has_sources:
+            fail(f"--datastore {self.directory} {NO_SOURCES}")
+        sources = {int(src["id"]): src for src in self.meta["sources"]}
+        if self._origins is None:
+            self._documents = _read_documents(self.directory, self.meta, sources)
+            self._origins = _read_origins(self.directory, self.meta)
+        return sources
+
+    def origins(self, ids: Sequence[int] | np.ndarray) -> list[KeyOrigin]:
+        """Where keys ``ids`` (datastore rows, FAISS ids) came from: source, file, position, document and title."""
+        sources = self.sources()
+        rows = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if rows.size and (int(rows.min()) < 0 or int(rows.max()) >= self.count):
+            bad = int(rows.min()) if int(rows.min()) < 0 else int(rows.max())
+            fail(f"key {bad:,} is not in --datastore {self.directory} (keys 0..{self.count - 1:,})")
+        found = np.asarray(self._origins[rows]) if rows.size else np.zeros((0, 2), dtype=ORIGIN_DTYPE)
+        out = []
+        for key, (source_id, position) in zip(rows.tolist(), found.tolist()):
+            src = sources.get(source_id)
+            if src is None or not 0 <= position < int(src["tokens"]):
+                fail(_bad_origin(self.directory, key, source_id, position))
+            docs = self._documents[source_id]
+            document = int(np.searchsorted(docs["starts"], position, side="right")) - 1
+            out.append(KeyOrigin(key=key, source=str(src["name"]), split=str(src["split"]), file=str(src["file"]),
+                                 position=position, document=document, title=docs["titles"][document]))
+        return out
 
     @classmethod
     def open(
@@ -341,6 +442,123 @@ class Datastore:
         }
 
 
+def snippets(store: Datastore, lm: "ModelAdapter", ids: Sequence[int] | np.ndarray, before: int = 16,
+             after: int = 8) -> list[Snippet]:
+    """The text around keys ``ids``: ``before`` tokens before each target, the target, ``after`` tokens after.
+
+    ``lm`` reads the data the datastore was built from (an adapter over the same files, with the same
+    dictionary or tokenizer); files whose sha256 differ from the recorded ones are refused in one line.
+    Each piece is decoded on its own (:meth:`ModelAdapter.decode`), so a character split across pieces
+    may show as U+FFFD.
+    """
+    if before < 0 or after < 0:
+        fail(f"snippets need before >= 0 and after >= 0 tokens, got {before} and {after}")
+    origins = store.origins(ids)
+    sources = store.sources()
+    built_with = (store.meta.get("dictionary") or {}).get("sha256")
+    if built_with != lm.dict_sha256:
+        fail(
+            f"--path {lm.path} has another dictionary or tokenizer than --datastore {store.directory} was built "
+            "with, so its positions count other tokens; use the model (or data-bin) it was built with"
+        )
+    by_name = {str(src["name"]): source_id for source_id, src in sources.items()}
+    streams: dict[int, np.ndarray] = {}
+    for source_id in sorted({by_name[o.source] for o in origins}):
+        src = sources[source_id]
+        _check_source_files(store.directory, src, lm)
+        stream = lm.stream(str(src["split"]))
+        if len(stream) != int(src["tokens"]):
+            fail(
+                f"{lm.data_files(str(src['split']))[0]} gives {len(stream):,} tokens, but --datastore "
+                f"{store.directory} recorded {int(src['tokens']):,}; use the model and data it was built with"
+            )
+        streams[source_id] = stream
+    out = []
+    for origin in origins:
+        stream, p = streams[by_name[origin.source]], origin.position
+        out.append(Snippet(
+            origin=origin,
+            before=lm.decode(np.asarray(stream[max(0, p - before) : p])),
+            target=lm.decode(np.asarray(stream[p : p + 1])),
+            after=lm.decode(np.asarray(stream[p + 1 : p + 1 + after])),
+        ))  # fmt: skip
+    return out
+
+
+def _check_source_files(directory: Path, src: dict, lm: "ModelAdapter") -> None:
+    """Fail unless ``lm``'s files of the source's split have the sizes and sha256 the datastore recorded."""
+    recorded = src.get("files") or {}
+    paths = {p.name: p for p in lm.data_files(str(src["split"]))}
+    for name in sorted(set(recorded) | set(paths)):
+        path = paths.get(name, Path(lm.data_dir) / name)
+        then = recorded.get(name)
+        if then is None or not path.is_file():
+            fail(
+                f"{path} is {'not among' if then is None else 'missing from'} the files --datastore {directory} was "
+                f"built from; pass the data it was built from"
+            )
+        now = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        if now != {"bytes": then.get("bytes"), "sha256": then.get("sha256")}:
+            fail(
+                f"{path} differs from the file --datastore {directory} was built from (sha256 "
+                f"{str(then.get('sha256'))[:12]}... then, {now['sha256'][:12]}... now); pass the data it was built from"
+            )
+
+
+def _bad_origin(directory: Path, row: int, source_id: int, position: int) -> str:
+    return (f"{directory / ORIGINS_NAME} row {row:,} names source {source_id} position {position:,}, which "
+            f"{META_NAME} does not hold: the file is damaged; rebuild the datastore with trime-build-datastore")
+
+
+def _check_origin_rows(directory: Path, rows: np.ndarray, first_row: int, tokens: dict[int, int]) -> None:
+    """Fail unless every row of a block of origins.npy names a recorded source and a position inside it."""
+    limit = np.full(len(rows), -1, dtype=np.int64)
+    for source_id, count in tokens.items():
+        limit[rows[:, 0] == source_id] = count
+    bad = np.flatnonzero((rows[:, 1] < 0) | (rows[:, 1] >= limit))
+    if bad.size:
+        row = int(bad[0])
+        fail(_bad_origin(directory, first_row + row, int(rows[row, 0]), int(rows[row, 1])))
+
+
+def _read_origins(directory: Path, meta: dict) -> np.ndarray:
+    """origins.npy, memory-mapped, after its header, size and recorded sha256 are checked."""
+    path = directory / ORIGINS_NAME
+    check_npy(path, (int(meta["count"]), 2), ORIGIN_DTYPE, "origins")
+    _check_recorded_sha256(path, meta, "origins_sha256", "the origins")
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def _read_documents(directory: Path, meta: dict, sources: dict[int, dict]) -> dict[int, dict]:
+    """documents.json by source id (``starts`` as an int64 array, ``titles``), checked against meta.json."""
+    path = directory / DOCUMENTS_NAME
+    if not path.is_file():
+        fail(f"datastore file {path} is missing; rebuild the datastore with trime-build-datastore")
+    _check_recorded_sha256(path, meta, "documents_sha256", "the documents")
+    record = read_json(path, what="datastore documents file")
+    entries = {int(e["id"]): e for e in record.get("sources", [])} if record.get("format") == DOCUMENTS_FORMAT else {}
+    out = {}
+    for source_id, src in sources.items():
+        entry = entries.get(source_id) or {}
+        starts, titles = entry.get("starts"), entry.get("titles")
+        if (not isinstance(starts, list) or not isinstance(titles, list) or len(starts) != len(titles)
+                or len(starts) != int(src.get("documents", -1)) or not starts or starts[0] != 0):
+            fail(f"{path} does not hold the {src.get('documents')} documents {META_NAME} records for source "
+                 f"{src.get('name')!r}; rebuild the datastore with trime-build-datastore")
+        out[source_id] = {"starts": np.asarray(starts, dtype=np.int64), "titles": [str(t) for t in titles]}
+    return out
+
+
+def _check_recorded_sha256(path: Path, meta: dict, field: str, what: str) -> None:
+    recorded = (meta.get("checksums") or {}).get(field)
+    if recorded is None:
+        fail(f"{path.parent / META_NAME} records no sha256 of {path.name}; rebuild the datastore with "
+             "trime-build-datastore")
+    if sha256_file(path) != recorded:
+        fail(f"{path} does not match the sha256 recorded in {META_NAME}: {what} are damaged or from another build; "
+             "rebuild the datastore with trime-build-datastore")
+
+
 def check_checkpoint(
     directory: Path,
     meta: dict,
@@ -400,10 +618,20 @@ def verify(directory: Path, show_progress: bool = True) -> str:
     info = store.meta.get("index") or {}
     if info:
         check_index_file(directory, info, require_sha256=True)
+    if store.has_sources:
+        sources = store.sources()
+        tokens = {source_id: int(src["tokens"]) for source_id, src in sources.items()}
+        for lo in range(0, store.count, VERIFY_ORIGIN_ROWS):
+            _check_origin_rows(directory, np.asarray(store._origins[lo : lo + VERIFY_ORIGIN_ROWS]), lo, tokens)
+        documents = sum(int(src["documents"]) for src in sources.values())
+        origins = (f"; origins verified ({len(sources)} source{'s' if len(sources) != 1 else ''}, "
+                   f"{documents:,} document{'s' if documents != 1 else ''})")
+    else:
+        origins = "; no sources (built before they were recorded)"
     return (
         f"{directory}: OK ({store.count:,} keys of {store.dim}-d {store.meta['key_dtype']}, checksummed in {chunks} "
         f"chunk{'s' if chunks != 1 else ''}, all finite; values verified"
-        f"{'; index verified (sha256)' if info else '; no index'})"
+        f"{'; index verified (sha256)' if info else '; no index'}{origins})"
     )
 
 
@@ -441,6 +669,9 @@ def record_checksums(directory: Path, meta: dict) -> None:
     _, _, offset = _npy_header(keys_path)
     row_bytes = int(meta["dim"]) * np.dtype(meta["key_dtype"]).itemsize
     meta["checksums"] = checksums.datastore_checksums(keys_path, directory / VALS_NAME, offset, int(meta["count"]), row_bytes)
+    if meta.get("sources"):
+        meta["checksums"]["origins_sha256"] = sha256_file(directory / ORIGINS_NAME)
+        meta["checksums"]["documents_sha256"] = sha256_file(directory / DOCUMENTS_NAME)
 
 
 def load_index(directory: Path, meta: dict, nprobe: int = 32, gpus: str = "none",

@@ -16,6 +16,19 @@ window the model was trained with, else its positions up to DEFAULT_WINDOW (a CP
 and half of it as context, so that windows overlap as in the papers' evaluations (their
 WikiText-103 runs keep 2,560 of 3,072 tokens as context; half costs two forward passes per
 scored token instead of six).
+
+Where a scored token comes from: every adapter reads a split as one token stream
+(:meth:`ModelAdapter.stream`), and a window's scored tokens are a run of it
+(:meth:`SplitWindows.target_positions`), so a datastore row can name the position of its
+target token. :meth:`ModelAdapter.documents` cuts a stream into documents: WikiText articles,
+each starting at its `` = Title = `` heading line (:func:`heading_title`), else the whole file.
+:meth:`ModelAdapter.decode` turns token ids back into text.
+
+Generation (:mod:`trime.eval.generation`) extends a stream token by token: :meth:`ModelAdapter.encode`
+tokenizes a prompt, :meth:`ModelAdapter.window_head` gives the input in front of it as an evaluation
+window would hold it, and :meth:`ModelAdapter.start_decoding` an :class:`IncrementalDecoder` that keeps
+the model's KV cache and returns each new position's key and the token head's terms over the whole
+vocabulary (:class:`DecoderStep`), the same numbers :meth:`ModelAdapter.forward` gives at the targets.
 """
 
 import math
@@ -60,6 +73,35 @@ class WindowSettings:
         """``windows of T tokens, C of them context (N new)``."""
         return (f"windows of {self.tokens_per_sample:,} tokens, {self.context_window:,} of them context "
                 f"({self.new_tokens:,} new)")
+
+
+@dataclass
+class Documents:
+    """The documents of one token stream: ``starts[i]`` is the position of document i's first token.
+
+    ``starts`` is increasing and begins with 0 (the documents tile the stream); ``by`` says how
+    they were found: ``"heading"`` (WikiText article headings) or ``"file"`` (one document).
+    """
+
+    starts: list[int]
+    titles: list[str]
+    by: str
+
+    def __post_init__(self) -> None:
+        if not self.starts or self.starts[0] != 0 or len(self.starts) != len(self.titles):
+            raise ValueError("documents must start at position 0 and have one title each")
+        if any(b <= a for a, b in zip(self.starts, self.starts[1:])):
+            raise ValueError("document starts must increase")
+
+
+def heading_title(words: list[str]) -> str | None:
+    """The title of a WikiText article heading line (`` = Title = ``, one ``=`` on each side), else None.
+
+    ``words`` is the line split on whitespace; section headings (``= = Section = =``) are not articles.
+    """
+    if len(words) < 3 or words[0] != "=" or words[-1] != "=" or words[1] == "=" or words[-2] == "=":
+        return None
+    return " ".join(words[1:-1])
 
 
 @dataclass
@@ -116,6 +158,11 @@ class SplitWindows(ABC):
         Starting mid-split gives exactly the batches of a run from the start.
         """
 
+    @abstractmethod
+    def target_positions(self, first_window: int, end_window: int) -> np.ndarray:
+        """(rows,) int64: the stream positions (:meth:`ModelAdapter.stream`) of the targets that windows
+        ``first_window .. end_window-1`` score, in the order of their rows (:attr:`WindowBatch.targets`)."""
+
     def num_batches(self, batch_size: int) -> int:
         return math.ceil(len(self) / batch_size)
 
@@ -163,6 +210,86 @@ class ModelAdapter(ABC):
     @abstractmethod
     def forward(self, batch: object, need_token_terms: bool = True) -> WindowBatch:
         """Run the model on one batch from :meth:`SplitWindows.batches` (no gradients)."""
+
+    @abstractmethod
+    def data_files(self, split: str) -> list[Path]:
+        """The files the split's tokens are read from (their sha256 identify the data); the first holds them."""
+
+    @abstractmethod
+    def stream(self, split: str) -> np.ndarray:
+        """The split's token ids in order, 1-D and read-only (often a memory map: slice it, do not copy it)."""
+
+    @abstractmethod
+    def documents(self, split: str) -> Documents:
+        """The split's documents: WikiText articles by their heading lines, else one for the whole file.
+
+        Text before the first heading that is only whitespace belongs to the first article.
+        """
+
+    @abstractmethod
+    def decode(self, ids: "np.ndarray | list[int]") -> str:
+        """The text of token ids of the stream (a newline where the data has one)."""
+
+    # ---- generation (trime.eval.generation): the stream extended token by token
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """The token ids of a prompt: ``text`` tokenized as the split files' text is, with no end-of-line token."""
+
+    @abstractmethod
+    def encode_file(self, path: Path, option: str) -> np.ndarray:
+        """The token stream of a text file read before a prompt, tokenized as a split's file is (``option`` names
+        the flag in errors)."""
+
+    @abstractmethod
+    def stream_windows(self, stream: np.ndarray, settings: WindowSettings) -> SplitWindows:
+        """Token ids ``stream`` cut into scoring windows exactly as :meth:`windows` cuts a split's stream."""
+
+    @abstractmethod
+    def window_head(self, before: np.ndarray, settings: WindowSettings) -> list[int]:
+        """The model input in front of the token that follows ``before`` in a window whose first new token it is:
+        the window's context and the input that predicts that token (empty where nothing does: the first token of
+        an HF stream). Input position i predicts input i+1, so all but the last position are context rows, whose
+        targets are the last ``len - 1`` tokens of ``before``."""
+
+    @abstractmethod
+    def start_decoding(self) -> "IncrementalDecoder":
+        """An incremental decoder of one row with an empty KV cache."""
+
+    @abstractmethod
+    def stop_tokens(self) -> list[int]:
+        """The token ids that end a generated text (end of sequence, or fairseq's end of line)."""
+
+    def never_generated(self) -> list[int]:
+        """Token ids that are not text and are never generated (fairseq's padding)."""
+        return []
+
+    @abstractmethod
+    def max_input_tokens(self) -> int | None:
+        """How many positions one input may have (None: no limit known)."""
+
+
+@dataclass
+class DecoderStep:
+    """What :meth:`IncrementalDecoder.feed` computes: the keys of the new positions and the token head's terms
+    of the next token after the last of them."""
+
+    reps: Tensor  # (B, n, d) keys (the last FFN's input) of the n new positions, model dtype
+    token_scores: Tensor  # (B, V) fp32 log(Z_t p_tok(w)) of every token w (the head's logits for a plain softmax)
+    token_logz: Tensor  # (B,) fp32 log Z_t
+
+
+class IncrementalDecoder(ABC):
+    """A model reading B growing inputs with its KV cache (HF ``past_key_values``, fairseq ``incremental_state``):
+    each position is computed once, however long the input grows."""
+
+    @abstractmethod
+    def feed(self, tokens: Tensor) -> DecoderStep:
+        """Append ``tokens`` (B, n) to the inputs and run the model on them only."""
+
+    @abstractmethod
+    def reorder(self, rows: Tensor) -> None:
+        """Keep rows ``rows`` (B',) of the inputs and cache, in this order; a row may repeat (beam search)."""
 
 
 def pick_device(cpu: bool) -> torch.device:

@@ -5,6 +5,17 @@ is cut into blocks of ``tokens_per_sample - C`` new tokens (break mode ``none``)
 fairseq's ``LMContextWindowDataset`` prepends up to ``C`` previous tokens to each block.
 Only the new tokens are scored; the context tokens are memory keys whose labels are
 their true next tokens. fairseq is imported only when a checkpoint is loaded.
+
+The split's token stream (:meth:`FairseqLM.stream`) is its binarized lines in order, each
+ending with ``<eos>``: the ``.bin`` file itself, memory-mapped. Window w's targets are the
+stream tokens of block w. Documents are WikiText articles, found from the dictionary's
+tokens: a line ``= Title =`` (one ``=`` token on each side) after an ``<eos>`` or at the start.
+Decoding writes each word after a space and each ``<eos>`` as a newline (WikiText's own
+spelling), or, for byte-level data, the bytes themselves.
+
+Generation (:class:`FairseqDecoder`) runs the decoder with its ``incremental_state`` one position per
+call, as fairseq's SequenceGenerator does; a prompt is its words (or bytes) without ``<eos>``, read
+after ``<eos>`` like the start of a split, and generation ends at ``<eos>`` (the end of a line).
 """
 
 import math
@@ -18,21 +29,27 @@ import torch
 
 from trime.adapters.base import (
     PRECISIONS,
+    DecoderStep,
+    Documents,
+    IncrementalDecoder,
     ModelAdapter,
     SplitWindows,
     WindowBatch,
     WindowSettings,
     check_window_settings,
     default_window_settings,
+    heading_title,
     pick_device,
     token_terms_in_blocks,
 )
-from trime.databin import check_data_bin, split_parts
+from trime.databin import check_data_bin, is_byte_level, split_parts
 from trime.errors import fail
 from trime.heads import token_head_terms
 from trime.hooks import KeyCapture, fairseq_key_module
 from trime.io_utils import file_identity, sha256_file
 
+# the first bytes of fairseq's memory-mapped .idx files (fairseq-preprocess --dataset-impl mmap, the default)
+MMAP_INDEX_MAGIC = b"MMIDIDX\x00\x00"
 # What torch.load / unpickling raise for a file that is not a readable checkpoint.
 CHECKPOINT_READ_ERRORS = (OSError, EOFError, RuntimeError, ValueError, KeyError, AttributeError, pickle.UnpicklingError)
 
@@ -52,6 +69,7 @@ class FairseqLM(ModelAdapter):
         self.identity = identity  # file_identity of the checkpoint, taken when it was loaded
         self.vocab = {"sha256": dict_sha256, "size": len(task.source_dictionary)}
         self.architecture = str(getattr(cfg.model, "arch", None) or getattr(cfg.model, "_name", "") or "")
+        self._streams: dict[str, np.ndarray] = {}
 
     @property
     def dictionary(self):
@@ -152,6 +170,84 @@ class FairseqLM(ModelAdapter):
             )
         return FairseqWindows(dataset, settings)
 
+    def data_files(self, split: str) -> list[Path]:
+        """SPLIT.bin and SPLIT.idx (then those of SPLIT1, SPLIT2 ... when fairseq combines them) and dict.txt."""
+        parts = split_parts(self.data_dir, split)[1:]
+        return [self.data_dir / f"{name}.{ext}" for name in [split, *parts] for ext in ("bin", "idx")] + [
+            self.data_dir / "dict.txt"
+        ]
+
+    def stream(self, split: str) -> np.ndarray:
+        """The split's tokens in order (every line ends with <eos>): its .bin files, memory-mapped."""
+        if split not in self._streams:
+            parts = split_parts(self.data_dir, split)
+            if not parts:
+                fail(
+                    f"{self.data_dir} has no split '{split}' ({split}.bin/.idx); "
+                    "pick another --gen-subset or re-run trime-prepare"
+                )
+            check_data_bin(self.data_dir, [split])
+            arrays = [self._part_tokens(self.data_dir / name) for name in parts]
+            self._streams[split] = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+        return self._streams[split]
+
+    def _part_tokens(self, prefix: Path) -> np.ndarray:
+        """The tokens of one binarized file: a memory map of an mmap-format .bin, else its lines joined."""
+        with open(f"{prefix}.idx", "rb") as f:
+            is_mmap = f.read(len(MMAP_INDEX_MAGIC)) == MMAP_INDEX_MAGIC
+        if is_mmap:
+            from fairseq.data.indexed_dataset import MMapIndexedDataset
+
+            index = MMapIndexedDataset.Index(f"{prefix}.idx")
+            tokens = np.memmap(f"{prefix}.bin", dtype=index.dtype, mode="r")
+            if len(index) and (int(index[0][0]) != 0 or int(index.sizes.sum()) != len(tokens)):
+                fail(f"{prefix}.bin does not hold exactly the lines its .idx lists; re-run trime-prepare")
+            return tokens
+        from fairseq.data import data_utils
+
+        lines = data_utils.load_indexed_dataset(str(prefix), self.dictionary)
+        return np.concatenate([lines[i].numpy() for i in range(len(lines))]) if len(lines) else np.zeros(0, np.int64)
+
+    def documents(self, split: str) -> Documents:
+        """WikiText articles from the dictionary's tokens (see the module docstring), else one for the split."""
+        stream = self.stream(split)
+        name = self.data_files(split)[0].name
+        equals = self.dictionary.indices.get("=")
+        if equals is None or len(stream) == 0:
+            return Documents(starts=[0], titles=[name], by="file")
+        eos = self.dictionary.eos()
+        tokens = np.asarray(stream)
+        line_ends = np.flatnonzero(tokens == eos)
+        candidates = np.flatnonzero(tokens == equals)
+        at_line_start = (candidates == 0) | (tokens[np.maximum(candidates - 1, 0)] == eos)
+        starts, titles = [], []
+        for p in candidates[at_line_start].tolist():
+            after = int(np.searchsorted(line_ends, p))
+            end = int(line_ends[after]) if after < len(line_ends) else len(tokens)
+            title = heading_title([self.dictionary[int(t)] for t in tokens[p:end]])
+            if title is not None:
+                starts.append(p)
+                titles.append(title)
+        if not starts:
+            return Documents(starts=[0], titles=[name], by="file")
+        if starts[0] != 0:
+            if np.all(tokens[: starts[0]] == eos):  # blank lines before the first heading
+                starts[0] = 0
+            else:
+                starts.insert(0, 0)
+                titles.insert(0, name)
+        return Documents(starts=starts, titles=titles, by="heading")
+
+    def decode(self, ids: "np.ndarray | list[int]") -> str:
+        """Each word after a space and <eos> as a newline; byte-level data: the bytes, as UTF-8."""
+        symbols = self.dictionary.symbols
+        eos = self.dictionary.eos()
+        if is_byte_level(self.data_dir):  # a byte's symbol is its value; other symbols are spelled out
+            raw = b"".join(b"\n" if int(t) == eos else bytes([int(symbols[int(t)])]) if symbols[int(t)].isdigit()
+                           else symbols[int(t)].encode("utf-8") for t in ids)
+            return raw.decode("utf-8", errors="replace")
+        return "".join("\n" if int(t) == eos else " " + symbols[int(t)] for t in ids)
+
     @torch.no_grad()
     def forward(self, sample: dict, need_token_terms: bool = True) -> WindowBatch:
         """Run the model on one collated batch; capture keys and the token-head terms of scored rows."""
@@ -201,12 +297,103 @@ class FairseqLM(ModelAdapter):
 
         return token_terms_in_blocks(head, features, targets, len(decoder.dictionary))
 
+    # ---- generation (trime.eval.generation)
+
+    def encode(self, text: str) -> list[int]:
+        """The prompt's ids in the dictionary (words split on whitespace, or bytes), without <eos>; a word the
+        dictionary lacks is <unk>, as fairseq-preprocess makes it."""
+        if is_byte_level(self.data_dir):
+            return self._byte_ids(text.encode("utf-8"))
+        return [int(t) for t in self.dictionary.encode_line(text, add_if_not_exist=False, append_eos=False)]
+
+    def encode_file(self, path: Path, option: str) -> np.ndarray:
+        """Every line of the file followed by <eos>, as fairseq-preprocess binarizes a split (bytes for
+        byte-level data: a newline byte is <eos>)."""
+        ids: list[int] = []
+        eos = self.dictionary.eos()
+        if is_byte_level(self.data_dir):
+            lines = Path(path).read_bytes().split(b"\n")
+            if not lines[-1]:
+                lines.pop()  # the file ends with a newline
+            for line in lines:
+                ids += self._byte_ids(line) + [eos]
+        else:
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    ids += [int(t) for t in self.dictionary.encode_line(line, add_if_not_exist=False, append_eos=True)]
+        return np.asarray(ids, dtype=np.int64)
+
+    def _byte_ids(self, data: bytes) -> list[int]:
+        """Byte-level ids of ``data``: each byte is the word of its decimal value, a newline byte is <eos>."""
+        eos = self.dictionary.eos()
+        return [eos if b == 10 else self.dictionary.index(str(b)) for b in data]
+
+    def stream_windows(self, stream: np.ndarray, settings: WindowSettings) -> "FairseqWindows":
+        """The datasets :meth:`windows` builds over a split (``TokenBlockDataset`` in break mode ``none``,
+        ``MonolingualDataset``, ``LMContextWindowDataset``), over ``stream`` held in memory."""
+        from fairseq.data import LMContextWindowDataset, MonolingualDataset, TokenBlockDataset
+        from fairseq.data.list_dataset import ListDataset
+
+        tokens = torch.from_numpy(np.asarray(stream, dtype=np.int64))
+        lines = ListDataset([tokens], np.asarray([len(tokens)], dtype=np.int64))
+        pad, eos = self.dictionary.pad(), self.dictionary.eos()
+        blocks = TokenBlockDataset(lines, lines.sizes, settings.new_tokens, pad=pad, eos=eos, break_mode="none",
+                                   include_targets=True)
+        dataset = MonolingualDataset(blocks, blocks.sizes, self.dictionary, self.task.output_dictionary,
+                                     add_eos_for_other_targets=False, shuffle=False, targets=self.task.targets,
+                                     add_bos_token=False)
+        if settings.context_window > 0:
+            dataset = LMContextWindowDataset(dataset=dataset, tokens_per_sample=settings.new_tokens,
+                                             context_window=settings.context_window, pad_idx=pad)
+        return FairseqWindows(dataset, settings)
+
+    def window_head(self, before: np.ndarray, settings: WindowSettings) -> list[int]:
+        """The source tokens of ``LMContextWindowDataset``: the stream read after an <eos>, so source position p
+        holds token p - 1 and predicts token p; the window's ``--context-window`` rows, then the last token of
+        ``before`` (or <eos> at the start), which predicts the next."""
+        start = len(before)
+        lo = max(0, start - settings.context_window)
+        source = np.asarray(before[max(0, lo - 1) : start], dtype=np.int64).tolist()
+        return ([self.dictionary.eos()] if lo == 0 else []) + source
+
+    def start_decoding(self) -> "FairseqDecoder":
+        return FairseqDecoder(self)
+
+    def stop_tokens(self) -> list[int]:
+        """<eos>: the end of a line, where fairseq's own LM generation stops."""
+        return [self.dictionary.eos()]
+
+    def never_generated(self) -> list[int]:
+        """<pad>, which fairseq's SequenceGenerator never picks either."""
+        return [self.dictionary.pad()]
+
+    def max_input_tokens(self) -> int | None:
+        positions = self.model.max_positions()
+        return positions[0] if isinstance(positions, tuple) else positions
+
+    def vocab_terms(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log Z_t p_tok(w) for every word w (B, V), log Z_t (B,)) in fp32 of feature rows (B, d): the logits of a
+        plain softmax; for an adaptive softmax the head's logit of a head word and, for a word of tail cluster c,
+        head[c] + log_softmax(tail_c)[w], with Z_t the head's partition (as :func:`trime.heads.token_head_terms`)."""
+        decoder = self.model.decoder
+        adaptive = getattr(decoder, "adaptive_softmax", None)
+        if adaptive is None:
+            logits = decoder.output_layer(features).float()
+            return logits, torch.logsumexp(logits, dim=-1)
+        head = adaptive.head(features).float()
+        first_tail = adaptive.cutoff[0]
+        parts = [head[:, :first_tail]]
+        for cluster, tail in enumerate(adaptive.tail):
+            parts.append(head[:, first_tail + cluster, None] + torch.log_softmax(tail(features).float(), dim=-1))
+        return torch.cat(parts, dim=1), torch.logsumexp(head, dim=-1)
+
 
 class FairseqWindows(SplitWindows):
     """A fairseq (context-window) dataset of one split."""
 
     def __init__(self, dataset, settings: WindowSettings) -> None:
         self.dataset, self.settings = dataset, settings
+        self._offsets: np.ndarray | None = None  # first stream position of each window's block
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -214,6 +401,12 @@ class FairseqWindows(SplitWindows):
     def scored_counts(self) -> np.ndarray:
         # every token of a block has a target: a window scores its block's tokens
         return np.asarray(getattr(self.dataset, "dataset", self.dataset).sizes, dtype=np.int64)
+
+    def target_positions(self, first_window: int, end_window: int) -> np.ndarray:
+        """Blocks tile the stream in order (break mode ``none``): window w scores block w's tokens."""
+        if self._offsets is None:
+            self._offsets = np.concatenate([[0], np.cumsum(self.scored_counts())]).astype(np.int64)
+        return np.arange(self._offsets[first_window], self._offsets[max(first_window, end_window)], dtype=np.int64)
 
     def batches(self, batch_size: int, first_batch: int = 0, end_batch: int | None = None) -> Iterator[dict]:
         """Collated batches ``first_batch .. end_batch-1`` of consecutive windows, in order.
@@ -258,3 +451,31 @@ def _check_training_dictionary(cfg, data_dir: Path, dict_sha: str) -> None:
 def _read_dict_lines(data_dir: Path) -> list[str]:
     with open(data_dir / "dict.txt", encoding="utf-8", errors="replace") as f:
         return f.readlines()
+
+
+class FairseqDecoder(IncrementalDecoder):
+    """Incremental decoding of a fairseq LM with its ``incremental_state``, as fairseq's SequenceGenerator runs
+    it: one position per decoder call (fairseq attends from the last input token only when it has a state)."""
+
+    def __init__(self, lm: FairseqLM) -> None:
+        self.lm = lm
+        self.state: dict = {}
+        self.tokens: torch.Tensor | None = None  # (B, t): fairseq takes the whole input, for the positions
+
+    @torch.no_grad()
+    def feed(self, tokens: torch.Tensor) -> DecoderStep:
+        model = self.lm.model
+        tokens = tokens.to(self.lm.device)
+        reps = []
+        for column in tokens.split(1, dim=1):
+            self.tokens = column if self.tokens is None else torch.cat([self.tokens, column], dim=1)
+            with KeyCapture.fairseq(model) as capture:
+                features, _ = model.decoder(self.tokens, incremental_state=self.state, features_only=True)
+            reps.append(capture.keys((tokens.shape[0], 1)).detach())
+        scores, logz = self.lm.vocab_terms(features[:, -1])
+        return DecoderStep(reps=torch.cat(reps, dim=1), token_scores=scores, token_logz=logz)
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        rows = rows.to(self.lm.device)
+        self.lm.model.decoder.reorder_incremental_state_scripting(self.state, rows)
+        self.tokens = self.tokens.index_select(0, rows)

@@ -14,8 +14,20 @@ next token and the context positions are memory keys. Keys are the input of the 
 decoder layer's MLP (:meth:`trime.hooks.KeyCapture.hf`); token-head terms come from the
 output embeddings applied to the base model's last hidden state, for scored rows only.
 transformers is imported only when a model is loaded.
+
+Documents (:meth:`HFLM.documents`): the text file is scanned for WikiText article heading lines
+and each heading's byte offset is mapped to the token that covers it, from the bytes each token
+id stands for (byte-level BPE such as GPT-2's, or SentencePiece's ``▁`` and ``<0xNN>`` pieces).
+The mapping is used only when the tokens' bytes add up to the file's (read as UTF-8 with
+universal newlines, as it was tokenized); otherwise the file is one document.
+
+Generation (:class:`HFDecoder`) runs the base model with its KV cache (``past_key_values``) and
+applies the output embeddings to the last position, as :meth:`HFLM.forward` scores a target; a
+prompt is tokenized without special tokens, as the splits are, and generation ends at the
+generation config's ``eos_token_id`` (what ``model.generate`` stops at).
 """
 
+import inspect
 import math
 import os
 from collections.abc import Iterator
@@ -25,12 +37,16 @@ import numpy as np
 import torch
 
 from trime.adapters.base import (
+    DecoderStep,
+    Documents,
+    IncrementalDecoder,
     ModelAdapter,
     SplitWindows,
     WindowBatch,
     WindowSettings,
     check_window_settings,
     default_window_settings,
+    heading_title,
     pick_device,
     token_terms_in_blocks,
 )
@@ -40,6 +56,9 @@ from trime.hooks import KeyCapture, hf_key_module
 
 # the split files looked for in DATA, first match wins
 SPLIT_FILES = ("{split}.txt", "wiki.{split}.tokens")
+# tokens whose byte offsets are summed at once when documents are located
+OFFSET_CHUNK_TOKENS = 1 << 22
+SENTENCEPIECE_SPACE = "\u2581"  # SentencePiece's "▁"
 
 
 def split_file(data_dir: Path, split: str) -> Path:
@@ -163,6 +182,29 @@ class HFLM(ModelAdapter):
     def windows(self, split: str, settings: WindowSettings) -> "TextWindows":
         return TextWindows(self.stream(split), settings)
 
+    def data_files(self, split: str) -> list[Path]:
+        """The split's text file."""
+        return [split_file(Path(self.data_dir), split)]
+
+    def decode(self, ids: "np.ndarray | list[int]") -> str:
+        """The tokenizer's text of ``ids`` (special tokens kept, spaces as tokenized)."""
+        return self.tokenizer.decode([int(i) for i in ids], clean_up_tokenization_spaces=False)
+
+    def documents(self, split: str) -> Documents:
+        """WikiText articles of the split's text file, located in the token stream by byte offsets (see the
+        module docstring), else the file as one document titled by its name."""
+        path = split_file(Path(self.data_dir), split)
+        headings, text_bytes = _heading_offsets(path)
+        stream = self.stream(split)
+        whole = Documents(starts=[0], titles=[path.name], by="file")
+        if not headings:
+            return whole
+        for lengths, shift in _token_byte_lengths(self.tokenizer):
+            if _stream_bytes(stream, lengths) == text_bytes + shift:
+                starts = _tokens_at(stream, lengths, [offset + shift for offset, _ in headings])
+                return _documents_at(starts, [title for _, title in headings], path.name)
+        return whole
+
     @torch.no_grad()
     def forward(self, batch: dict, need_token_terms: bool = True) -> WindowBatch:
         """Run the model on one batch of :class:`TextWindows`; keys of every position, head terms of scored ones."""
@@ -200,6 +242,48 @@ class HFLM(ModelAdapter):
             token_logz=token_logz,
         )
 
+    # ---- generation (trime.eval.generation)
+
+    def encode(self, text: str) -> list[int]:
+        """The prompt's ids without special tokens, as the split files are tokenized."""
+        from trime.hf.text import tokenize_text
+
+        return tokenize_text(text, self.tokenizer).tolist()
+
+    def encode_file(self, path: Path, option: str) -> np.ndarray:
+        """The file tokenized as one string without special tokens (the token cache's memory map, as a split)."""
+        from trime.hf.text import tokenize_text_file
+
+        return tokenize_text_file(path, self.tokenizer, option=option)
+
+    def stream_windows(self, stream: np.ndarray, settings: WindowSettings) -> "TextWindows":
+        return TextWindows(stream, settings)
+
+    def window_head(self, before: np.ndarray, settings: WindowSettings) -> list[int]:
+        """The last ``--context-window`` tokens of ``before`` (at least one, :meth:`TextWindows.span`); the last
+        predicts the next token. Nothing when ``before`` is empty: a stream's first token is not predicted."""
+        start = len(before)
+        if start == 0:
+            return []
+        lo = start - max(1, min(settings.context_window, start))
+        return [int(t) for t in np.asarray(before[lo:start])]
+
+    def start_decoding(self) -> "HFDecoder":
+        return HFDecoder(self)
+
+    def stop_tokens(self) -> list[int]:
+        """The generation config's ``eos_token_id`` (what ``model.generate`` stops at), else the tokenizer's."""
+        config = getattr(self.model, "generation_config", None)
+        eos = getattr(config, "eos_token_id", None)
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        if eos is None:
+            return []
+        return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+    def max_input_tokens(self) -> int | None:
+        return self.max_positions
+
 
 class TextWindows(SplitWindows):
     """The pinned windows of one token stream (see the module docstring)."""
@@ -220,6 +304,12 @@ class TextWindows(SplitWindows):
 
     def scored_counts(self) -> np.ndarray:
         return np.asarray([hi - first for _, first, hi in map(self.span, range(len(self)))], dtype=np.int64)
+
+    def target_positions(self, first_window: int, end_window: int) -> np.ndarray:
+        """Window b scores stream tokens [first, hi) of :meth:`span`: consecutive windows, one run."""
+        if end_window <= first_window:
+            return np.zeros(0, dtype=np.int64)
+        return np.arange(self.span(first_window)[1], self.span(end_window - 1)[2], dtype=np.int64)
 
     def batches(self, batch_size: int, first_batch: int = 0, end_batch: int | None = None) -> Iterator[dict]:
         """Padded (B, T) batches: ``input_ids``/``attention_mask``, next-token ``labels``/``label_valid``, ``starts``."""
@@ -251,3 +341,120 @@ class TextWindows(SplitWindows):
                 "label_valid": label_valid,
                 "starts": [first - 1 - lo for lo, first, _ in spans],
             }
+
+
+def _heading_offsets(path: Path) -> tuple[list[tuple[int, str]], int]:
+    """([(byte offset, title)] of the file's article heading lines, the file's byte count), read as it is
+    tokenized (UTF-8, universal newlines). Leading whitespace before the first heading joins that article."""
+    headings: list[tuple[int, str]] = []
+    offset, seen_text = 0, False
+    with open(path, encoding="utf-8", newline=None) as f:
+        for line in f:
+            title = heading_title(line.split())
+            if title is not None:
+                headings.append((0 if not headings and not seen_text else offset, title))
+            seen_text = seen_text or bool(line.strip())
+            offset += len(line.encode("utf-8"))
+    return headings, offset
+
+
+def _token_byte_lengths(tokenizer) -> list[tuple[np.ndarray, int]]:
+    """Candidate (bytes of each token id, bytes the tokenizer adds in front of the text) readings.
+
+    Byte-level BPE spells each byte as one character; SentencePiece spells a space ``▁`` and a byte
+    ``<0xNN>``; either may add one space in front. The caller keeps the reading whose bytes add up to the text's.
+    """
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    size = len(tokenizer)
+    pieces = tokenizer.convert_ids_to_tokens(list(range(size)))
+    added = {int(i): str(t.content) for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()}
+    alphabet = set(ByteLevel.alphabet())
+    byte_level = np.zeros(size, dtype=np.int64)
+    spm = np.zeros(size, dtype=np.int64)
+    is_byte_level = True
+    for i, piece in enumerate(pieces):
+        if i in added:
+            byte_level[i] = spm[i] = len(added[i].encode("utf-8"))
+            continue
+        if piece is None:
+            continue
+        if is_byte_level and not set(piece) <= alphabet:
+            is_byte_level = False
+        byte_level[i] = len(piece)
+        is_byte = len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
+        spm[i] = 1 if is_byte else len(piece.replace(SENTENCEPIECE_SPACE, " ").encode("utf-8"))
+    readings = [(byte_level, 0), (byte_level, 1)] if is_byte_level else []  # 1: a prefix space added
+    return readings + [(spm, 0), (spm, 1)]
+
+
+def _stream_bytes(stream: np.ndarray, lengths: np.ndarray) -> int:
+    """Bytes the stream's tokens stand for, under ``lengths`` (-1 when a token has no length there)."""
+    total = 0
+    for lo in range(0, len(stream), OFFSET_CHUNK_TOKENS):
+        chunk = np.asarray(stream[lo : lo + OFFSET_CHUNK_TOKENS])
+        if int(chunk.max()) >= len(lengths):
+            return -1
+        total += int(lengths[chunk].sum())
+    return total
+
+
+def _tokens_at(stream: np.ndarray, lengths: np.ndarray, offsets: list[int]) -> list[int]:
+    """For each byte offset (increasing), the position of the first token that ends after it."""
+    out: list[int] = []
+    done = 0  # bytes of the tokens before this chunk
+    for lo in range(0, len(stream), OFFSET_CHUNK_TOKENS):
+        ends = done + np.cumsum(lengths[np.asarray(stream[lo : lo + OFFSET_CHUNK_TOKENS])])
+        while len(out) < len(offsets) and offsets[len(out)] < ends[-1]:
+            out.append(lo + int(np.searchsorted(ends, offsets[len(out)], side="right")))
+        done = int(ends[-1])
+    return out
+
+
+def _documents_at(starts: list[int], titles: list[str], file_name: str) -> Documents:
+    """Documents from heading token positions; a heading inside the previous one's token keeps the later title.
+    Text before the first heading (not only whitespace) is a document titled ``file_name``."""
+    kept_starts: list[int] = []
+    kept_titles: list[str] = []
+    if not starts:
+        return Documents(starts=[0], titles=[file_name], by="file")
+    for start, title in zip(starts, titles):
+        if kept_starts and start <= kept_starts[-1]:
+            kept_titles[-1] = title
+            continue
+        kept_starts.append(start)
+        kept_titles.append(title)
+    if kept_starts[0] != 0:
+        kept_starts.insert(0, 0)
+        kept_titles.insert(0, file_name)
+    return Documents(starts=kept_starts, titles=kept_titles, by="heading")
+
+
+class HFDecoder(IncrementalDecoder):
+    """Incremental decoding of an HF causal LM: the base model with ``past_key_values``, keys by
+    :meth:`KeyCapture.hf`, the output embeddings applied to the last position's hidden state (as
+    :meth:`HFLM.forward` scores a target)."""
+
+    def __init__(self, lm: HFLM) -> None:
+        self.lm = lm
+        self.cache = None
+
+    @torch.no_grad()
+    def feed(self, tokens: torch.Tensor) -> DecoderStep:
+        model = self.lm.model
+        tokens = tokens.to(self.lm.device)
+        with KeyCapture.hf(model, self.lm.key_module) as capture:
+            out = model.base_model(input_ids=tokens, use_cache=True, **{self._cache_argument(): self.cache})
+        cache = out.get("cache", None)
+        self.cache = cache if cache is not None else out.get("past_key_values")
+        reps = capture.keys(tuple(tokens.shape)).detach()
+        logits = model.get_output_embeddings()(out.last_hidden_state[:, -1]).float()
+        return DecoderStep(reps=reps, token_scores=logits, token_logz=torch.logsumexp(logits, dim=-1))
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.cache.reorder_cache(rows.to(self.lm.device))
+
+    def _cache_argument(self) -> str:
+        """The base model's name for the KV cache: ``cache`` (transformers >= 5.x) or ``past_key_values``."""
+        parameters = inspect.signature(self.lm.model.base_model.forward).parameters
+        return "cache" if "cache" in parameters else "past_key_values"
