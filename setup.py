@@ -79,6 +79,7 @@ setup(
             "trime-train=trime.train_cli:main",
             "trime-prepare=trime.data_prep.prepare:main",
             "trime-eval=trime.eval.evaluate:main",
+            "trime-generate=trime.eval.generate:main",
             "trime-build-datastore=trime.retrieval.build_datastore:main",
             "trime-bm25-batches=trime.retrieval.bm25_batches:main",
             "trime-hf-train=trime.hf.train:main",

@@ -112,6 +112,16 @@ def check_batch(lm, batch, split: str) -> None:
         model_not_finite(lm, split)
 
 
+def search_datastore(store, queries: torch.Tensor, k: int, exact: bool, device: torch.device) -> KnnResults:
+    """The top-k hits of finite ``queries`` in ``store`` (--datastore), on ``device``; keys that give NaN or inf
+    scores are refused in one line."""
+    hits = store.search(queries, k, exact=exact)
+    if not bool(torch.isfinite(hits.scores).all()):  # the queries are finite (check_batch): the keys are not
+        fail(f"--datastore {store.directory} gives NaN or inf neighbour scores: its keys are damaged; "
+             "check it with trime-build-datastore --verify and rebuild it")
+    return hits.to(device)
+
+
 class Evaluator:
     """Streams (or caches) the forward passes and searches of a split and scores them."""
 
@@ -154,11 +164,7 @@ class Evaluator:
 
     def _search_rows(self, batch, start: int, stop: int):
         """The top-k hits of scored rows ``start:stop`` of ``batch``, on the batch's device."""
-        hits = self.store.search(batch.queries[start:stop], self.k, exact=self.exact)
-        if not bool(torch.isfinite(hits.scores).all()):  # the queries are finite (check_batch): the keys are not
-            fail(f"--datastore {self.store.directory} gives NaN or inf neighbour scores: its keys are damaged; "
-                 "check it with trime-build-datastore --verify and rebuild it")
-        return hits.to(batch.targets.device)
+        return search_datastore(self.store, batch.queries[start:stop], self.k, self.exact, batch.targets.device)
 
     def _search(self, batch):
         """All hits of a batch (for the tuning cache), searched in chunks of about KNN_CHUNK_HITS."""

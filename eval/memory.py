@@ -35,6 +35,14 @@ empty cache (a stream's first token) predicts as the model. With kNN-LM, both ar
 interpolated with the model, as in the kNN-LM paper's "kNN-LM + continuous cache" row:
 
     P = (1 - lmbda - cache_lmbda) P_model + lmbda p_knn + cache_lmbda p_cache.
+
+One function, :func:`memory_log_probs`, turns the token head's terms and the memories'
+:class:`LabelTerms` into log P, either at given targets (evaluation: (N,) terms, the memory
+sums from :mod:`trime.loss`'s blockwise kernels) or for every token of the vocabulary
+(generation: (N, V) terms from :func:`label_logsumexp`, a scatter-logsumexp of each memory's
+scores by label, O(N x entries + N x V)). :func:`next_token_log_probs` is that function over
+the vocabulary for raw memory entries and neighbours, which is what :mod:`trime.eval.generation`
+calls at every step.
 """
 
 import math
@@ -51,7 +59,6 @@ from trime.loss import (
     Rule,
     Visibility,
     in_batch_memory,
-    joint_nll,
     memory_logsumexp_at_scales,
     memory_scale,
     scored_memory_logsumexp,
@@ -178,6 +185,148 @@ class ScoreState:
     @classmethod
     def fresh(cls, settings: MemorySettings) -> "ScoreState":
         return cls(long=LongMemory(settings.mem_size) if settings.uses_long else None)
+
+
+@dataclass(frozen=True)
+class LabelTerms:
+    """One memory's log-sum-exp terms per query row: over all its entries, and over the entries of each label.
+
+    ``lse_all`` is (N,); ``lse_label`` is (N,) at each row's target (evaluation) or (N, V) for every token
+    of the vocabulary (generation). Both are fp32 and -inf where the set is empty.
+    """
+
+    lse_all: Tensor
+    lse_label: Tensor
+
+    def union(self, other: "LabelTerms") -> "LabelTerms":
+        """The terms of both memories' entries together."""
+        return LabelTerms(torch.logaddexp(self.lse_all, other.lse_all), torch.logaddexp(self.lse_label, other.lse_label))
+
+    def log_share(self) -> Tensor:
+        """log sum_{j: y_j = y} softmax_j(score_j): the memory's own distribution (p_knn, p_cache)."""
+        return self.lse_label - _per_row(self.lse_all, self.lse_label)
+
+    @staticmethod
+    def cat(parts: Sequence["LabelTerms"]) -> "LabelTerms | None":
+        """The rows of several chunks' terms, in order (None for no chunks)."""
+        if not parts:
+            return None
+        return LabelTerms(torch.cat([t.lse_all for t in parts]), torch.cat([t.lse_label for t in parts]))
+
+
+def _per_row(values: Tensor, like: Tensor) -> Tensor:
+    """(N,) ``values`` broadcast against ``like``: as they are for (N,) terms, as a column for (N, V) ones."""
+    return values[:, None] if like.dim() == 2 else values
+
+
+def label_logsumexp(
+    scores: Tensor, labels: Tensor, valid: Tensor | None = None, *, targets: Tensor | None = None,
+    vocab_size: int | None = None,
+) -> LabelTerms:
+    """The :class:`LabelTerms` of (N, M) already-scaled memory scores with labels: at ``targets`` (N,), or,
+    with ``vocab_size``, for every label (a scatter-logsumexp: per-label maxima, then sums of exponentials;
+    memory O(N x M + N x V)). ``valid`` (N, M) marks real entries (e.g. FAISS's -1 padding is not)."""
+    if (targets is None) == (vocab_size is None):
+        raise ValueError("label_logsumexp needs exactly one of targets and vocab_size")
+    if targets is not None:
+        return LabelTerms(*scored_memory_logsumexp(scores, labels, targets, valid))
+    scores = scores.float()
+    masked = scores if valid is None else scores.masked_fill(~valid, _NEG_INF)
+    index = labels if valid is None else labels.masked_fill(~valid, 0)
+    lse_all = torch.logsumexp(masked, dim=-1) if masked.shape[-1] else masked.new_full(masked.shape[:1], _NEG_INF)
+    empty = masked.new_full((masked.shape[0], vocab_size), _NEG_INF)
+    label_max = empty.scatter_reduce(1, index, masked, reduce="amax", include_self=True)
+    shift = torch.where(torch.isfinite(label_max), label_max, 0.0)
+    sums = torch.zeros_like(shift).scatter_add_(1, index, (masked - shift.gather(1, index)).exp())
+    return LabelTerms(lse_all, sums.log() + shift)
+
+
+def memory_log_probs(
+    token_score: Tensor,
+    token_logz: Tensor,
+    joint: LabelTerms | None = None,
+    knn: LabelTerms | None = None,
+    cache: LabelTerms | None = None,
+    lmbda: float = 0.0,
+    cache_lmbda: float = 0.0,
+    token_share: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The memory-augmented log P of every query row, at its target or over the vocabulary (fp32).
+
+    ``token_score`` is log(Z_t p_tok(y)) at the targets (N,) or for every token (N, V), ``token_logz``
+    log Z_t (N,); the memories' :class:`LabelTerms` have the same layout. ``joint``: every memory inside
+    the joint softmax (local, long-term, the datastore's neighbours), P_joint = (Z_t p_tok + sum of the
+    label's e^s) / (Z_t + sum of all e^s). ``knn`` (p_knn's terms, weight ``lmbda``) and ``cache`` (the
+    continuous cache's, weight ``cache_lmbda``; an empty cache predicts P_joint) are interpolated:
+    P = (1 - lmbda - cache_lmbda) P_joint + lmbda p_knn + cache_lmbda p_cache (:func:`mixture`).
+
+    With ``token_share``, returns (log P, log of the part of P that the token head contributes): P minus
+    that part is what came from memory.
+    """
+    score = token_score.float()
+    logz = _per_row(token_logz.float(), score)
+    if joint is None:
+        numerator, denominator = score, logz
+    else:
+        numerator = torch.logaddexp(score, joint.lse_label)
+        denominator = torch.logaddexp(logz, _per_row(joint.lse_all, score))
+    log_joint = numerator - denominator
+    parts = []
+    if knn is not None and lmbda > 0:
+        parts.append((knn.log_share(), lmbda))
+    if cache is not None and cache_lmbda > 0:
+        parts.append((cache_log_prob(cache.lse_all, cache.lse_label, log_joint), cache_lmbda))
+    log_prob = mixture(log_joint, parts)
+    if not token_share:
+        return log_prob
+    total = sum(w for _, w in parts)
+    weight = torch.full_like(logz, max(0.0, 1.0 - total))  # the joint softmax's share of the mixture
+    if cache is not None and cache_lmbda > 0:  # an empty cache's weight goes to P_joint
+        weight = weight + cache_lmbda * (~torch.isfinite(_per_row(cache.lse_all, score))).float()
+    return log_prob, weight.log() + score - denominator
+
+
+@dataclass
+class MemoryEntries:
+    """The local + long-term memory of N query rows as raw scores: h . h_j (N, M) fp32, labels y_j (N, M) and
+    which entries each row sees (N, M). Scaled by :meth:`MemorySettings.context_scale` when scored."""
+
+    scores: Tensor
+    labels: Tensor
+    valid: Tensor
+
+
+def next_token_log_probs(
+    token_scores: Tensor,
+    token_logz: Tensor,
+    settings: MemorySettings,
+    dim: int,
+    context: MemoryEntries | None = None,
+    knn: KnnResults | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(log P, log of the token head's part of P), both (N, V), of the next token of N rows: the token head's
+    scores (N, V) and log Z_t (N,), the rows' local + long-term memory entries and their datastore neighbours,
+    combined under ``settings`` exactly as :func:`score_with_context_terms` scores a target
+    (:func:`memory_log_probs` over the vocabulary)."""
+    vocab = token_scores.shape[-1]
+    context_terms = None
+    if context is not None and settings.uses_context_terms:
+        context_terms = label_logsumexp(context.scores * settings.context_scale(dim), context.labels, context.valid,
+                                        vocab_size=vocab)
+    joint = None if settings.interp_cache else context_terms
+    knn_interp = None
+    if knn is not None:
+        hits = knn.top(settings.k)
+        if settings.knn_in_joint:
+            terms = label_logsumexp(hits.scores * memory_scale(dim, settings.ext_temp), hits.labels, hits.valid,
+                                    vocab_size=vocab)
+            joint = terms if joint is None else joint.union(terms)
+        if settings.lmbda > 0:
+            knn_interp = label_logsumexp(hits.scores / settings.interp_temp, hits.labels, hits.valid, vocab_size=vocab)
+    return memory_log_probs(
+        token_scores, token_logz, joint, knn=knn_interp, cache=context_terms if settings.interp_cache else None,
+        lmbda=settings.lmbda, cache_lmbda=settings.cache_lmbda, token_share=True,
+    )  # fmt: skip
 
 
 def _window_visibility(rule: Rule, query_position: Tensor, key_position: Tensor, key_valid: Tensor | None) -> Visibility:
@@ -315,31 +464,19 @@ def score_with_context_terms(
     dim: int | None = None,
 ) -> Tensor:
     """Per-token log P(target) of one batch from its :func:`context_memory_terms` (None: no local or long-term
-    memory), the external memory, the continuous cache and the kNN-LM mixture."""
+    memory), the external memory, the continuous cache and the kNN-LM mixture (:func:`memory_log_probs`)."""
     dim = dim or batch.reps.shape[-1]
-    if context_terms is None:
-        empty = torch.full((batch.num_scored,), _NEG_INF, device=batch.targets.device)
-        context_terms = (empty, empty)
-    cache_terms = None
-    if settings.interp_cache:  # the memory is interpolated, not in the joint softmax
-        cache_terms = context_terms
-        empty = torch.full_like(context_terms[0], _NEG_INF)
-        lse_all, lse_pos = empty, empty
-    else:
-        lse_all, lse_pos = context_terms
-    knn_terms = None
+    context = LabelTerms(*context_terms) if context_terms is not None else None
+    joint = None if settings.interp_cache else context  # interpolated: the cache is not in the joint softmax
+    knn_joint = knn_interp = None
     if knn is not None and (settings.knn_in_joint or settings.lmbda > 0) and batch.num_scored > 0:
-        knn_terms = knn_row_terms(knn, batch.targets, settings, memory_scale(dim, settings.ext_temp))
-    if knn_terms is not None and settings.knn_in_joint:
-        lse_all, lse_pos = torch.logaddexp(lse_all, knn_terms[0]), torch.logaddexp(lse_pos, knn_terms[1])
-
-    log_prob = -joint_nll(batch.token_score, batch.token_logz, lse_all, lse_pos)
-    parts = []
-    if knn_terms is not None and settings.lmbda > 0:
-        parts.append((knn_terms[2], settings.lmbda))
-    if cache_terms is not None and settings.cache_lmbda > 0:
-        parts.append((cache_log_prob(*cache_terms, log_prob), settings.cache_lmbda))
-    return mixture(log_prob, parts)
+        knn_joint, knn_interp = knn_row_terms(knn, batch.targets, settings, memory_scale(dim, settings.ext_temp))
+    if knn_joint is not None:
+        joint = knn_joint if joint is None else joint.union(knn_joint)
+    return memory_log_probs(
+        batch.token_score, batch.token_logz, joint, knn=knn_interp,
+        cache=context if settings.interp_cache else None, lmbda=settings.lmbda, cache_lmbda=settings.cache_lmbda,
+    )  # fmt: skip
 
 
 def score_batch(
@@ -358,13 +495,15 @@ def score_batch(
     return score_with_context_terms(batch, settings, terms, knn, dim)
 
 
-def knn_row_terms(knn: "KnnSource", targets: Tensor, settings: MemorySettings, scale: float) -> tuple[Tensor, ...]:
-    """Per scored row: (lse_all, lse_pos) of its neighbours in the joint softmax, and log p_knn.
+def knn_row_terms(
+    knn: "KnnSource", targets: Tensor, settings: MemorySettings, scale: float
+) -> tuple["LabelTerms | None", "LabelTerms | None"]:
+    """Per scored row: the :class:`LabelTerms` of its neighbours in the joint softmax (scores x ``scale``; None
+    unless ``settings.knn_in_joint``) and of p_knn (scores / ``interp_temp``; None unless ``settings.lmbda > 0``).
 
     ``knn`` is the search results of all rows, or a function ``(start, stop) -> KnnResults``
     that searches rows ``start:stop``. Rows are taken :func:`trime.knn.knn_chunk_rows` at a
-    time, so no more than about ``KNN_CHUNK_HITS`` hits are held at once. Terms that
-    ``settings`` does not use are returned as ``-inf`` / 0.
+    time, so no more than about ``KNN_CHUNK_HITS`` hits are held at once.
     """
     n = targets.shape[0]
     if isinstance(knn, KnnResults):
@@ -374,28 +513,23 @@ def knn_row_terms(knn: "KnnSource", targets: Tensor, settings: MemorySettings, s
     else:
         k = settings.k
     step = knn_chunk_rows(k)
-    lse_all, lse_pos, log_p_knn = [], [], []
+    joint: list[LabelTerms] = []
+    interp: list[LabelTerms] = []
     for start in range(0, n, step):
         stop = min(n, start + step)
         hits = (knn.rows(start, stop) if isinstance(knn, KnnResults) else knn(start, stop)).top(settings.k)
         rows_targets = targets[start:stop]
         if settings.knn_in_joint:
-            a, p = scored_memory_logsumexp(hits.scores * scale, hits.labels, rows_targets, hits.valid)
-        else:
-            a = p = torch.full((stop - start,), _NEG_INF, device=targets.device)
-        lse_all.append(a)
-        lse_pos.append(p)
+            joint.append(label_logsumexp(hits.scores * scale, hits.labels, hits.valid, targets=rows_targets))
         if settings.lmbda > 0:
-            log_p_knn.append(knn_log_prob(hits, rows_targets, settings.interp_temp))
-        else:
-            log_p_knn.append(torch.zeros(stop - start, device=targets.device))
-    return torch.cat(lse_all), torch.cat(lse_pos), torch.cat(log_p_knn)
+            interp.append(label_logsumexp(hits.scores / settings.interp_temp, hits.labels, hits.valid,
+                                          targets=rows_targets))
+    return LabelTerms.cat(joint), LabelTerms.cat(interp)
 
 
 def knn_log_prob(knn: KnnResults, targets: Tensor, interp_temp: float) -> Tensor:
     """log p_knn(target) = log sum_{j: v_j = y} softmax_j(score_j / interp_temp); -inf if no hit has y."""
-    lse_all, lse_pos = scored_memory_logsumexp(knn.scores / interp_temp, knn.labels, targets, knn.valid)
-    return lse_pos - lse_all
+    return label_logsumexp(knn.scores / interp_temp, knn.labels, knn.valid, targets=targets).log_share()
 
 
 def require_finite(log_probs: Tensor, settings: MemorySettings) -> None:
@@ -412,7 +546,9 @@ def require_finite(log_probs: Tensor, settings: MemorySettings) -> None:
 
 
 def cache_log_prob(lse_all: Tensor, lse_pos: Tensor, log_p_model: Tensor) -> Tensor:
-    """log p_cache(target) from the cache's (lse_all, lse_pos); rows with an empty cache get ``log_p_model``."""
+    """log p_cache from the cache's (lse_all (N,), lse_pos (N,) at the targets or (N, V) for every token);
+    rows with an empty cache get ``log_p_model`` (the shape of ``lse_pos``)."""
+    lse_all = _per_row(lse_all, lse_pos)
     has_cache = torch.isfinite(lse_all)
     return torch.where(has_cache, lse_pos - torch.where(has_cache, lse_all, 0.0), log_p_model)
 
