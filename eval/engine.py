@@ -13,12 +13,13 @@ scored log-probs are checked as well (:func:`trime.eval.memory.require_finite`).
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
 import torch
 
+from trime.adapters.base import WindowBatch
 from trime.errors import fail
 from trime.eval.cache import EvalCache, entry_key, split_files_identity
 from trime.eval.memory import MemorySettings, ScoreState, require_finite, score_batch
@@ -116,10 +117,16 @@ def search_datastore(store, queries: torch.Tensor, k: int, exact: bool, device: 
     """The top-k hits of finite ``queries`` in ``store`` (--datastore), on ``device``; keys that give NaN or inf
     scores are refused in one line."""
     hits = store.search(queries, k, exact=exact)
-    if not bool(torch.isfinite(hits.scores).all()):  # the queries are finite (check_batch): the keys are not
+    check_hits(store, hits)
+    return hits.to(device)
+
+
+def check_hits(store, hits: KnnResults) -> None:
+    """Refuse neighbour scores that are NaN or inf: the queries are finite (:func:`check_batch`), so the keys of
+    ``store`` (--datastore) are damaged."""
+    if not bool(torch.isfinite(hits.scores).all()):
         fail(f"--datastore {store.directory} gives NaN or inf neighbour scores: its keys are damaged; "
              "check it with trime-build-datastore --verify and rebuild it")
-    return hits.to(device)
 
 
 class Evaluator:
@@ -194,6 +201,14 @@ class Evaluator:
             total = min(total, max_batches)
         return self._progress(windows.batches(self.batch_size, 0, total), total, split)
 
+    def forward_batches(self, split: str, max_batches: int | None = None) -> Iterator[WindowBatch]:
+        """The forward passes of the first ``max_batches`` batches of ``split`` (None: all), in order, each checked
+        finite (:func:`check_batch`): what :meth:`run` scores."""
+        for sample in self._batches(split, max_batches):
+            batch = self.lm.forward(sample)
+            check_batch(self.lm, batch, split)
+            yield batch
+
     def run(
         self, split: str, settings: MemorySettings, cached: CachedRun | None = None
     ) -> tuple[float, int, float, dict[str, float]]:
@@ -214,9 +229,7 @@ class Evaluator:
         nll, count = 0.0, 0
         sync = torch.cuda.synchronize if self.lm.device.type == "cuda" else (lambda: None)
         started = time.perf_counter()
-        for sample in self._batches(split):
-            batch = self.lm.forward(sample)
-            check_batch(self.lm, batch, split)
+        for batch in self.forward_batches(split):
             log_probs = score_batch(batch, settings, state, self._lazy_search(batch), dim=self.lm.dim)
             require_finite(log_probs, settings)
             nll -= float(log_probs.double().sum())
@@ -234,9 +247,7 @@ class Evaluator:
         if self.cache is None:
             batches, knn = [], []
             started = time.perf_counter()
-            for sample in self._batches(split, max_batches):
-                batch = self.lm.forward(sample)
-                check_batch(self.lm, batch, split)
+            for batch in self.forward_batches(split, max_batches):
                 result = self._search(batch)
                 batches.append(batch.to(torch.device("cpu")))
                 knn.append(result.to(torch.device("cpu")) if result is not None else None)

@@ -19,6 +19,10 @@ the first ``--context-window`` are context, as ``fairseq-eval-lm`` does. ``--tun
 searches the temperatures (and lambda) on ``--tune-subset`` and reports
 ``--gen-subset`` with them; ``--sweep NAME=V1,V2,..`` plots a metric against one setting.
 See :mod:`trime.eval.memory` for the exact probability.
+
+What memory did (:mod:`trime.eval.inspection`): ``--dump-neighbors FILE`` writes one JSON record per
+scored token of ``--gen-subset`` (the first ``--dump-limit``) with the reported settings, and
+``--report-html FILE`` one self-contained page of them; both score those tokens again after the results.
 """
 
 import argparse
@@ -35,6 +39,7 @@ from trime.databin import is_byte_level
 from trime.errors import fail, file_faults_as_errors
 from trime.eval.cache import EvalCache
 from trime.eval.engine import Evaluator, cache_inputs, memory_label, metric_line
+from trime.eval.inspection import DEFAULT_TOP, REPORT_TOKENS, Inspector, write_outputs
 from trime.eval.memory import CACHE_MODES, MemorySettings
 from trime.eval.sweep import SWEEPABLE, run_sweep, sweep_name, sweep_values
 from trime.eval.tuning import CachedRun, tune
@@ -179,6 +184,35 @@ def build_parser() -> Parser:
         "--sweep-prefix", default=None, help="output prefix for the sweep .json/.png (default trime-sweep-NAME)"
     )
     p.add_argument("--results-json", default=None, help="write results, settings and identities here")
+    p.add_argument(
+        "--dump-neighbors",
+        default=None,
+        metavar="FILE",
+        help="write one JSON record per scored token of --gen-subset (the first --dump-limit), with the settings "
+        "reported: the token, its probability with memory and the model's, the part that came from memory and each "
+        "level's, and the --dump-top memory entries that added most (score, value token, level, source text); "
+        "see docs/inspect.md",
+    )
+    p.add_argument(
+        "--report-html",
+        default=None,
+        metavar="FILE",
+        help="write one self-contained HTML page of the first --dump-limit scored tokens, each coloured by how much "
+        "memory changed its log-probability; hovering or clicking a token shows its memory entries and their sources",
+    )
+    p.add_argument(
+        "--dump-limit",
+        type=POSITIVE_INT,
+        default=None,
+        help="--dump-neighbors/--report-html: the first N scored tokens of --gen-subset (default: all of them for "
+        f"--dump-neighbors, the first {REPORT_TOKENS:,} for --report-html)",
+    )
+    p.add_argument(
+        "--dump-top",
+        type=POSITIVE_INT,
+        default=None,
+        help=f"--dump-neighbors/--report-html: memory entries kept per token, those that added most (default {DEFAULT_TOP})",
+    )
     return p
 
 
@@ -227,6 +261,18 @@ def check_args(args: argparse.Namespace) -> None:
         name, values = sweep_values(args.sweep)
         for value in values:  # the swept values keep the rule of the flag they stand for
             SWEEP_RULES[name].check(f"--sweep {name}", value)
+
+
+def check_dump_args(args: argparse.Namespace) -> None:
+    """``--dump-neighbors``/``--report-html`` and their settings: combinations that cannot work, as one-line errors."""
+    dumps = args.dump_neighbors or args.report_html
+    if not dumps and (args.dump_limit is not None or args.dump_top is not None):
+        flag = "--dump-limit" if args.dump_limit is not None else "--dump-top"
+        fail(f"{flag} sets what --dump-neighbors and --report-html show: add one of them (FILE) or drop {flag}")
+    if dumps and args.memory in CROSS_SEGMENT_MEMORIES and args.mem_size is None:
+        fail("--dump-neighbors and --report-html show one setting: give --mem-size M (the sweep's values are not one)")
+    if args.dump_neighbors and args.report_html and Path(args.dump_neighbors).resolve() == Path(args.report_html).resolve():
+        fail(f"--dump-neighbors and --report-html both name {args.dump_neighbors}; give them different files")
 
 
 def memory_settings(args: argparse.Namespace, dim: int) -> MemorySettings:
@@ -443,6 +489,7 @@ def results_record(
 def evaluate(args: argparse.Namespace) -> dict:
     """Run trime-eval on parsed flags; returns the results record (also written by --results-json)."""
     check_args(args)
+    check_dump_args(args)
     quiet_libraries()
     log, warn = logger(PROG), logger(PROG, stderr=True)
     loaded = model_from_args(args)
@@ -484,7 +531,33 @@ def evaluate(args: argparse.Namespace) -> dict:
     record = results_record(args, loaded, store, settings, is_bytes, rows, tuning, sweep)
     if args.results_json:
         write_json_atomic(args.results_json, record)
+    if args.dump_neighbors or args.report_html:
+        inspect_step(args, evaluator, settings, loaded, store, log)
     return record
+
+
+def inspect_step(args: argparse.Namespace, evaluator: Evaluator, settings: MemorySettings, loaded: LoadedModel,
+                 store: Datastore | None, log: Callable[[str], None]) -> None:
+    """``--dump-neighbors`` and ``--report-html``: the first scored tokens of --gen-subset scored again from the
+    split's start with the reported settings, each with the memory entries behind it (:mod:`trime.eval.inspection`)."""
+    page_tokens = args.dump_limit or REPORT_TOKENS
+    limit = args.dump_limit if args.dump_neighbors else page_tokens
+    inspector = Inspector(evaluator, settings, top=args.dump_top or DEFAULT_TOP)
+    line = settings_line(settings, args.knnlm, store is not None, subset=args.gen_subset,
+                         metric=store.metric if store is not None else None)
+    lines = [f"model {args.path} ({loaded.lm.frontend}), data {args.data}", f"{line}; {loaded.windows.describe()}"]
+    if store is not None:
+        sources = "its keys' sources recorded" if store.has_sources else "built before sources were recorded"
+        lines.append(f"datastore {store.directory}: {store.count:,} keys ({store.dim}-d, {store.metric}), {sources}")
+    jsonl = Path(args.dump_neighbors) if args.dump_neighbors else None
+    page = Path(args.report_html) if args.report_html else None
+    count, shown = write_outputs(inspector.records(args.gen_subset, limit), jsonl, page, page_tokens,
+                                 title=f"{PROG}: what memory did on {args.gen_subset}", lines=lines,
+                                 prefix=inspector.text_before(args.gen_subset))
+    if jsonl is not None:
+        log(f"wrote {count:,} token records to {jsonl}")
+    if page is not None:
+        log(f"wrote {page}: {shown:,} tokens")
 
 
 def run(argv: Sequence[str] | None = None) -> dict:
