@@ -63,7 +63,6 @@ from trime.eval.memory import (
 from trime.io_utils import atomic_path
 from trime.knn import KnnResults, knn_chunk_rows
 from trime.loss import memory_scale
-from trime.retrieval import faiss_index
 from trime.retrieval.datastore import NO_SOURCES, Datastore, snippets
 
 LEVELS = ("local", "long", "external", "knn", "cache")
@@ -136,24 +135,11 @@ class TokenRecord:
 
 
 def search_with_ids(store: Datastore, queries: Tensor, k: int, exact: bool) -> tuple[KnnResults, Tensor]:
-    """:meth:`Datastore.search`'s hits of ``queries`` (the same scores, labels and padding, on the CPU) and the
-    datastore rows they are (int64, -1 for FAISS's padding); NaN or inf scores are refused as in evaluation."""
-    if store.torch_search is not None:
-        scores, ids = store.torch_search.search(queries, k)
-        if exact and store.torch_search.dtype != torch.float32:
-            scores = store.torch_search.rescore(queries, ids.clamp(min=0))
-        scores, ids = scores.cpu(), ids.cpu()
-    else:
-        q = queries.detach().float().cpu().numpy()
-        found, rows = faiss_index.search(store.index, q, k, store.metric)
-        if exact:
-            found = store.exact_scores(q, np.where(rows >= 0, rows, 0))
-        scores, ids = torch.from_numpy(np.asarray(found, dtype=np.float32)), torch.from_numpy(rows.astype(np.int64))
-    valid = ids >= 0
-    labels = torch.from_numpy(store.vals[ids.clamp(min=0).numpy()].astype(np.int64))
-    hits = KnnResults(scores=torch.where(valid, scores.float(), 0.0), labels=labels, valid=valid)
+    """:meth:`Datastore.search`'s hits of ``queries`` on the CPU and the datastore rows they are (int64, -1 for
+    FAISS's padding); NaN or inf scores are refused as in evaluation."""
+    hits = store.search(queries, k, exact=exact).to(torch.device("cpu"))
     check_hits(store, hits)
-    return hits, ids
+    return hits, hits.ids
 
 
 def _union(terms: list[LabelTerms]) -> LabelTerms | None:

@@ -373,7 +373,7 @@ class Datastore:
             fail(f"--k {k} exceeds FAISS's GPU limit of {GPU_MAX_K}; use a smaller --k or --faiss-gpus none")
 
     def search(self, queries: np.ndarray, k: int, exact: bool = False):
-        """Top-k neighbours as :class:`trime.knn.KnnResults` (torch, CPU).
+        """Top-k neighbours as :class:`trime.knn.KnnResults` (torch, CPU), with the rows they are (``ids``).
 
         ``exact`` recomputes the scores from the stored keys (kNN-LM's exact distances)
         instead of using FAISS's (possibly PQ-approximated) ones. ``queries`` is an array or
@@ -398,6 +398,7 @@ class Datastore:
             scores=torch.from_numpy(np.where(valid, scores, 0.0).astype(np.float32)),
             labels=torch.from_numpy(labels),
             valid=torch.from_numpy(valid),
+            ids=torch.from_numpy(ids.astype(np.int64)),
         )
 
     def _search_torch(self, queries, k: int, exact: bool):
@@ -412,7 +413,7 @@ class Datastore:
             scores = self.torch_search.rescore(queries, safe)
         if self._device_vals is None:
             self._device_vals = torch.from_numpy(self.vals.astype(np.int64)).to(self.torch_search.device)
-        return KnnResults(scores=torch.where(valid, scores, 0.0), labels=self._device_vals[safe], valid=valid)
+        return KnnResults(scores=torch.where(valid, scores, 0.0), labels=self._device_vals[safe], valid=valid, ids=ids)
 
     def exact_scores(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Inner products or -squared L2 distances between each query and its neighbours' stored keys."""

@@ -26,24 +26,30 @@ class KnnResults:
     scores: Tensor  # (N, k) fp32: inner product, or -squared L2 distance
     labels: Tensor  # (N, k) int64 value (next token) of each neighbour
     valid: Tensor  # (N, k) bool, False for FAISS's -1 padding
+    ids: Tensor | None = None  # (N, k) int64 datastore row of each neighbour (-1: padding); None when not kept
 
     def top(self, k: int | None) -> "KnnResults":
         if k is None or k >= self.scores.shape[1]:
             return self
-        return KnnResults(self.scores[:, :k], self.labels[:, :k], self.valid[:, :k])
+        return KnnResults(self.scores[:, :k], self.labels[:, :k], self.valid[:, :k],
+                          None if self.ids is None else self.ids[:, :k])
 
     def rows(self, start: int, stop: int) -> "KnnResults":
         """The results of query rows ``start:stop`` (views, no copy)."""
-        return KnnResults(self.scores[start:stop], self.labels[start:stop], self.valid[start:stop])
+        return KnnResults(self.scores[start:stop], self.labels[start:stop], self.valid[start:stop],
+                          None if self.ids is None else self.ids[start:stop])
 
     def to(self, device: torch.device) -> "KnnResults":
-        return KnnResults(self.scores.to(device), self.labels.to(device), self.valid.to(device))
+        return KnnResults(self.scores.to(device), self.labels.to(device), self.valid.to(device),
+                          None if self.ids is None else self.ids.to(device))
 
     @classmethod
     def cat(cls, results: list["KnnResults"]) -> "KnnResults":
-        """The rows of several results, in order."""
+        """The rows of several results, in order (rows only when every part has them)."""
+        ids = None if any(r.ids is None for r in results) else torch.cat([r.ids for r in results])
         return cls(
             torch.cat([r.scores for r in results]),
             torch.cat([r.labels for r in results]),
             torch.cat([r.valid for r in results]),
+            ids,
         )
