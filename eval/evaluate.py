@@ -65,14 +65,9 @@ DEFAULT_LMBDA = 0.25  # --lmbda with --knnlm, and --cache-lmbda, when neither is
 assert set(SWEEP_RULES) == set(SWEEPABLE), "every sweepable setting needs its flag's rule"
 
 
-def build_parser() -> Parser:
-    """The ``trime-eval`` command-line parser."""
-    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
-    add_model_args(
-        p,
-        gen_subset="test",
-        gen_subset_help="split to report (default test, as fairseq-eval-lm; --tune tunes on --tune-subset first)",
-    )
+def add_memory_args(p: argparse.ArgumentParser) -> None:
+    """The memory flags trime-eval and trime-generate share: levels, temperatures, datastore search, kNN-LM
+    and the continuous cache (one name, type and default per concept)."""
     p.add_argument("--memory", choices=MEMORIES, default="none", help="memory level (cumulative; default none)")
     p.add_argument(
         "--softmax-temp",
@@ -158,6 +153,17 @@ def build_parser() -> Parser:
         "as --interp-temp divides kNN scores (T = 1/theta of Grave et al.; default sqrt(key size), the scale of "
         "TRIME's memory logits)",
     )
+
+
+def build_parser() -> Parser:
+    """The ``trime-eval`` command-line parser."""
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    add_model_args(
+        p,
+        gen_subset="test",
+        gen_subset_help="split to report (default test, as fairseq-eval-lm; --tune tunes on --tune-subset first)",
+    )
+    add_memory_args(p)
     p.add_argument(
         "--tune",
         action="store_true",

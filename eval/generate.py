@@ -38,12 +38,6 @@ from trime.io_utils import identity_key, quiet_libraries, read_json
 
 PROG = "trime-generate"
 TOP_P = Number(float, gt=0, le=1)
-# trime-eval's flags that set the memory, taken from its parser with their help, rules and defaults
-MEMORY_FLAGS = (
-    "--memory", "--mem-size", "--softmax-temp", "--external-temp", "--datastore", "--k", "--nprobe",
-    "--allow-other-checkpoint", "--knn-exact", "--knn-search", "--faiss-gpus", "--lmbda", "--interp-temp", "--knnlm",
-    "--metric", "--cache", "--cache-lmbda", "--cache-temp",
-)  # fmt: skip
 # what --settings-from takes from a results file when the flag is not given: flag dest -> key of "settings"
 RECORDED = {"memory": "memory", "knnlm": "knnlm", "cache": "cache", "mem_size": "mem_size", "k": "k", "metric": "metric"}
 # the tuned values (the results file's tuning.chosen), each checked by trime-eval's rule for its flag
@@ -68,9 +62,7 @@ def build_parser() -> Parser:
     p.add_argument("--context-file", metavar="FILE", help="text read before every prompt, tokenized as a split is: "
                    "its last --context-window tokens are the window's context and, with --memory long or external, "
                    "its last --mem-size tokens the long-term memory")
-    for action in evaluate.build_parser()._actions:
-        if action.option_strings and action.option_strings[0] in MEMORY_FLAGS:
-            p._add_action(action)
+    evaluate.add_memory_args(p)
     p.set_defaults(**{name: None for name in DEFAULTS})  # resolved after --settings-from
     p.add_argument("--settings-from", metavar="FILE", help="take the tuned temperatures and weights, and the memory "
                    "settings not given as flags, from a trime-eval --tune --results-json FILE of this model")
