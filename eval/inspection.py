@@ -225,12 +225,17 @@ class Inspector:
         state = ScoreState.fresh(settings)
         stream = lm.stream(split)
         docs = lm.documents(split)
-        positions: list[np.ndarray] = []  # the stream position of every scored row so far
+        # the stream positions of the rows the FIFO can still hold and of this batch: global row seen_start + i
+        # is seen[i] (bounded by mem-size, so a whole-split dump stays linear in the split)
+        seen, seen_start = np.zeros(0, dtype=np.int64), 0
+        held = settings.mem_size if settings.uses_long else 0
         index = 0
         max_batches = self.evaluator.batches_for_tokens(split, limit)
         for batch in self.evaluator.forward_batches(split, max_batches):
             n = batch.num_scored
-            positions.append(windows.target_positions(batch.ids[0], batch.ids[-1] + 1))
+            drop = max(0, len(seen) - held)
+            seen_start += drop
+            seen = np.concatenate([seen[drop:], windows.target_positions(batch.ids[0], batch.ids[-1] + 1)])
             hits = ids = None
             if self.store is not None and n > 0:
                 hits, ids = self._search(batch.queries)
@@ -241,9 +246,8 @@ class Inspector:
             require_finite(log_probs, settings)
             take = n if limit is None else min(n, limit - index)
             if take > 0:
-                seen = np.concatenate(positions)
-                yield from self._batch_records(split, batch, before, hits, ids, log_probs, seen, index, take,
-                                               stream, docs)
+                yield from self._batch_records(split, batch, before, hits, ids, log_probs, seen, seen_start, index,
+                                               take, stream, docs)
             index += take
             if limit is not None and index >= limit:
                 return
@@ -256,10 +260,10 @@ class Inspector:
         return KnnResults.cat([h for h, _ in parts]), torch.cat([i for _, i in parts])
 
     def _batch_records(self, split: str, batch: WindowBatch, before: ScoreState, hits: KnnResults | None,
-                       ids: Tensor | None, log_probs: Tensor, seen: np.ndarray, first_index: int, take: int,
-                       stream: np.ndarray, docs: Documents) -> Iterator[TokenRecord]:
+                       ids: Tensor | None, log_probs: Tensor, seen: np.ndarray, seen_start: int, first_index: int,
+                       take: int, stream: np.ndarray, docs: Documents) -> Iterator[TokenRecord]:
         """The records of the first ``take`` rows of ``batch`` (scored as ``log_probs``, the FIFO as ``before``
-        held it; ``seen``: the stream position of every row so far, this batch's last)."""
+        held it; ``seen[i]``: the stream position of global row ``seen_start + i``, this batch's rows last)."""
         settings, lm = self.settings, self.lm
         dim = lm.dim
         n = batch.num_scored
@@ -312,8 +316,8 @@ class Inspector:
             levels["cache"] = cache_lmbda * torch.where(has, cache.lse_label - torch.where(has, cache.lse_all, 0.0),
                                                         _NEG_INF).exp()
         memory_mass = 1.0 - (log_alpha + token_logz - log_d).exp()
-        neighbors = self._neighbors(batch, before, hits, ids, parts, offsets, key_valid, scale, take, seen, split,
-                                    stream, docs)
+        neighbors = self._neighbors(batch, before, hits, ids, parts, offsets, key_valid, scale, take, seen,
+                                    seen_start, split, stream, docs)
         rows = {name: values[:take].tolist() for name, values in levels.items()}
         lp = log_probs[:take].double().tolist()
         lm_lp = (token_score - token_logz)[:take].double().tolist()
@@ -337,7 +341,7 @@ class Inspector:
 
     def _neighbors(self, batch: WindowBatch, before: ScoreState, hits: KnnResults | None, ids: Tensor | None,
                    parts: _Parts, offsets: list[int], key_valid: Tensor, scale: float, take: int, seen: np.ndarray,
-                   split: str, stream: np.ndarray, docs: Documents) -> list[list[Neighbor]]:
+                   seen_start: int, split: str, stream: np.ndarray, docs: Documents) -> list[list[Neighbor]]:
         """The ``top`` entries of largest weight of each of the first ``take`` rows, across the levels."""
         settings = self.settings
         n = batch.num_scored
@@ -366,7 +370,7 @@ class Inspector:
             cached = len(fifo)
             buf_keys = batch.queries if not cached else torch.cat([fifo.keys, batch.queries.to(fifo.keys.dtype)])
             buf_labels = batch.targets if not cached else torch.cat([fifo.labels, batch.targets])
-            first_row = before.next_position - cached  # the global row number of buffer entry 0
+            first_row = before.next_position - cached - seen_start  # the index in ``seen`` of buffer entry 0
         for b in range(len(batch.ids)):
             r0, r1 = offsets[b], min(offsets[b + 1], take)
             if r1 <= r0:
