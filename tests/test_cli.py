@@ -143,7 +143,7 @@ def test_eval_and_datastore_share_the_model_flags():
 
     ours, theirs = options(eval_parser), options(store_parser)
     shared = ["data", "--path", "--context-window", "--tokens-per-sample", "--key-module", "--cpu", "--fp16",
-              "--bf16", "--max-tokens", "--batch-size", "--no-progress-bar"]
+              "--bf16", "--max-tokens", "--batch-size", "--no-progress-bar", "--trust-checkpoint"]
     for flag in shared:
         assert ours[flag].help == theirs[flag].help, flag
         assert ours[flag].default == theirs[flag].default, flag

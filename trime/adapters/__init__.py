@@ -29,12 +29,15 @@ def load_adapter(
     precision: str = "fp32",
     key_module: str | None = None,
     gguf_file: str | None = None,
+    trust_checkpoint: bool = False,
 ) -> ModelAdapter:
     """Load ``--path`` for scoring the splits in ``data_dir``; ``precision`` is fp32, fp16 or bf16.
 
     ``key_module`` (HF models only) names the module whose input are the keys (default:
     the last decoder layer's MLP). A ``.gguf`` file, or ``gguf_file`` (``--gguf-file``) inside
-    the dir ``path``, is a Hugging Face model dequantized from GGUF.
+    the dir ``path``, is a Hugging Face model dequantized from GGUF. ``trust_checkpoint``
+    (``--trust-checkpoint``, fairseq checkpoints only) allows unpickling a checkpoint in full,
+    e.g. a fairseq < 0.10 one of the original TRIME code.
     """
     text = str(path)
     # a folder (config.json or not), a GGUF file, or a name that is neither a file nor a .pt path is a Hugging Face model
@@ -43,9 +46,12 @@ def load_adapter(
         from trime.adapters.hf_lm import HFLM
 
         check_model_dir(text, "--path", gguf_file=gguf_file)
+        if trust_checkpoint:
+            fail(f"--trust-checkpoint is for fairseq checkpoints; --path {path} is a Hugging Face model, whose "
+                 "weights transformers loads itself")
         return HFLM.load(path, data_dir, cpu=cpu, precision=precision, key_module=key_module, gguf_file=gguf_file)
     if key_module:
         fail(f"--key-module is for Hugging Face models; --path {path} is a fairseq checkpoint (keys: the last fc1 input)")
     from trime.adapters.fairseq_lm import FairseqLM
 
-    return FairseqLM.load(path, data_dir, cpu=cpu, precision=precision)
+    return FairseqLM.load(path, data_dir, cpu=cpu, precision=precision, trust_checkpoint=trust_checkpoint)

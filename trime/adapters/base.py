@@ -20,8 +20,10 @@ scored token instead of six).
 Where a scored token comes from: every adapter reads a split as one token stream
 (:meth:`ModelAdapter.stream`), and a window's scored tokens are a run of it
 (:meth:`SplitWindows.target_positions`), so a datastore row can name the position of its
-target token. :meth:`ModelAdapter.documents` cuts a stream into documents: WikiText articles,
-each starting at its `` = Title = `` heading line (:func:`heading_title`), else the whole file.
+target token. :meth:`ModelAdapter.documents` cuts a stream into documents by one of DOCUMENT_RULES:
+``heading`` (WikiText articles, each starting at its `` = Title = `` heading line, :func:`heading_title`),
+``file`` (the whole file), ``blocks`` (runs of non-blank lines, each starting after one or more blank lines,
+titled by :func:`block_title`), or ``auto`` (headings where the split has any, else the file).
 :meth:`ModelAdapter.decode` turns token ids back into text.
 
 Generation (:mod:`trime.eval.generation`) extends a stream token by token: :meth:`ModelAdapter.encode`
@@ -75,12 +77,19 @@ class WindowSettings:
                 f"({self.new_tokens:,} new)")
 
 
+# how a split is cut into documents (ModelAdapter.documents); "auto": headings where there are any, else the file
+DOCUMENT_RULES = ("auto", "heading", "file", "blocks")
+# a block's title is its first non-blank line, stripped, at most this many characters
+BLOCK_TITLE_CHARS = 80
+
+
 @dataclass
 class Documents:
     """The documents of one token stream: ``starts[i]`` is the position of document i's first token.
 
-    ``starts`` is increasing and begins with 0 (the documents tile the stream); ``by`` says how
-    they were found: ``"heading"`` (WikiText article headings) or ``"file"`` (one document).
+    ``starts`` is increasing and begins with 0 (the documents tile the stream); ``by`` is the rule
+    that found them (never ``"auto"``): ``"heading"`` (WikiText article headings), ``"blocks"``
+    (blank-line-separated blocks) or ``"file"`` (one document).
     """
 
     starts: list[int]
@@ -102,6 +111,25 @@ def heading_title(words: list[str]) -> str | None:
     if len(words) < 3 or words[0] != "=" or words[-1] != "=" or words[1] == "=" or words[-2] == "=":
         return None
     return " ".join(words[1:-1])
+
+
+def block_title(line: str) -> str:
+    """The title of a block of lines from its first non-blank line: stripped, cut to BLOCK_TITLE_CHARS characters
+    (and stripped again where the cut ends in whitespace)."""
+    return line.strip()[:BLOCK_TITLE_CHARS].rstrip()
+
+
+def check_document_rule(rule: str) -> str:
+    """``rule`` if it is one of DOCUMENT_RULES, else a one-line error naming ``--documents``."""
+    if rule not in DOCUMENT_RULES:
+        fail(f"--documents must be one of {', '.join(DOCUMENT_RULES)}; got {rule!r}")
+    return rule
+
+
+def no_headings(path: Path) -> None:
+    """The one-line error of ``--documents heading`` on a split without article headings."""
+    fail(f"--documents heading: {path} has no WikiText article heading line (' = Title = '); "
+         "use --documents blocks or file, or auto to fall back to one document per file")
 
 
 @dataclass
@@ -220,10 +248,16 @@ class ModelAdapter(ABC):
         """The split's token ids in order, 1-D and read-only (often a memory map: slice it, do not copy it)."""
 
     @abstractmethod
-    def documents(self, split: str) -> Documents:
-        """The split's documents: WikiText articles by their heading lines, else one for the whole file.
+    def documents(self, split: str, rule: str = "auto") -> Documents:
+        """The split's documents by ``rule`` (one of DOCUMENT_RULES; :attr:`Documents.by` is the rule used).
 
-        Text before the first heading that is only whitespace belongs to the first article.
+        ``heading``: WikiText articles by their heading lines (a one-line error where the split has none); text
+        before the first heading belongs to the first article when it is only whitespace, else it is a document
+        titled by the file's name. ``file``: one document titled by the file's name. ``blocks``: a document starts
+        at the first token of each run of non-blank lines that follows one or more blank (empty or whitespace-only)
+        lines; blank lines before the first block belong to it; titles by :func:`block_title`; a split without a
+        non-blank line is one document titled by the file's name. ``auto``: ``heading`` where the split has
+        headings, else ``file``.
         """
 
     @abstractmethod

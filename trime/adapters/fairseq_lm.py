@@ -8,26 +8,41 @@ their true next tokens. fairseq is imported only when a checkpoint is loaded.
 
 The split's token stream (:meth:`FairseqLM.stream`) is its binarized lines in order, each
 ending with ``<eos>``: the ``.bin`` file itself, memory-mapped. Window w's targets are the
-stream tokens of block w. Documents are WikiText articles, found from the dictionary's
-tokens: a line ``= Title =`` (one ``=`` token on each side) after an ``<eos>`` or at the start.
+stream tokens of block w. Documents are found from the dictionary's tokens: WikiText articles start
+at a line ``= Title =`` (one ``=`` token on each side) after an ``<eos>`` or at the start; blocks at
+the first line with text after a blank line (a line without a token other than ``<eos>`` and, in
+byte-level data, ASCII whitespace bytes: an ``<eos>`` right after an ``<eos>`` in word-level data).
 Decoding writes each word after a space and each ``<eos>`` as a newline (WikiText's own
 spelling), or, for byte-level data, the bytes themselves.
 
 Generation (:class:`FairseqDecoder`) runs the decoder with its ``incremental_state`` one position per
 call, as fairseq's SequenceGenerator does; a prompt is its words (or bytes) without ``<eos>``, read
 after ``<eos>`` like the start of a split, and generation ends at ``<eos>`` (the end of a line).
+
+Loading reads a checkpoint with fairseq's ``load_checkpoint_to_cpu``, whose ``torch.load`` unpickles only
+weights (torch's default since 2.6). A checkpoint that holds other Python objects is refused in one line
+unless ``trust_checkpoint`` (``--trust-checkpoint``), because unpickling it can run code. The original TRIME
+code's released checkpoints are such files: fairseq 0.9 pickles its ``args`` as an ``argparse.Namespace`` and
+writes no ``cfg``. A trusted checkpoint is unpickled in full; args of that kind are rewritten by
+:data:`ORIGINAL_ARGS` into names fairseq 0.12 and trime know, then fairseq upgrades the checkpoint itself
+(``_upgrade_state_dict``, which converts the args with ``convert_namespace_to_omegaconf``).
 """
 
+import argparse
 import math
 import os
 import pickle
+import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
 
 from trime.adapters.base import (
+    BLOCK_TITLE_CHARS,
     PRECISIONS,
     DecoderStep,
     Documents,
@@ -36,9 +51,12 @@ from trime.adapters.base import (
     SplitWindows,
     WindowBatch,
     WindowSettings,
+    block_title,
+    check_document_rule,
     check_window_settings,
     default_window_settings,
     heading_title,
+    no_headings,
     pick_device,
     token_terms_in_blocks,
 )
@@ -52,6 +70,52 @@ from trime.io_utils import file_identity, sha256_file
 MMAP_INDEX_MAGIC = b"MMIDIDX\x00\x00"
 # What torch.load / unpickling raise for a file that is not a readable checkpoint.
 CHECKPOINT_READ_ERRORS = (OSError, EOFError, RuntimeError, ValueError, KeyError, AttributeError, pickle.UnpicklingError)
+# torch >= 2.6 unpickles only weights unless told otherwise; before, fairseq's torch.load unpickles everything
+WEIGHTS_ONLY_BY_DEFAULT = torch.__version__ >= "2.6"
+# ArgRule.new that deletes the arg
+DROP = object()
+# ArgRule.when value of an arg the args do not have
+ABSENT = object()
+
+
+@dataclass(frozen=True)
+class ArgRule:
+    """One rule of :data:`ORIGINAL_ARGS`: each arg of ``names`` becomes ``new`` (:data:`DROP` deletes it), where it
+    holds one of the values ``when`` (:data:`ABSENT`: where it is missing), or any value if ``when`` is empty;
+    ``why`` says why."""
+
+    names: tuple[str, ...]
+    why: str
+    new: Any = DROP
+    when: tuple = ()
+
+
+# How the args of a fairseq < 0.10 checkpoint of the original TRIME code (its fairseq 0.9 fork with knnlm's
+# task flags) are rewritten before fairseq 0.12 converts them. The original's trime_* criteria have trime's
+# names, and the task (language_modeling) and the archs transformer_lm_wiki103, transformer_lm_wiki103_150M and
+# transformer_lm_enwik8 are fairseq's or trime's; a criterion fairseq does not register is dropped
+# (:func:`map_original_args`), since evaluation never builds one.
+ORIGINAL_ARGS: tuple[ArgRule, ...] = (
+    ArgRule(("tpu", "use_plasma_view", "update_epoch_batch_itr"), new=False, when=(ABSENT,),
+            why="fairseq 0.12 flags that fairseq 0.9 lacks: their defaults are interpolations such as "
+                "'${common.tpu}', which the conversion turns into True (a non-empty string as a bool)"),
+    ArgRule(("arch",), new="transformer_lm", when=("transformer_lm_wiki103_small", "transformer_lm_wiki103_small_sm"),
+            why="the original's 8-layer archs, registered by neither fairseq 0.12 nor trime; the args hold every "
+                "size, so the base arch builds the same model"),
+    ArgRule(("cross_sent_ratio",), new=0.0, when=(None,),
+            why="trime_ext_loss: the original's None (the local memory never switched off) is trime's 0.0; fairseq "
+                "0.12 refuses None for a float"),
+    ArgRule(("knn_keytype", "knn_type", "learn_mem_weight", "dist", "temp"),
+            why="the original's key and similarity settings: trime's keys are the last FFN's input (checked first) "
+                "and its memory logits scaled dot products; the original's criteria never read --dist or --temp"),
+    ArgRule(("keep_order", "predefined_batches", "num_comb_shards", "train_mem_size", "mem_size",
+             "output_segments_to_file"),
+            why="the original's batch order and memory size, set on language_modeling (trime_lm's --keep-order, "
+                "--predefined-batches and --train-mem-size in trime); evaluation does not batch by them"),
+    ArgRule(("k", "probe", "lmbda", "dstore_size", "dstore_filename", "indexfile", "knn_sim_func",
+             "faiss_metric_type", "no_load_keys", "dstore_fp16", "move_dstore_to_mem", "use_faiss_cpu"),
+            why="knnlm's datastore and search flags on the task: trime-build-datastore and trime-eval take their own"),
+)
 
 
 class FairseqLM(ModelAdapter):
@@ -76,11 +140,13 @@ class FairseqLM(ModelAdapter):
         return self.task.source_dictionary
 
     @classmethod
-    def load(cls, path: os.PathLike, data_dir: os.PathLike, cpu: bool = False, precision: str = "fp32") -> "FairseqLM":
+    def load(cls, path: os.PathLike, data_dir: os.PathLike, cpu: bool = False, precision: str = "fp32",
+             trust_checkpoint: bool = False) -> "FairseqLM":
         """Load a fairseq LM checkpoint for evaluation on the data-bin ``data_dir``.
 
         ``precision`` is ``fp32``, ``fp16`` or ``bf16`` (the model weights); all
-        log-probabilities are computed in fp32 regardless.
+        log-probabilities are computed in fp32 regardless. ``trust_checkpoint`` allows a checkpoint that
+        weights-only unpickling refuses, such as the original TRIME code's (see the module docstring).
         """
         from fairseq import checkpoint_utils
         from fairseq.dataclass.utils import overwrite_args_by_name
@@ -93,13 +159,7 @@ class FairseqLM(ModelAdapter):
             fail(f"{data_dir} is not a fairseq data-bin (no dict.txt); pass the directory written by trime-prepare")
         dict_sha = sha256_file(data_dir / "dict.txt")
         identity = file_identity(path)
-        try:
-            state = checkpoint_utils.load_checkpoint_to_cpu(str(path))
-        except CHECKPOINT_READ_ERRORS as e:
-            fail(
-                f"--path {path} could not be read as a fairseq checkpoint ({type(e).__name__}: {e}); "
-                "re-download or re-train it"
-            )
+        state = read_checkpoint(path, trust_checkpoint)
         cfg = state.get("cfg")
         if cfg is None:
             fail(f"--path {path} has no 'cfg' (a fairseq < 0.10 checkpoint?); re-save it with fairseq 0.12")
@@ -208,15 +268,29 @@ class FairseqLM(ModelAdapter):
         lines = data_utils.load_indexed_dataset(str(prefix), self.dictionary)
         return np.concatenate([lines[i].numpy() for i in range(len(lines))]) if len(lines) else np.zeros(0, np.int64)
 
-    def documents(self, split: str) -> Documents:
-        """WikiText articles from the dictionary's tokens (see the module docstring), else one for the split."""
+    def documents(self, split: str, rule: str = "auto") -> Documents:
+        """The split's documents by ``rule`` (:meth:`ModelAdapter.documents`) from the dictionary's tokens (see the
+        module docstring)."""
+        check_document_rule(rule)
         stream = self.stream(split)
         name = self.data_files(split)[0].name
+        whole = Documents(starts=[0], titles=[name], by="file")
+        if rule == "file":
+            return whole
+        if rule == "blocks":
+            return self._blocks(np.asarray(stream), name)
+        found = self._headings(np.asarray(stream), name)
+        if found is None and rule == "heading":
+            no_headings(self.data_files(split)[0])
+        return whole if found is None else found
+
+    def _headings(self, tokens: np.ndarray, name: str) -> Documents | None:
+        """WikiText articles (text before the first heading that is not only blank lines: a document ``name``),
+        None where there is no heading line."""
         equals = self.dictionary.indices.get("=")
-        if equals is None or len(stream) == 0:
-            return Documents(starts=[0], titles=[name], by="file")
+        if equals is None:
+            return None
         eos = self.dictionary.eos()
-        tokens = np.asarray(stream)
         line_ends = np.flatnonzero(tokens == eos)
         candidates = np.flatnonzero(tokens == equals)
         at_line_start = (candidates == 0) | (tokens[np.maximum(candidates - 1, 0)] == eos)
@@ -229,7 +303,7 @@ class FairseqLM(ModelAdapter):
                 starts.append(p)
                 titles.append(title)
         if not starts:
-            return Documents(starts=[0], titles=[name], by="file")
+            return None
         if starts[0] != 0:
             if np.all(tokens[: starts[0]] == eos):  # blank lines before the first heading
                 starts[0] = 0
@@ -237,6 +311,34 @@ class FairseqLM(ModelAdapter):
                 starts.insert(0, 0)
                 titles.insert(0, name)
         return Documents(starts=starts, titles=titles, by="heading")
+
+    def _blocks(self, tokens: np.ndarray, name: str) -> Documents:
+        """Blank-line-separated blocks: each starts at the first token of a line with text after a blank line; the
+        first starts at 0. Titles: the block's first line, decoded from its first text token on."""
+        eos = self.dictionary.eos()
+        blank_symbol = np.zeros(len(self.dictionary), dtype=bool)
+        blank_symbol[eos] = True
+        if is_byte_level(self.data_dir):  # a byte's symbol is its decimal value
+            for i, symbol in enumerate(self.dictionary.symbols):
+                blank_symbol[i] |= symbol.isdigit() and int(symbol) < 128 and chr(int(symbol)).isspace()
+        text = np.flatnonzero(~blank_symbol[tokens])  # positions of tokens that are text
+        if not len(text):
+            return Documents(starts=[0], titles=[name], by="blocks")
+        line_ends = np.flatnonzero(tokens == eos)
+        if len(line_ends) == 0 or line_ends[-1] != len(tokens) - 1:
+            line_ends = np.append(line_ends, len(tokens) - 1)  # a last line without <eos>
+        line_starts = np.concatenate([[0], line_ends[:-1] + 1])
+        first_text = np.searchsorted(text, line_starts)  # index into text of each line's first text token
+        has_text = (first_text < len(text)) & (text[np.minimum(first_text, len(text) - 1)] <= line_ends)
+        opens = has_text & np.concatenate([[True], ~has_text[:-1]])
+        starts, titles = [], []
+        for line in np.flatnonzero(opens).tolist():
+            first = int(text[first_text[line]])
+            # the title needs at most BLOCK_TITLE_CHARS characters: as many tokens (words) or 4 times as many bytes
+            shown = tokens[first : min(int(line_ends[line]) + 1, first + 4 * BLOCK_TITLE_CHARS)]
+            starts.append(int(line_starts[line]) if starts else 0)
+            titles.append(block_title(self.decode(shown[shown != eos])))
+        return Documents(starts=starts, titles=titles, by="blocks")
 
     def decode(self, ids: "np.ndarray | list[int]") -> str:
         """Each word after a space and <eos> as a newline; byte-level data: the bytes, as UTF-8."""
@@ -431,6 +533,128 @@ class FairseqWindows(SplitWindows):
             if lo >= hi:
                 break
             yield dataset.collater([dataset[i] for i in range(lo, hi)])
+
+
+def read_checkpoint(path: Path, trust: bool = False) -> dict:
+    """The state of the checkpoint ``path``, upgraded by fairseq; one line if it cannot be read.
+
+    fairseq's ``load_checkpoint_to_cpu`` reads it with weights-only unpickling. A checkpoint that holds other
+    objects is refused unless ``trust``; then it is unpickled in full, its fairseq < 0.10 args are rewritten
+    by :func:`map_original_args`, and fairseq's ``_upgrade_state_dict`` converts them into its ``cfg``.
+    """
+    from fairseq import checkpoint_utils
+
+    try:
+        if not WEIGHTS_ONLY_BY_DEFAULT:  # the same refusal on an older torch: a weights-only read first
+            torch.load(path, map_location="cpu", weights_only=True)
+        return checkpoint_utils.load_checkpoint_to_cpu(str(path))
+    except pickle.UnpicklingError as e:
+        refused = _refused_globals(path, e)
+        if not refused:
+            _unreadable(path, e)
+        if not trust:
+            namespace = " (a fairseq < 0.10 checkpoint's args, as in the original TRIME's)" if (
+                "argparse.Namespace" in refused) else ""
+            fail(
+                f"--path {path} is a pickle that can run code when loaded: weights-only loading refuses the "
+                f"{', '.join(refused)} it holds{namespace}; pass --trust-checkpoint if you trust the file's source"
+            )
+    except CHECKPOINT_READ_ERRORS as e:
+        _unreadable(path, e)
+    return _read_trusted(path)
+
+
+def _read_trusted(path: Path) -> dict:
+    """A checkpoint unpickled in full (``weights_only=False``), then upgraded as fairseq's loader does."""
+    from fairseq import checkpoint_utils
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with open(path, "rb") as f:
+            state = torch.load(f, map_location="cpu", weights_only=False)
+    except CHECKPOINT_READ_ERRORS as e:
+        _unreadable(path, e)
+    if not isinstance(state, dict) or "model" not in state:
+        fail(f"--path {path} is not a fairseq checkpoint (no 'model' in it); pass one written by fairseq-train")
+    old_args = state.get("args")
+    if state.get("cfg") is not None:
+        # as fairseq's load_checkpoint_to_cpu: a cfg that holds objects
+        state["cfg"] = OmegaConf.create(state["cfg"], flags={"allow_objects": True})
+    elif isinstance(old_args, argparse.Namespace):
+        map_original_args(old_args, path)
+        if "optimizer_history" not in state and "optimizer" not in state:
+            # stripped to args and weights: the training state fairseq's upgrade reads, empty
+            state["optimizer_history"] = [{"criterion_name": "", "optimizer_name": "", "lr_scheduler_state": {},
+                                           "num_updates": 0}]
+        state.setdefault("extra_state", {"train_iterator": None})
+    try:
+        state = checkpoint_utils._upgrade_state_dict(state)
+    except (HydraException, OmegaConfBaseException, KeyError, ValueError, TypeError, AttributeError, SyntaxError) as e:
+        cause = (str(e).strip().splitlines() or [""])[0]
+        fail(
+            f"--path {path}: fairseq 0.12 cannot convert its args ({type(e).__name__}: {cause}); the arg named there "
+            "needs a rule in trime.adapters.fairseq_lm.ORIGINAL_ARGS"
+        )
+    if old_args is not None and state.get("cfg") is not None:
+        # fairseq's model loader prefers args to cfg and would convert them again, without our data-bin
+        state["args"] = None
+    return state
+
+
+def map_original_args(args: argparse.Namespace, path: Path) -> None:
+    """Rewrite a fairseq < 0.10 checkpoint's args in place by :data:`ORIGINAL_ARGS`.
+
+    Keys other than the last FFN's input (``--knn-keytype``) are refused in one line; a criterion that fairseq
+    0.12 does not register is dropped; an arch it does not register is refused in one line.
+    """
+    from fairseq.criterions import CRITERION_REGISTRY
+    from fairseq.models import ARCH_MODEL_REGISTRY
+
+    keytype = getattr(args, "knn_keytype", None)
+    if keytype not in (None, "last_ffn_input"):
+        fail(
+            f"--path {path} was trained with --knn-keytype {keytype}; trime's keys of a fairseq model are the last "
+            "FFN's input (last_ffn_input), so its memory would not be the one it was trained with"
+        )
+    for rule in ORIGINAL_ARGS:
+        for name in rule.names:
+            value = getattr(args, name, ABSENT)
+            if (value not in rule.when) if rule.when else value is ABSENT:
+                continue
+            if rule.new is DROP:
+                delattr(args, name)
+            else:
+                setattr(args, name, rule.new)
+    if getattr(args, "criterion", None) not in CRITERION_REGISTRY:
+        args.__dict__.pop("criterion", None)
+    arch = getattr(args, "arch", None)
+    if arch not in ARCH_MODEL_REGISTRY:
+        fail(
+            f"--path {path} is a model of arch {arch!r}, which neither fairseq 0.12 nor trime registers (is "
+            "TRIME_NO_AUTOLOAD set?); add a rule for it to trime.adapters.fairseq_lm.ORIGINAL_ARGS"
+        )
+
+
+def _refused_globals(path: Path, error: pickle.UnpicklingError) -> list[str]:
+    """The globals weights-only unpickling refuses in ``path``: torch's own list for a zip checkpoint, else the
+    one ``error`` names."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except CHECKPOINT_READ_ERRORS:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        return [found.group(1)] if found else []
+
+
+def _unreadable(path: Path, error: BaseException) -> NoReturn:
+    """The one-line error of a file that is not a readable checkpoint, with the cause in one line."""
+    text = str(error)
+    if "WeightsUnpickler error:" in text:  # torch's weights-only unpickler: its own reason, after its advice
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    cause = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    fail(f"--path {path} could not be read as a fairseq checkpoint ({cause}); re-download or re-train it")
 
 
 def _check_training_dictionary(cfg, data_dir: Path, dict_sha: str) -> None:

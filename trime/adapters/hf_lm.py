@@ -15,11 +15,12 @@ decoder layer's MLP (:meth:`trime.hooks.KeyCapture.hf`); token-head terms come f
 output embeddings applied to the base model's last hidden state, for scored rows only.
 transformers is imported only when a model is loaded.
 
-Documents (:meth:`HFLM.documents`): the text file is scanned for WikiText article heading lines
-and each heading's byte offset is mapped to the token that covers it, from the bytes each token
-id stands for (byte-level BPE such as GPT-2's, or SentencePiece's ``▁`` and ``<0xNN>`` pieces).
-The mapping is used only when the tokens' bytes add up to the file's (read as UTF-8 with
-universal newlines, as it was tokenized); otherwise the file is one document.
+Documents (:meth:`HFLM.documents`): the text file is scanned line by line for where documents start
+(WikiText article heading lines, or the first line of each blank-line-separated block) and each start's
+byte offset is mapped to the token that covers it, from the bytes each token id stands for (byte-level
+BPE such as GPT-2's, or SentencePiece's ``▁`` and ``<0xNN>`` pieces). The mapping is used only when the
+tokens' bytes add up to the file's (read as UTF-8 with universal newlines, as it was tokenized);
+otherwise ``auto`` falls back to one document and an explicit rule is a one-line error.
 
 Generation (:class:`HFDecoder`) runs the base model with its KV cache (``past_key_values``) and
 applies the output embeddings to the last position, as :meth:`HFLM.forward` scores a target; a
@@ -44,9 +45,12 @@ from trime.adapters.base import (
     SplitWindows,
     WindowBatch,
     WindowSettings,
+    block_title,
+    check_document_rule,
     check_window_settings,
     default_window_settings,
     heading_title,
+    no_headings,
     pick_device,
     token_terms_in_blocks,
 )
@@ -190,20 +194,31 @@ class HFLM(ModelAdapter):
         """The tokenizer's text of ``ids`` (special tokens kept, spaces as tokenized)."""
         return self.tokenizer.decode([int(i) for i in ids], clean_up_tokenization_spaces=False)
 
-    def documents(self, split: str) -> Documents:
-        """WikiText articles of the split's text file, located in the token stream by byte offsets (see the
-        module docstring), else the file as one document titled by its name."""
+    def documents(self, split: str, rule: str = "auto") -> Documents:
+        """The split's documents by ``rule`` (:meth:`ModelAdapter.documents`), located in the token stream by
+        byte offsets (see the module docstring)."""
+        check_document_rule(rule)
         path = split_file(Path(self.data_dir), split)
-        headings, text_bytes = _heading_offsets(path)
-        stream = self.stream(split)
         whole = Documents(starts=[0], titles=[path.name], by="file")
-        if not headings:
+        if rule == "file":
             return whole
+        found, text_bytes = _document_offsets(path, "blocks" if rule == "blocks" else "heading")
+        if not found:
+            if rule == "heading":
+                no_headings(path)
+            return Documents(starts=[0], titles=[path.name], by="file" if rule == "auto" else rule)
+        stream = self.stream(split)
         for lengths, shift in _token_byte_lengths(self.tokenizer):
             if _stream_bytes(stream, lengths) == text_bytes + shift:
-                starts = _tokens_at(stream, lengths, [offset + shift for offset, _ in headings])
-                return _documents_at(starts, [title for _, title in headings], path.name)
-        return whole
+                # offset 0 is the start of the text, with whatever the tokenizer adds in front of it
+                starts = _tokens_at(stream, lengths, [offset + shift if offset else 0 for offset, _ in found])
+                return _documents_at(starts, [title for _, title in found], path.name, "heading" if rule == "auto" else rule)
+        if rule == "auto":
+            return whole
+        fail(
+            f"--documents {rule}: the tokens of --path {self.path}'s tokenizer do not spell the bytes of {path} "
+            "(it rewrites or adds text), so documents cannot be located in its token stream; use --documents file"
+        )
 
     @torch.no_grad()
     def forward(self, batch: dict, need_token_terms: bool = True) -> WindowBatch:
@@ -343,19 +358,27 @@ class TextWindows(SplitWindows):
             }
 
 
-def _heading_offsets(path: Path) -> tuple[list[tuple[int, str]], int]:
-    """([(byte offset, title)] of the file's article heading lines, the file's byte count), read as it is
-    tokenized (UTF-8, universal newlines). Leading whitespace before the first heading joins that article."""
-    headings: list[tuple[int, str]] = []
-    offset, seen_text = 0, False
+def _document_offsets(path: Path, rule: str) -> tuple[list[tuple[int, str]], int]:
+    """([(byte offset, title)] where the file's documents start by ``rule`` (``heading`` or ``blocks``), the file's
+    byte count), read as it is tokenized (UTF-8, universal newlines).
+
+    ``heading``: article heading lines; whitespace before the first heading joins that article. ``blocks``: the
+    first line of each run of non-blank lines after a blank one; the first block starts at offset 0."""
+    found: list[tuple[int, str]] = []
+    offset, seen_text, after_blank = 0, False, True
     with open(path, encoding="utf-8", newline=None) as f:
         for line in f:
-            title = heading_title(line.split())
+            blank = not line.strip()
+            if rule == "blocks":
+                title = block_title(line) if after_blank and not blank else None
+            else:
+                title = heading_title(line.split())
             if title is not None:
-                headings.append((0 if not headings and not seen_text else offset, title))
-            seen_text = seen_text or bool(line.strip())
+                found.append((0 if not found and not seen_text else offset, title))
+            seen_text = seen_text or not blank
+            after_blank = blank
             offset += len(line.encode("utf-8"))
-    return headings, offset
+    return found, offset
 
 
 def _token_byte_lengths(tokenizer) -> list[tuple[np.ndarray, int]]:
@@ -411,13 +434,11 @@ def _tokens_at(stream: np.ndarray, lengths: np.ndarray, offsets: list[int]) -> l
     return out
 
 
-def _documents_at(starts: list[int], titles: list[str], file_name: str) -> Documents:
-    """Documents from heading token positions; a heading inside the previous one's token keeps the later title.
-    Text before the first heading (not only whitespace) is a document titled ``file_name``."""
+def _documents_at(starts: list[int], titles: list[str], file_name: str, by: str) -> Documents:
+    """Documents found by rule ``by`` from their first tokens' positions; a start inside the previous one's token
+    keeps the later title. Text before the first start (not only whitespace) is a document titled ``file_name``."""
     kept_starts: list[int] = []
     kept_titles: list[str] = []
-    if not starts:
-        return Documents(starts=[0], titles=[file_name], by="file")
     for start, title in zip(starts, titles):
         if kept_starts and start <= kept_starts[-1]:
             kept_titles[-1] = title
@@ -427,7 +448,7 @@ def _documents_at(starts: list[int], titles: list[str], file_name: str) -> Docum
     if kept_starts[0] != 0:
         kept_starts.insert(0, 0)
         kept_titles.insert(0, file_name)
-    return Documents(starts=kept_starts, titles=kept_titles, by="heading")
+    return Documents(starts=kept_starts, titles=kept_titles, by=by)
 
 
 class HFDecoder(IncrementalDecoder):

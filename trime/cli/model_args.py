@@ -25,9 +25,9 @@ def add_model_args(
 ) -> None:
     """Declare the model and window flags shared by ``trime-eval`` and ``trime-build-datastore``.
 
-    ``DATA``, ``--path``, ``--gguf-file``, ``--gen-subset``, ``--context-window``, ``--tokens-per-sample``,
-    ``--key-module``, ``--fp16``/``--bf16``, ``--cpu``, ``--max-tokens``, ``--batch-size`` and
-    ``--no-progress-bar``. Only ``--gen-subset`` differs per tool (trime-eval reports
+    ``DATA``, ``--path``, ``--gguf-file``, ``--trust-checkpoint``, ``--gen-subset``, ``--context-window``,
+    ``--tokens-per-sample``, ``--key-module``, ``--fp16``/``--bf16``, ``--cpu``, ``--max-tokens``,
+    ``--batch-size`` and ``--no-progress-bar``. Only ``--gen-subset`` differs per tool (trime-eval reports
     ``test``, trime-build-datastore extracts ``train``). ``required=False`` makes ``DATA``
     and ``--path`` optional (trime-build-datastore's ``--merge``/``--build-index``/``--verify``
     need no model; the tool checks them itself).
@@ -46,6 +46,13 @@ def add_model_args(
     )
     parser.add_argument(
         "--gguf-file", default=None, metavar="NAME", help="HF models: load the GGUF file NAME inside the dir --path"
+    )
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="fairseq checkpoints: load one that holds Python objects besides weights, such as the original TRIME "
+        "code's (fairseq 0.9 pickles its args); unpickling such a file can run code, so only for files from a source "
+        "you trust",
     )
     parser.add_argument("--gen-subset", default=gen_subset, help=gen_subset_help)
     parser.add_argument(
@@ -105,6 +112,6 @@ def model_from_args(args: argparse.Namespace) -> LoadedModel:
 
     precision = precision_of(args)
     lm = load_adapter(args.path, args.data, cpu=args.cpu, precision=precision, key_module=args.key_module,
-                      gguf_file=args.gguf_file)
+                      gguf_file=args.gguf_file, trust_checkpoint=args.trust_checkpoint)
     windows = lm.window_settings(args.context_window, args.tokens_per_sample)
     return LoadedModel(lm, windows, batch_size_for(windows, args.batch_size, args.max_tokens), precision)
