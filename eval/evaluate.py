@@ -554,7 +554,9 @@ def inspect_step(args: argparse.Namespace, evaluator: Evaluator, settings: Memor
     lines = [f"model {args.path} ({loaded.lm.frontend}), data {args.data}", f"{line}; {loaded.windows.describe()}"]
     if store is not None:
         sources = "its keys' sources recorded" if store.has_sources else "built before sources were recorded"
-        lines.append(f"datastore {store.directory}: {store.count:,} keys ({store.dim}-d, {store.metric}), {sources}")
+        deleted = f" ({store.deleted.count:,} more deleted)" if store.deleted else ""
+        lines.append(f"datastore {store.directory}: {store.alive_count:,} keys{deleted} ({store.dim}-d, {store.metric}), "
+                     f"{sources}")
     jsonl = Path(args.dump_neighbors) if args.dump_neighbors else None
     page = Path(args.report_html) if args.report_html else None
     count, shown = write_outputs(inspector.records(args.gen_subset, limit), jsonl, page, page_tokens,

@@ -19,7 +19,6 @@ The format, its loader and every check are :mod:`trime.retrieval.datastore`.
 
 import argparse
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -29,6 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -80,13 +80,17 @@ from trime.retrieval.datastore import (
     Datastore,
     build_lock,
     check_npy,
+    create_npy,
     data_identity,
+    history_entry,
     model_info,
     record_checksums,
     recorded_metric,
+    reserve_file,
     shard_dir_name,
     verify,
 )
+from trime.retrieval.import_knnlm import add_import_args, import_step
 from trime.version import __version__
 
 if TYPE_CHECKING:  # torch is imported only when a model is loaded (not for --merge/--build-index)
@@ -97,7 +101,6 @@ PROG = "trime-build-datastore"
 DEFAULT_PROGRESS_SECONDS = 30.0
 DEFAULT_HEARTBEAT_SECONDS = 10.0
 ADD_CHUNK = 500_000
-SOURCE_ID = 0  # a build reads one source, the split: its id in origins.npy and meta.json's sources
 FINAL_NAMES = {"keys": KEYS_NAME, "vals": VALS_NAME, "origins": ORIGINS_NAME}  # per-row files of an extraction
 NO_SOURCES_NOTE = " (built before sources were recorded: rebuild it into a new --output to record them)"
 SEED = Number(int, ge=0, le=2**31 - 1)  # FAISS's k-means seed is a C int
@@ -123,13 +126,24 @@ def heartbeat(message: str, every_seconds: float, log: Callable[[str], None] = s
 
 
 
+@dataclass(frozen=True)
+class SourceSpec:
+    """The source an extraction reads: its ``id`` (origins.npy's first column), its ``name`` (default: the
+    split) and the rule that cuts it into documents (:data:`trime.adapters.base.DOCUMENT_RULES`)."""
+
+    id: int = 0
+    name: str | None = None
+    document_rule: str = "auto"
+
+
 def _config_sha(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
 # meta.json entries that are not build settings (excluded from the build's config; the metric does not change the
 # keys, and the sources follow from the split, the data and the dictionary)
-_NOT_SETTINGS = ("created_by", "build_config_sha256", "checksums", "index", "metric", "sources")
+_NOT_SETTINGS = ("created_by", "build_config_sha256", "checksums", "index", "metric", "sources", "history",
+                 "segments", "deleted", "generation")
 # the settings a user chooses, named first when two builds differ (the rest follow from them)
 _SETTINGS_FIRST = ("checkpoint", "windows", "key_dtype", "model_precision", "dictionary", "model")
 
@@ -180,26 +194,6 @@ def _save_progress(path: Path, config: dict, config_sha: str, arrays: Sequence[n
         )
 
 
-def _reserve(path: Path) -> None:
-    """Allocate all of a file's blocks now: a full disk is then an ENOSPC error here, never a
-    SIGBUS when a page of its memory map is first written."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
-    except OSError as e:
-        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # no fallocate here: stay sparse
-            raise OSError(e.errno, e.strerror, str(path)) from None
-    finally:
-        os.close(fd)
-
-
-def _create_npy(path: Path, dtype, shape: tuple) -> np.memmap:
-    """A new .npy of ``shape`` with its space reserved, memory-mapped for writing."""
-    np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).flush()
-    _reserve(path)
-    return np.lib.format.open_memmap(path, mode="r+")
-
-
 def _nonfinite_keys_error(lm: "ModelAdapter", split: str, computed: np.ndarray, stored_dtype, first_row: int,
                           out_dir: Path) -> str:
     """The one-line error of a batch whose keys are NaN or inf (as computed, or once stored)."""
@@ -235,8 +229,14 @@ def extract(
     log: Callable[[str], None] = silent,
     metric: str | None = None,
     log_progress: Callable[[str], None] = silent,
+    source: SourceSpec = SourceSpec(),
+    restart_stale: bool = False,
 ) -> Path:
     """Write keys/vals/meta of one shard (the whole datastore when ``num_shards`` is 1).
+
+    ``source`` names what is read (its id, name and document rule). ``restart_stale`` (an addition's
+    segment folder) starts over where the folder holds a partial or finished extraction of other
+    settings or data, instead of refusing.
 
     ``metric`` (``ip`` or ``l2``) is recorded in meta.json as the datastore's search metric (None: none
     recorded, read as ``ip``); it is not a build setting (it does not change the keys). Returns the
@@ -255,11 +255,12 @@ def extract(
         fail(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
     with build_lock(out_dir):
         return _extract_locked(lm, split, settings, batch_size, out_dir, key_dtype, num_shards, shard_id,
-                               progress_seconds, kill_after_batches, show_progress, log, metric, log_progress)
+                               progress_seconds, kill_after_batches, show_progress, log, metric, log_progress, source,
+                               restart_stale)
 
 
 def _extract_locked(lm, split, settings, batch_size, out_dir, key_dtype, num_shards, shard_id, progress_seconds,
-                    kill_after_batches, show_progress, log, metric, log_progress) -> Path:
+                    kill_after_batches, show_progress, log, metric, log_progress, source, restart_stale) -> Path:
     windows = lm.windows(split, settings)
     total_batches = windows.num_batches(batch_size)
     b0, b1 = shard_range(total_batches, num_shards, shard_id)
@@ -298,8 +299,12 @@ def _extract_locked(lm, split, settings, batch_size, out_dir, key_dtype, num_sha
         "index": None,
     }
     config = {k: v for k, v in meta.items() if k not in ("created_by",)}
+    if source.id:  # the origins' first column (0 for a datastore's first source: older builds record none)
+        config["source_id"] = source.id
     config_sha = _config_sha(config)
     meta_path = out_dir / META_NAME
+    if restart_stale:
+        _drop_stale(out_dir, config_sha)
     if meta_path.is_file():
         done = read_json(meta_path, what="datastore meta file")
         if done.get("build_config_sha256") == config_sha:
@@ -315,8 +320,8 @@ def _extract_locked(lm, split, settings, batch_size, out_dir, key_dtype, num_sha
     if metric is not None:
         meta["metric"] = metric
     stream = lm.stream(split)
-    documents = lm.documents(split)
-    meta["sources"] = [source_record(lm, split, len(stream), documents, meta["data"])]
+    documents = lm.documents(split, source.document_rule)
+    meta["sources"] = [source_record(lm, split, len(stream), documents, meta["data"], source)]
 
     partial = {name: _partial_path(out_dir, name) for name in FINAL_NAMES}
     final = {name: out_dir / file_name for name, file_name in FINAL_NAMES.items()}
@@ -341,8 +346,8 @@ def _extract_locked(lm, split, settings, batch_size, out_dir, key_dtype, num_sha
             )
         done_batches, done_rows = int(progress["batches_done"]), int(progress["rows_done"])
         if not have["origins"]:  # started by a trime that recorded no origins: they need no model
-            origins = _create_npy(partial["origins"], ORIGIN_DTYPE, (rows, 2))
-            filled = _fill_origins(origins, windows, w0, min(w1, w0 + done_batches * batch_size))
+            origins = create_npy(partial["origins"], ORIGIN_DTYPE, (rows, 2))
+            filled = _fill_origins(origins, windows, w0, min(w1, w0 + done_batches * batch_size), source.id)
             if filled != done_rows:
                 fail(f"{progress_path} records {done_rows:,} keys but its batches score {filled:,}; "
                      f"delete {out_dir} and rebuild")
@@ -353,7 +358,7 @@ def _extract_locked(lm, split, settings, batch_size, out_dir, key_dtype, num_sha
     if resume:
         for name, path in partial.items():
             check_npy(path, *shapes[name], described[name])
-            _reserve(path)  # partial files of a build killed before it reserved them are sparse
+            reserve_file(path)  # partial files of a build killed before it reserved them are sparse
         arrays = {name: np.lib.format.open_memmap(path, mode="r+") for name, path in partial.items()}
     else:
         require_free_disk(
@@ -363,7 +368,7 @@ def _extract_locked(lm, split, settings, batch_size, out_dir, key_dtype, num_sha
             arrays = {}
             for name, path in partial.items():
                 shape, array_dtype = shapes[name]
-                arrays[name] = _create_npy(path, array_dtype, shape)
+                arrays[name] = create_npy(path, array_dtype, shape)
         except OSError:
             for path in partial.values():
                 path.unlink(missing_ok=True)
@@ -397,7 +402,7 @@ def _extract_locked(lm, split, settings, batch_size, out_dir, key_dtype, num_sha
                  f"tokens at their positions, so their origins would be wrong (a trime bug: please report it)")
         keys[row : row + n] = stored
         vals[row : row + n] = targets.astype(VAL_DTYPE)
-        origins[row : row + n, 0] = SOURCE_ID
+        origins[row : row + n, 0] = source.id
         origins[row : row + n, 1] = positions
         row += n
         bar.update(n)
@@ -414,16 +419,31 @@ def _extract_locked(lm, split, settings, batch_size, out_dir, key_dtype, num_sha
     return _finish(out_dir, meta, documents, rows, lm.dim, dtype, log)
 
 
+def _drop_stale(out_dir: Path, config_sha: str) -> None:
+    """Delete an extraction in ``out_dir`` (partial or finished) whose settings are not ``config_sha``."""
+    for record_name in (META_NAME, PROGRESS_NAME):
+        path = out_dir / record_name
+        if path.is_file():
+            record = read_json(path, what="datastore progress file")
+            if record.get("build_config_sha256", record.get("config_sha256")) != config_sha:
+                for name in (*FINAL_NAMES.values(), DOCUMENTS_NAME, PROGRESS_NAME, META_NAME):
+                    (out_dir / name).unlink(missing_ok=True)
+                for name in FINAL_NAMES:
+                    _partial_path(out_dir, name).unlink(missing_ok=True)
+            return
+
+
 def _partial_path(out_dir: Path, name: str) -> Path:
     """The file an extraction writes ``name`` (keys, vals, origins) into until it is complete."""
     return out_dir / f"{name}.partial.npy"
 
 
-def source_record(lm: "ModelAdapter", split: str, tokens: int, documents: "Documents", data: dict) -> dict:
+def source_record(lm: "ModelAdapter", split: str, tokens: int, documents: "Documents", data: dict,
+                  source: SourceSpec = SourceSpec()) -> dict:
     """meta.json's record of the one source of a build: the split, its files' identity, tokens and documents."""
     return {
-        "id": SOURCE_ID,
-        "name": split,
+        "id": source.id,
+        "name": source.name or split,
         "split": split,
         "file": lm.data_files(split)[0].name,
         "files": data["files"],
@@ -433,13 +453,13 @@ def source_record(lm: "ModelAdapter", split: str, tokens: int, documents: "Docum
     }
 
 
-def _fill_origins(origins: np.ndarray, windows: "SplitWindows", first_window: int, end_window: int,
+def _fill_origins(origins: np.ndarray, windows: "SplitWindows", first_window: int, end_window: int, source_id: int,
                   chunk_windows: int = 1 << 14) -> int:
     """Write the origins of windows ``first_window .. end_window-1`` from row 0 on; returns the rows written."""
     row = 0
     for lo in range(first_window, end_window, chunk_windows):
         positions = windows.target_positions(lo, min(end_window, lo + chunk_windows))
-        origins[row : row + len(positions), 0] = SOURCE_ID
+        origins[row : row + len(positions), 0] = source_id
         origins[row : row + len(positions), 1] = positions
         row += len(positions)
     return row
@@ -468,6 +488,9 @@ def _finish(out_dir: Path, meta: dict, documents: "Documents", rows: int, dim: i
     with naming_file(out_dir / DOCUMENTS_NAME):
         write_json_atomic(out_dir / DOCUMENTS_NAME, _documents_json(meta, documents))
     record_checksums(out_dir, meta)
+    source = meta["sources"][0]
+    meta["history"] = [history_entry("build", source=source["name"], split=source["split"], keys=rows,
+                                     files=source["files"], vals_sha256=meta["checksums"]["vals_sha256"])]
     with naming_file(out_dir / META_NAME):
         write_json_atomic(out_dir / META_NAME, meta)
     (out_dir / PROGRESS_NAME).unlink(missing_ok=True)
@@ -527,9 +550,9 @@ def _merge_locked(output: Path, delete_shards: bool, log: Callable[[str], None])
     with contextlib.ExitStack() as stack:
         tmp = {name: stack.enter_context(atomic_path(output / FINAL_NAMES[name]))
                for name in (("keys", "vals", "origins") if with_sources else ("keys", "vals"))}
-        keys = _create_npy(tmp["keys"], dtype, (total, dim))
-        vals = _create_npy(tmp["vals"], VAL_DTYPE, (total,))
-        origins = _create_npy(tmp["origins"], ORIGIN_DTYPE, (total, 2)) if with_sources else None
+        keys = create_npy(tmp["keys"], dtype, (total, dim))
+        vals = create_npy(tmp["vals"], VAL_DTYPE, (total,))
+        origins = create_npy(tmp["origins"], ORIGIN_DTYPE, (total, 2)) if with_sources else None
         row = 0
         for d, m in zip(shard_dirs, metas):
             check_npy(d / KEYS_NAME, (int(m["count"]), dim), dtype, "keys")
@@ -559,6 +582,10 @@ def _merge_locked(output: Path, delete_shards: bool, log: Callable[[str], None])
     meta["shards"] = [s for m in metas for s in m["shards"]]
     meta["index"] = None
     record_checksums(output, meta)
+    if with_sources:
+        source = meta["sources"][0]
+        meta["history"] = [history_entry("build", source=source["name"], split=source["split"], keys=total,
+                                         files=source["files"], vals_sha256=meta["checksums"]["vals_sha256"])]
     with naming_file(output / META_NAME):
         write_json_atomic(output / META_NAME, meta)
     if delete_shards:
@@ -679,9 +706,40 @@ def build_parser() -> Parser:
     p.add_argument(
         "--key-dtype",
         choices=sorted(KEY_DTYPES),
-        default="fp16",
-        help="dtype the keys are stored in (default fp16: half the disk and RAM of fp32)",
+        default=None,
+        help="dtype the keys are stored in (default fp16: half the disk and RAM of fp32; --add keeps the datastore's)",
     )
+    p.add_argument(
+        "--source",
+        default=None,
+        metavar="NAME",
+        help="name of the source the keys are read from (default: the split); with --remove-docs: only its documents",
+    )
+    p.add_argument(
+        "--documents",
+        default="auto",
+        metavar="RULE",
+        help="how a source is cut into documents: auto (WikiText ' = Title = ' headings if any, else the file), "
+        "heading, file, or blocks (blank-line-separated blocks)",
+    )
+    p.add_argument(
+        "--add",
+        default=None,
+        metavar="DATA",
+        help="add split --gen-subset of DATA as a new --source to the datastore in --output, with its model, windows "
+        "and key dtype; its keys go into the trained index",
+    )
+    p.add_argument("--remove", default=None, metavar="NAME", help="delete every key of source NAME")
+    p.add_argument(
+        "--remove-docs",
+        default=None,
+        metavar="FILE",
+        help="delete the keys of the documents FILE lists, one a line: a title, or SOURCE#N (document N of SOURCE)",
+    )
+    p.add_argument(
+        "--compact", action="store_true", help="rewrite the files and the index without the deleted keys"
+    )
+    add_import_args(p)
     p.add_argument(
         "--num-shards",
         type=POSITIVE_INT,
@@ -767,7 +825,8 @@ def extract_step(args: argparse.Namespace, output: Path) -> None:
         loaded.windows,
         loaded.batch_size,
         output,
-        key_dtype=args.key_dtype,
+        key_dtype=args.key_dtype or "fp16",
+        source=SourceSpec(name=args.source, document_rule=args.documents),
         num_shards=args.num_shards,
         shard_id=args.shard_id,
         progress_seconds=args.progress_seconds,
@@ -793,6 +852,59 @@ def extract_step(args: argparse.Namespace, output: Path) -> None:
             build_index(output, **{**index_options(args), "metric": metric})
 
 
+def add_step(args: argparse.Namespace, output: Path) -> None:
+    """``--add``: extract a new source into a segment of the datastore in ``output`` and append it (index included).
+
+    Windows default to the datastore's; a killed addition re-run with the same flags resumes its extraction.
+    """
+    from trime.retrieval.updates import clear_leftovers, commit_addition, plan_addition
+
+    if args.data is not None:
+        fail(f"--add {args.add} names the data to add; drop the positional DATA {args.data}")
+    if args.path is None:
+        fail("--add needs --path: the model the datastore was built with")
+    meta = Datastore.open(output, need_index=False).meta  # a missing or damaged datastore fails before the model loads
+    windows = meta.get("windows") or {}
+    if args.tokens_per_sample is None and args.context_window is None and windows:
+        args.tokens_per_sample, args.context_window = windows["tokens_per_sample"], windows["context_window"]
+    args.data = args.add
+    loaded = model_from_args(args)
+    with build_lock(output):
+        store = Datastore.open(output, need_index=False)
+        plan = plan_addition(store, loaded.lm, loaded.windows, args.source or args.gen_subset, args.key_dtype)
+        clear_leftovers(output, store.meta, keep=output / plan.segment)
+        stored_as = next(name for name, t in KEY_DTYPES.items() if np.dtype(t).name == store.meta["key_dtype"])
+        extract(
+            loaded.lm,
+            args.gen_subset,
+            loaded.windows,
+            loaded.batch_size,
+            output / plan.segment,
+            key_dtype=stored_as,
+            progress_seconds=args.progress_seconds,
+            kill_after_batches=args.kill_after_batches,
+            show_progress=not args.no_progress_bar,
+            log=silent,
+            metric=store.metric,
+            log_progress=logger(PROG, stderr=True),
+            source=SourceSpec(id=plan.id, name=plan.name, document_rule=args.documents),
+            restart_stale=True,
+        )
+        commit_addition(output, plan, show_progress=not args.no_progress_bar, log=logger(PROG),
+                        log_progress=logger(PROG, stderr=True))
+
+
+UPDATE_FLAGS = ("--add", "--remove", "--remove-docs", "--compact", "--import-knnlm", "--merge", "--build-index",
+                "--verify")
+
+
+def _one_operation(args: argparse.Namespace) -> None:
+    """Fail unless at most one of the operations in UPDATE_FLAGS is asked for."""
+    asked = [flag for flag in UPDATE_FLAGS if getattr(args, flag[2:].replace("-", "_")) not in (None, False)]
+    if len(asked) > 1:
+        fail(f"{' and '.join(asked)} are separate operations; run trime-build-datastore once for each")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``trime-build-datastore``; returns the exit status.
 
@@ -805,8 +917,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if output.exists() and not output.is_dir():
         fail(f"--output {output} is a file; pass the datastore's folder")
     with file_faults_as_errors(f"--output {output}"):
+        _one_operation(args)
         if args.verify:
             logger(PROG)(verify(output, show_progress=not args.no_progress_bar))
+        elif args.add is not None:
+            add_step(args, output)
+        elif args.import_knnlm is not None:
+            with build_lock(output):
+                import_step(args, output)
+                if not args.no_index:
+                    build_index(output, **index_options(args))
+        elif args.remove is not None or args.remove_docs is not None or args.compact:
+            from trime.retrieval import updates
+
+            with build_lock(output):
+                if args.remove is not None:
+                    updates.remove_source(output, args.remove, log=logger(PROG))
+                elif args.remove_docs is not None:
+                    updates.remove_documents(output, Path(args.remove_docs), args.source, log=logger(PROG))
+                else:
+                    updates.compact(output, show_progress=not args.no_progress_bar, log=logger(PROG),
+                                    log_progress=logger(PROG, stderr=True))
         elif args.build_index or args.merge or args.num_shards == 1:
             with build_lock(output):
                 if args.build_index:

@@ -11,6 +11,19 @@ Layout of a datastore directory::
     documents.json  per source, the first token position and the title of each document
     index.faiss   FAISS index over keys.npy (row i of keys.npy has FAISS id i); its size and sha256 are in meta.json
     shards/shard-XXX-of-NNN/   per-shard keys/vals/origins/documents/meta of a sharded build (before --merge)
+    segments/NNNN/  keys/vals/origins/documents (and the extraction's own meta.json) of each source added later
+
+Segments and deletions (:mod:`trime.retrieval.updates`). A datastore built in one go is one segment,
+its files at the top. ``--add`` writes each new source into a segment folder of its own and
+appends its keys to the trained index; meta.json (the manifest, always written last, so that a
+killed update leaves the previous datastore whole) then lists ``segments``: each one's folder,
+global ``rows`` [lo, hi) and checksums. Row i of the concatenated segments is FAISS id i.
+``--remove``/``--remove-docs`` only record ``deleted`` row ranges (tombstones): searches skip
+them at once (:meth:`Datastore.search` asks for more neighbours until k live ones are found), and
+``--compact`` rewrites the files and the index without them. ``history`` lists every build,
+addition, removal and compaction with its identities and checksums. The index file is named in
+meta.json's ``index.file``: each update writes a new one, so that the old one stays valid until
+the manifest moves.
 
 Sources. meta.json's ``sources`` lists what the keys were read from, one record per source:
 its ``id`` (origins.npy's first column), ``name`` (default: the split), ``split``, ``file`` (the
@@ -38,7 +51,9 @@ run that writes a datastore directory holds its lock (:func:`build_lock`). Build
 """
 
 import contextlib
+import errno
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +64,8 @@ import numpy as np
 from trime.errors import fail
 from trime.io_utils import exclusive_lock, identity_key, read_json, sha256_file
 from trime.retrieval import checksums
-from trime.retrieval.faiss_index import METRICS  # --metric: inner product, or minus the squared L2 distance
+from trime.retrieval.faiss_index import METRICS
+from trime.version import __version__  # --metric: inner product, or minus the squared L2 distance
 
 META_NAME = "meta.json"
 LOCK_NAME = ".trime-build.lock"
@@ -61,6 +77,7 @@ DOCUMENTS_NAME = "documents.json"
 PROGRESS_NAME = "progress.json"
 ORIGIN_DTYPE = np.int64  # origins.npy: (source id, token position) per key
 DOCUMENTS_FORMAT = 1
+SEGMENTS_DIR = "segments"
 VERIFY_ORIGIN_ROWS = 1 << 20  # origins checked at once by --verify
 NO_SOURCES = "was built before sources were recorded; rebuild it with trime-build-datastore to show them"
 FORMAT = 1
@@ -136,6 +153,140 @@ def check_npy(path: Path, shape: tuple, dtype, what: str) -> None:
         )
 
 
+def reserve_file(path: Path) -> None:
+    """Allocate all of a file's blocks now: a full disk is then an ENOSPC error here, never a
+    SIGBUS when a page of its memory map is first written."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # no fallocate here: stay sparse
+            raise OSError(e.errno, e.strerror, str(path)) from None
+    finally:
+        os.close(fd)
+
+
+def create_npy(path: Path, dtype, shape: tuple) -> np.memmap:
+    """A new .npy of ``shape`` with its space reserved, memory-mapped for writing."""
+    np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).flush()
+    reserve_file(path)
+    return np.lib.format.open_memmap(path, mode="r+")
+
+
+def history_entry(op: str, **details) -> dict:
+    """One record of meta.json's ``history``: what was done, by which trime, and (for an update) when, in UTC.
+
+    A ``build`` record has no time: a build's files, meta.json included, depend only on its inputs
+    (a killed build resumed ends byte-identical)."""
+    entry = {"op": op, "by": f"trime {__version__}", **details}
+    if op != "build":
+        entry["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return entry
+
+
+def segment_records(meta: dict) -> list[dict]:
+    """Each segment's record (``dir`` relative to the datastore, global ``rows`` [lo, hi), ``checksums``), in row
+    order; a datastore never updated is one segment, its files at the top and its checksums in meta.json."""
+    if meta.get("segments"):
+        return list(meta["segments"])
+    return [{"dir": ".", "rows": [0, int(meta["count"])], "checksums": meta.get("checksums")}]
+
+
+def segment_meta(meta: dict, segment: dict) -> dict:
+    """The count and checksums of one segment, shaped as the checksum checks read a whole datastore's meta."""
+    lo, hi = (int(r) for r in segment["rows"])
+    out = {"count": hi - lo, "dim": meta["dim"], "key_dtype": meta["key_dtype"]}
+    if segment.get("checksums") is not None:
+        out["checksums"] = segment["checksums"]
+    return out
+
+
+class RowConcat:
+    """Read-only row-wise concatenation of arrays (the segments' memory maps), read without copying them all.
+
+    Indexing takes an int, a slice (step 1) or an integer array (any order, repeats allowed) and returns
+    a NumPy array; ``shape`` and ``dtype`` are those of the concatenation.
+    """
+
+    def __init__(self, parts: Sequence[np.ndarray]) -> None:
+        self.parts = list(parts)
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+        self.dtype = self.parts[0].dtype
+        self.shape = (int(self.starts[-1]), *self.parts[0].shape[1:])
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)):
+            row = int(key) + (len(self) if key < 0 else 0)
+            part = int(np.searchsorted(self.starts, row, side="right")) - 1
+            return self.parts[part][row - self.starts[part]]
+        if isinstance(key, slice):
+            lo, hi, step = key.indices(len(self))
+            if step != 1:
+                return self[np.arange(lo, hi, step)]
+            pieces = [p[max(lo - s, 0) : max(min(hi - s, len(p)), 0)]
+                      for p, s in zip(self.parts, self.starts[:-1].tolist()) if s < hi and s + len(p) > lo]
+            return np.concatenate(pieces) if pieces else np.empty((0, *self.shape[1:]), dtype=self.dtype)
+        rows = np.asarray(key, dtype=np.int64)
+        flat = rows.reshape(-1)
+        out = np.empty((flat.size, *self.shape[1:]), dtype=self.dtype)
+        part_of = np.searchsorted(self.starts, flat, side="right") - 1
+        for part in np.unique(part_of).tolist():
+            where = np.flatnonzero(part_of == part)
+            out[where] = self.parts[part][flat[where] - self.starts[part]]
+        return out.reshape(*rows.shape, *self.shape[1:])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self[0 : len(self)]
+        return whole if dtype is None else whole.astype(dtype)
+
+
+class DeletedRows:
+    """The tombstoned rows of a datastore: sorted, disjoint [lo, hi) ranges (meta.json's ``deleted``)."""
+
+    def __init__(self, ranges: Sequence[Sequence[int]] = ()) -> None:
+        merged: list[list[int]] = []
+        for lo, hi in sorted((int(lo), int(hi)) for lo, hi in ranges if int(hi) > int(lo)):
+            if merged and lo <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        self.ranges = merged
+        self.lo = np.asarray([r[0] for r in merged], dtype=np.int64)
+        self.hi = np.asarray([r[1] for r in merged], dtype=np.int64)
+        self.count = int((self.hi - self.lo).sum())
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+    def union(self, ranges: Sequence[Sequence[int]]) -> "DeletedRows":
+        return DeletedRows([*self.ranges, *ranges])
+
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        """Whether each id is deleted (same shape; negative ids are not)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if not self.ranges:
+            return np.zeros(ids.shape, dtype=bool)
+        at = np.searchsorted(self.lo, ids, side="right") - 1
+        return (at >= 0) & (ids < self.hi[np.maximum(at, 0)])
+
+    def alive(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        """The live runs [a, b) of rows lo..hi-1, in order."""
+        out, start = [], lo
+        for a, b in self.ranges:
+            if b <= start or a >= hi:
+                continue
+            if a > start:
+                out.append((start, a))
+            start = max(start, b)
+        if start < hi:
+            out.append((start, hi))
+        return out
+
+
 def data_identity(lm: "ModelAdapter", split: str) -> dict:
     """What the keys are extracted from: size and sha256 of each of the split's files, by name (not folder)."""
     return {
@@ -202,6 +353,7 @@ class Datastore:
         self.metric = metric or recorded_metric(meta) or LEGACY_METRIC
         # --knn-search torch: a TorchExactSearch over all keys on the model's device (no FAISS index)
         self.torch_search = torch_search
+        self.deleted = DeletedRows(meta.get("deleted") or ())
         self._device_vals = None
         self._origins: np.ndarray | None = None  # origins.npy and documents.json, read and checked when first asked
         self._documents: dict | None = None
@@ -215,6 +367,11 @@ class Datastore:
         return int(self.meta["dim"])
 
     @property
+    def alive_count(self) -> int:
+        """Keys a search can return: all rows but the deleted ones."""
+        return self.count - self.deleted.count
+
+    @property
     def has_sources(self) -> bool:
         """Whether the datastore records where its keys came from (False for one built before sources were)."""
         return bool(self.meta.get("sources"))
@@ -226,8 +383,14 @@ class Datastore:
             fail(f"--datastore {self.directory} {NO_SOURCES}")
         sources = {int(src["id"]): src for src in self.meta["sources"]}
         if self._origins is None:
-            self._documents = _read_documents(self.directory, self.meta, sources)
-            self._origins = _read_origins(self.directory, self.meta)
+            documents, origins = {}, []
+            for segment in segment_records(self.meta):
+                part_meta = segment_meta(self.meta, segment)
+                held = {i: sources[i] for i in segment.get("sources", sources)}
+                documents.update(_read_documents(self.directory / segment["dir"], part_meta, held))
+                origins.append(_read_origins(self.directory / segment["dir"], part_meta))
+            self._documents = documents
+            self._origins = origins[0] if len(origins) == 1 else RowConcat(origins)
         return sources
 
     def origins(self, ids: Sequence[int] | np.ndarray) -> list[KeyOrigin]:
@@ -309,16 +472,18 @@ class Datastore:
         for key in ("count", "dim", "key_dtype", "val_dtype", "dictionary", "key_type"):
             if key not in meta:
                 fail(f"{meta_path} lacks '{key}'; it was not written by trime-build-datastore: rebuild the datastore")
-        count, ds_dim = int(meta["count"]), int(meta["dim"])
+        ds_dim = int(meta["dim"])
         if meta["key_dtype"] not in KEY_DTYPE_NAMES or meta["val_dtype"] != np.dtype(VAL_DTYPE).name:
             fail(
                 f"{meta_path} says keys {meta['key_dtype']!r} and values {meta['val_dtype']!r}; a datastore holds "
                 f"{' or '.join(KEY_DTYPE_NAMES)} keys and {np.dtype(VAL_DTYPE).name} values: rebuild the datastore"
             )
-        keys_path, vals_path = directory / KEYS_NAME, directory / VALS_NAME
+        segments = _checked_segments(directory, meta)
         # the files' own headers first: an edited meta.json must not be trusted over them
-        check_npy(keys_path, (count, ds_dim), meta["key_dtype"], "keys")
-        check_npy(vals_path, (count,), meta["val_dtype"], "values")
+        for segment in segments:
+            rows = int(segment["rows"][1]) - int(segment["rows"][0])
+            check_npy(directory / segment["dir"] / KEYS_NAME, (rows, ds_dim), meta["key_dtype"], "keys")
+            check_npy(directory / segment["dir"] / VALS_NAME, (rows,), meta["val_dtype"], "values")
         if dim is not None and ds_dim != dim:
             fail(
                 f"--datastore {directory} has {ds_dim}-d keys but the model's keys are {dim}-d; "
@@ -339,10 +504,15 @@ class Datastore:
             )
         if checkpoint is not None:
             check_checkpoint(directory, meta, checkpoint, model_path, allow_other_checkpoint, log)
-        checksums.verify_vals(vals_path, meta, meta_path)
-        keys = np.load(keys_path, mmap_mode="r", allow_pickle=False)  # never unpickle: plain .npy only
-        vals = np.load(vals_path, allow_pickle=False)
-        check_value_range(vals, meta, vals_path, vocab_size)
+        key_parts, val_parts = [], []
+        for segment in segments:
+            seg_dir = directory / segment["dir"]
+            checksums.verify_vals(seg_dir / VALS_NAME, segment_meta(meta, segment), meta_path)
+            key_parts.append(np.load(seg_dir / KEYS_NAME, mmap_mode="r", allow_pickle=False))  # never unpickle
+            val_parts.append(np.load(seg_dir / VALS_NAME, allow_pickle=False))
+            check_value_range(val_parts[-1], meta, seg_dir / VALS_NAME, vocab_size)
+        keys = key_parts[0] if len(key_parts) == 1 else RowConcat(key_parts)
+        vals = val_parts[0] if len(val_parts) == 1 else np.concatenate(val_parts)
         metric = metric or recorded_metric(meta) or LEGACY_METRIC
         index, on_gpu, torch_search = None, False, None
         if search == "torch":
@@ -364,10 +534,11 @@ class Datastore:
         """Fail unless ``k`` (``--k``) neighbours can be searched: at most the keys, and FAISS's GPU limit."""
         from trime.retrieval.faiss_index import GPU_MAX_K
 
-        if k > self.count:
+        if k > self.alive_count:
+            deleted = f" ({self.deleted.count:,} more are deleted)" if self.deleted else ""
             fail(
-                f"--k {k:,} is more than the {self.count:,} keys of --datastore {self.directory}; "
-                f"use --k {self.count} or less"
+                f"--k {k:,} is more than the {self.alive_count:,} keys of --datastore {self.directory}{deleted}; "
+                f"use --k {self.alive_count} or less"
             )
         if self.on_gpu and k > GPU_MAX_K:
             fail(f"--k {k} exceeds FAISS's GPU limit of {GPU_MAX_K}; use a smaller --k or --faiss-gpus none")
@@ -384,6 +555,8 @@ class Datastore:
         from trime.knn import KnnResults
         from trime.retrieval import faiss_index
 
+        if self.deleted:
+            return self._search_live(queries, k, exact)
         if self.torch_search is not None:
             return self._search_torch(queries, k, exact)
         if torch.is_tensor(queries):
@@ -400,6 +573,44 @@ class Datastore:
             valid=torch.from_numpy(valid),
             ids=torch.from_numpy(ids.astype(np.int64)),
         )
+
+    def _search_live(self, queries, k: int, exact: bool):
+        """The top-k among the keys not deleted: each query asks for more neighbours (x4 per round) until k
+        live ones are found, the index has no more to give, or every key was asked for."""
+        import torch
+
+        from trime.knn import KnnResults
+
+        device = queries.device if torch.is_tensor(queries) else torch.device("cpu")
+        n = len(queries)
+        scores = torch.zeros((n, k), dtype=torch.float32)
+        labels = torch.zeros((n, k), dtype=torch.int64)
+        valid = torch.zeros((n, k), dtype=torch.bool)
+        ids = torch.full((n, k), -1, dtype=torch.int64)
+        live_share = max(self.alive_count, 1) / self.count
+        fetch = min(self.count, int(k / live_share) + 16)
+        pending = np.arange(n)
+        deleted, self.deleted = self.deleted, DeletedRows()  # the inner searches see every row
+        try:
+            while pending.size:
+                part = queries[torch.from_numpy(pending).to(device)] if torch.is_tensor(queries) else queries[pending]
+                found = self.search(part, fetch, exact).to(torch.device("cpu"))
+                keep = found.valid.numpy() & ~deleted.contains(found.ids.numpy())
+                rank = np.cumsum(keep, axis=1)
+                done = (rank[:, -1] >= k) | (fetch >= self.count) | ~found.valid.numpy().all(axis=1)
+                taken = keep & (rank <= k)
+                order = np.argsort(~taken, axis=1, kind="stable")[:, :k]  # the kept neighbours first, in order
+                at, rows, where = torch.from_numpy(order), torch.from_numpy(pending[done]), torch.from_numpy(done)
+                scores[rows] = found.scores.gather(1, at)[where]
+                labels[rows] = found.labels.gather(1, at)[where]
+                ids[rows] = found.ids.gather(1, at)[where]
+                valid[rows] = torch.from_numpy(np.take_along_axis(taken, order, axis=1))[where]
+                pending = pending[~done]
+                fetch = min(self.count, fetch * 4)
+        finally:
+            self.deleted = deleted
+        scores, ids = torch.where(valid, scores, 0.0), torch.where(valid, ids, -1)
+        return KnnResults(scores=scores, labels=labels, valid=valid, ids=ids).to(device)
 
     def _search_torch(self, queries, k: int, exact: bool):
         import torch
@@ -435,6 +646,7 @@ class Datastore:
             "dir": str(self.directory),
             "meta_sha256": sha256_file(self.directory / META_NAME),
             "count": self.count,
+            "deleted": self.deleted.count,
             "dim": self.dim,
             "key_dtype": self.meta["key_dtype"],
             "metric": self.metric,
@@ -608,14 +820,16 @@ def verify(directory: Path, show_progress: bool = True) -> str:
     """``--verify``: every check of :meth:`Datastore.open` plus keys.npy's chunk checksums; returns a summary."""
     store = Datastore.open(directory, need_index=False)
     meta_path = directory / META_NAME
-    if "checksums" not in store.meta:
-        fail(f"{meta_path} records no checksums (a datastore built before they were added); rebuild it to verify")
-    _, _, offset = _npy_header(directory / KEYS_NAME)
     key_dtype = np.dtype(store.meta["key_dtype"])
-    chunks = checksums.verify_keys(
-        directory / KEYS_NAME, store.meta, meta_path, offset, store.dim * key_dtype.itemsize, show_progress,
-        key_dtype=key_dtype,
-    )
+    chunks = 0
+    for segment in segment_records(store.meta):
+        part_meta = segment_meta(store.meta, segment)
+        if "checksums" not in part_meta:
+            fail(f"{meta_path} records no checksums (a datastore built before they were added); rebuild it to verify")
+        keys_path = directory / segment["dir"] / KEYS_NAME
+        _, _, offset = _npy_header(keys_path)
+        chunks += checksums.verify_keys(keys_path, part_meta, meta_path, offset, store.dim * key_dtype.itemsize,
+                                        show_progress, key_dtype=key_dtype)
     info = store.meta.get("index") or {}
     if info:
         check_index_file(directory, info, require_sha256=True)
@@ -629,8 +843,10 @@ def verify(directory: Path, show_progress: bool = True) -> str:
                    f"{documents:,} document{'s' if documents != 1 else ''})")
     else:
         origins = "; no sources (built before they were recorded)"
+    deleted = f", {store.deleted.count:,} of them deleted" if store.deleted else ""
     return (
-        f"{directory}: OK ({store.count:,} keys of {store.dim}-d {store.meta['key_dtype']}, checksummed in {chunks} "
+        f"{directory}: OK ({store.count:,} keys{deleted} of {store.dim}-d {store.meta['key_dtype']}, checksummed in "
+        f"{chunks} "
         f"chunk{'s' if chunks != 1 else ''}, all finite; values verified"
         f"{'; index verified (sha256)' if info else '; no index'}{origins})"
     )
@@ -644,7 +860,7 @@ def check_index_file(
     An index recorded without a sha256 (built before index checksums) fails with ``require_sha256``
     (``--verify``); otherwise it is used after a warning passed to ``log``.
     """
-    path = directory / INDEX_NAME
+    path = directory / info.get("file", INDEX_NAME)
     rebuild = f"rebuild it with trime-build-datastore --build-index --output {directory}"
     if not path.is_file():
         fail(f"{path} is missing; build it with trime-build-datastore --build-index --output {directory}")
@@ -666,13 +882,49 @@ def check_index_file(
 
 def record_checksums(directory: Path, meta: dict) -> None:
     """Add ``meta["checksums"]`` for the finished keys.npy/vals.npy in ``directory``."""
+    meta["checksums"] = segment_checksums(directory, int(meta["count"]), int(meta["dim"]), meta["key_dtype"],
+                                          with_sources=bool(meta.get("sources")))
+
+
+def segment_checksums(directory: Path, count: int, dim: int, key_dtype, with_sources: bool) -> dict:
+    """The checksums of one segment's finished files: keys in chunks, vals, and origins and documents."""
     keys_path = directory / KEYS_NAME
     _, _, offset = _npy_header(keys_path)
-    row_bytes = int(meta["dim"]) * np.dtype(meta["key_dtype"]).itemsize
-    meta["checksums"] = checksums.datastore_checksums(keys_path, directory / VALS_NAME, offset, int(meta["count"]), row_bytes)
-    if meta.get("sources"):
-        meta["checksums"]["origins_sha256"] = sha256_file(directory / ORIGINS_NAME)
-        meta["checksums"]["documents_sha256"] = sha256_file(directory / DOCUMENTS_NAME)
+    row_bytes = dim * np.dtype(key_dtype).itemsize
+    out = checksums.datastore_checksums(keys_path, directory / VALS_NAME, offset, count, row_bytes)
+    if with_sources:
+        out["origins_sha256"] = sha256_file(directory / ORIGINS_NAME)
+        out["documents_sha256"] = sha256_file(directory / DOCUMENTS_NAME)
+    return out
+
+
+def _checked_segments(directory: Path, meta: dict) -> list[dict]:
+    """meta.json's segments, checked: folders inside the datastore, rows contiguous from 0 to ``count``."""
+    segments, row = segment_records(meta), 0
+    for segment in segments:
+        folder, rows = str(segment.get("dir", "")), segment.get("rows") or [None, None]
+        inside = folder == "." or (folder.startswith(SEGMENTS_DIR + "/") and ".." not in Path(folder).parts)
+        if not inside or rows[0] != row or not isinstance(rows[1], int) or rows[1] < row:
+            fail(f"{directory / META_NAME} lists a damaged segment ({folder!r}, rows {rows}); the manifest was "
+                 "edited or is corrupt: restore it, or rebuild the datastore with trime-build-datastore")
+        row = rows[1]
+    if row != int(meta["count"]):
+        fail(f"{directory / META_NAME} says {int(meta['count']):,} keys but its segments hold {row:,}; the manifest "
+             "was edited or is corrupt: restore it, or rebuild the datastore with trime-build-datastore")
+    return segments
+
+
+def unreferenced_files(directory: Path, meta: dict, keep: Sequence[Path] = ()) -> list[Path]:
+    """Index files and segment folders of ``directory`` that its manifest does not name (left by an update that
+    was killed before its manifest moved, or replaced by one that finished), except ``keep``."""
+    named = {directory / s["dir"] for s in segment_records(meta)} | {Path(p) for p in keep}
+    index_file = (meta.get("index") or {}).get("file")
+    out = [p for p in sorted(directory.glob("index*.faiss")) if p.name != index_file and p not in named]
+    if (directory / SEGMENTS_DIR).is_dir():
+        out += [p for p in sorted((directory / SEGMENTS_DIR).iterdir()) if p not in named]
+    if directory not in named:  # compacted: the first build's files moved into a segment
+        out += [directory / n for n in (KEYS_NAME, VALS_NAME, ORIGINS_NAME, DOCUMENTS_NAME) if (directory / n).is_file()]
+    return out
 
 
 def load_index(directory: Path, meta: dict, nprobe: int = 32, gpus: str = "none",
@@ -685,7 +937,7 @@ def load_index(directory: Path, meta: dict, nprobe: int = 32, gpus: str = "none"
 
     faiss = faiss_index.import_faiss()
     info = meta.get("index")
-    path = directory / INDEX_NAME
+    path = directory / (info or {}).get("file", INDEX_NAME)
     if not info or not path.is_file():
         fail(f"{path} is missing; build it with trime-build-datastore --build-index --output {directory}")
     check_index_file(directory, info, log=log)
