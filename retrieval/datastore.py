@@ -548,15 +548,20 @@ class Datastore:
 
         ``exact`` recomputes the scores from the stored keys (kNN-LM's exact distances)
         instead of using FAISS's (possibly PQ-approximated) ones. ``queries`` is an array or
-        a tensor; with ``--knn-search torch`` the results stay on the search device.
+        a tensor; with ``--knn-search torch`` the results stay on the search device. Deleted keys
+        are never returned.
         """
+        if self.deleted:
+            return self._search_live(queries, k, exact)
+        return self._search_all(queries, k, exact)
+
+    def _search_all(self, queries, k: int, exact: bool):
+        """Top-k over every row, deleted ones included."""
         import torch
 
         from trime.knn import KnnResults
         from trime.retrieval import faiss_index
 
-        if self.deleted:
-            return self._search_live(queries, k, exact)
         if self.torch_search is not None:
             return self._search_torch(queries, k, exact)
         if torch.is_tensor(queries):
@@ -590,25 +595,21 @@ class Datastore:
         live_share = max(self.alive_count, 1) / self.count
         fetch = min(self.count, int(k / live_share) + 16)
         pending = np.arange(n)
-        deleted, self.deleted = self.deleted, DeletedRows()  # the inner searches see every row
-        try:
-            while pending.size:
-                part = queries[torch.from_numpy(pending).to(device)] if torch.is_tensor(queries) else queries[pending]
-                found = self.search(part, fetch, exact).to(torch.device("cpu"))
-                keep = found.valid.numpy() & ~deleted.contains(found.ids.numpy())
-                rank = np.cumsum(keep, axis=1)
-                done = (rank[:, -1] >= k) | (fetch >= self.count) | ~found.valid.numpy().all(axis=1)
-                taken = keep & (rank <= k)
-                order = np.argsort(~taken, axis=1, kind="stable")[:, :k]  # the kept neighbours first, in order
-                at, rows, where = torch.from_numpy(order), torch.from_numpy(pending[done]), torch.from_numpy(done)
-                scores[rows] = found.scores.gather(1, at)[where]
-                labels[rows] = found.labels.gather(1, at)[where]
-                ids[rows] = found.ids.gather(1, at)[where]
-                valid[rows] = torch.from_numpy(np.take_along_axis(taken, order, axis=1))[where]
-                pending = pending[~done]
-                fetch = min(self.count, fetch * 4)
-        finally:
-            self.deleted = deleted
+        while pending.size:
+            part = queries[torch.from_numpy(pending).to(device)] if torch.is_tensor(queries) else queries[pending]
+            found = self._search_all(part, fetch, exact).to(torch.device("cpu"))
+            keep = found.valid.numpy() & ~self.deleted.contains(found.ids.numpy())
+            rank = np.cumsum(keep, axis=1)
+            done = (rank[:, -1] >= k) | (fetch >= self.count) | ~found.valid.numpy().all(axis=1)
+            taken = keep & (rank <= k)
+            order = np.argsort(~taken, axis=1, kind="stable")[:, :k]  # the kept neighbours first, in order
+            at, rows, where = torch.from_numpy(order), torch.from_numpy(pending[done]), torch.from_numpy(done)
+            scores[rows] = found.scores.gather(1, at)[where]
+            labels[rows] = found.labels.gather(1, at)[where]
+            ids[rows] = found.ids.gather(1, at)[where]
+            valid[rows] = torch.from_numpy(np.take_along_axis(taken, order, axis=1))[where]
+            pending = pending[~done]
+            fetch = min(self.count, fetch * 4)
         scores, ids = torch.where(valid, scores, 0.0), torch.where(valid, ids, -1)
         return KnnResults(scores=scores, labels=labels, valid=valid, ids=ids).to(device)
 

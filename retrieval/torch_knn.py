@@ -97,7 +97,7 @@ class TorchExactSearch:
         if len(keys.shape) != 2 or keys.shape[0] == 0:
             fail(f"exact torch search needs a non-empty (count, dim) key matrix, got shape {tuple(keys.shape)}")
         self.device = torch.device(device)
-        key_np_dtype = keys.dtype if isinstance(keys, np.ndarray) else np.float32
+        key_np_dtype = np.float32 if isinstance(keys, torch.Tensor) else keys.dtype  # arrays and RowConcat views
         self.dtype = dtype or default_compute_dtype(self.device, key_np_dtype)
         self.metric = metric
         self.count, self.dim = int(keys.shape[0]), int(keys.shape[1])
