@@ -29,7 +29,9 @@ Sources. meta.json's ``sources`` lists what the keys were read from, one record 
 its ``id`` (origins.npy's first column), ``name`` (default: the split), ``split``, ``file`` (the
 file holding its tokens), ``files`` (size and sha256 of each data file, :func:`data_identity`),
 ``tokens`` (its stream's length), ``documents`` (how many) and ``document_rule`` (``heading``:
-WikiText articles, or ``file``). A key's document is the last one that starts at or before its
+WikiText articles, ``file``, or ``blocks``: blank-line-separated blocks; ``--documents``). Sources added
+later also record their ``rows``, ``segment`` and windows, and removed ones ``removed`` (until
+``--compact`` drops them) or their ``removed_documents``. A key's document is the last one that starts at or before its
 position. :meth:`Datastore.origins` reads them; :func:`snippets` shows a key's surrounding text
 through an adapter over the same data (refused when the files' sha256 differ). origins.npy and
 documents.json are checksummed in meta.json and read only when asked for (and by :func:`verify`),
