@@ -79,8 +79,9 @@ class Neighbor:
     (``token``). ``score`` is its raw similarity to the query: the dot product of the keys (local, long) or the
     datastore's score (inner product or minus the squared L2 distance). ``split``/``position``: where its value
     token is, the evaluated split's stream (local, long) or the datastore source's (external, with ``key``, its
-    row, and ``document``, the article's title). ``before``/``after``: the text around the value token;
-    ``note``: why there is none (a datastore that records no sources, or other data)."""
+    row, ``source``, the datastore source's name, and ``document``, the article's title). ``before``/``after``: the
+    text around the value token; ``note``: why there is none (a datastore that records no sources, or a source whose
+    data is not DATA)."""
 
     level: str
     weight: float
@@ -91,6 +92,7 @@ class Neighbor:
     split: str | None = None
     position: int | None = None
     key: int | None = None
+    source: str | None = None
     document: str | None = None
     before: str | None = None
     after: str | None = None
@@ -203,7 +205,7 @@ class Inspector:
             raise ValueError("external memory and kNN-LM interpolation need the evaluator's datastore")
         self.store = evaluator.store if needs_store else None
         self.k = settings.k or evaluator.k
-        self._external_note: str | None = None  # why datastore neighbours have no text (said once per run)
+        self._external_notes: dict[str, str] = {}  # per datastore source: why its neighbours have no text
         self._warned = False
 
     # ------------------------------------------------------------------ the records
@@ -441,16 +443,22 @@ class Inspector:
         store = self.store
         if not store.has_sources:
             return {key: {"note": f"the datastore {NO_SOURCES}"} for key in keys}
-        out = {o.key: {"split": o.split, "position": o.position, "document": o.title} for o in store.origins(keys)}
-        if self._external_note is None:
-            try:
-                for s in snippets(store, self.lm, keys, before=self.before, after=self.after):
-                    out[s.origin.key].update(before=s.before, after=s.after)
-                return out
-            except TrimeError as err:  # the data it was built from is not DATA: positions without text
-                self._external_note = str(err).removeprefix("trime: error: ")
-        for key in keys:
-            out[key]["note"] = self._external_note
+        origins = store.origins(keys)
+        out = {o.key: {"source": o.source, "split": o.split, "position": o.position, "document": o.title}
+               for o in origins}
+        by_source: dict[str, list[int]] = {}
+        for o in origins:
+            by_source.setdefault(o.source, []).append(o.key)
+        for source, rows in by_source.items():  # each source's text, where DATA holds that source's files
+            if source not in self._external_notes:
+                try:
+                    for s in snippets(store, self.lm, rows, before=self.before, after=self.after):
+                        out[s.origin.key].update(before=s.before, after=s.after)
+                    continue
+                except TrimeError as err:  # the data it was built from is not DATA: positions without text
+                    self._external_notes[source] = str(err).removeprefix("trime: error: ")
+            for key in rows:
+                out[key]["note"] = self._external_notes[source]
         return out
 
 

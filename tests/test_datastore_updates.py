@@ -305,3 +305,25 @@ def test_bad_updates_are_one_line_each(stores, corpora, tmp_path):
         proc = run_cli("trime-build-datastore", *argv, "--cpu", "--no-progress-bar")
         assert_one_line_error(proc, needle)
     assert (store / "meta.json").read_bytes() == before
+
+
+def test_the_neighbour_dump_names_each_source_and_shows_the_text_of_those_in_data(stores, corpora, tmp_path):
+    """DATA holds source A's file (and the text evaluated), not B's: A's neighbours come with their text, B's with
+    a note saying why they have none; every datastore neighbour names its source."""
+    from trime.adapters import load_adapter
+    from trime.eval.inspection import inspect_tokens
+    from trime.eval.memory import MemorySettings
+    from trime.retrieval.datastore import Datastore
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copyfile(corpora["wiki_a"] / "train.txt", data / "train.txt")
+    shutil.copyfile(corpora["held_out"] / "test.txt", data / "test.txt")
+    lm = load_adapter(H.model_dir("gpt2"), data, cpu=True)
+    settings = MemorySettings(level="external", mem_size=40, knn_in_joint=True, k=K, lmbda=0.3, interp_temp=2.5)
+    records = inspect_tokens(lm, "test", settings, store=Datastore.open(stores["ab"]),
+                             windows=lm.window_settings(CONTEXT, TPS), batch_size=BATCH, limit=80, top=K)
+    external = [n for r in records for n in r.neighbors if n.level == "external"]
+    assert {n.source for n in external} == {"A", "B"}
+    assert all(n.before is not None and n.note is None for n in external if n.source == "A")
+    assert all(n.before is None and "train.txt differs from the file" in n.note for n in external if n.source == "B")
