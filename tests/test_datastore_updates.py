@@ -282,6 +282,31 @@ def test_a_failed_index_write_changes_nothing(stores, corpora, tmp_path, monkeyp
         {k: v for k, v in before.items() if k != ".trime-build.lock"}
 
 
+def test_a_failed_compaction_leaves_the_tombstoned_datastore_and_a_rerun_finishes(stores, queries, tmp_path,
+                                                                                   monkeypatch):
+    from trime.retrieval import faiss_index
+
+    store = copy_store(stores["ab"], tmp_path / "ab")
+    build_cli("--output", store, "--remove", "B")
+    before = (store / "meta.json").read_bytes()
+    tombstoned = neighbours(store, queries)
+    real_write = faiss_index.write_index
+
+    def full_disk(index, path):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(faiss_index, "write_index", full_disk)
+    with pytest.raises(TrimeError) as err:
+        build_cli("--output", store, "--compact")
+    assert "No space left on device" in one_line(err)
+    assert (store / "meta.json").read_bytes() == before
+    assert neighbours(store, queries) == tombstoned  # the half-written segment is not read
+    monkeypatch.setattr(faiss_index, "write_index", real_write)
+    build_cli("--output", store, "--compact")
+    same_neighbours(neighbours(store, queries), tombstoned)
+    assert len(list((store / "segments").iterdir())) == 1  # the failed attempt's segment was cleared
+
+
 @pytest.mark.slow
 def test_bad_updates_are_one_line_each(stores, corpora, tmp_path):
     store = copy_store(stores["ab"], tmp_path / "ab")
@@ -295,6 +320,8 @@ def test_bad_updates_are_one_line_each(stores, corpora, tmp_path):
          "--add"),
         (["--add", corpora["wiki_b"], "--path", gpt2, "--output", store, "--source", "C", "--key-dtype", "fp32"],
          "--key-dtype fp32"),
+        (["--add", corpora["wiki_b"], "--path", gpt2, "--output", store, "--source", "C", "--key-module", "lm_head"],
+         "(another model or --key-module)"),
         (["--output", store, "--remove", "nope"], "no source of that name (sources: A, B)"),
         (["--output", store, "--remove", "A", "--compact"], "--remove and --compact are separate operations"),
     ]
