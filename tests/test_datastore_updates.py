@@ -116,11 +116,10 @@ def brute_force(directories: list[Path], queries: np.ndarray, skip=lambda source
     for d in directories:
         store = Datastore.open(d, need_index=False)
         origins = store.origins(range(store.count))
-        for row, o in enumerate(origins):
-            if not skip(o.source, o.position):
-                keys.append(np.asarray(store.keys[row], dtype=np.float32))
-                names.append((o.source, o.position))
-    keys, q = np.stack(keys).astype(np.float64), queries.astype(np.float64)
+        rows = [row for row, o in enumerate(origins) if not skip(o.source, o.position)]
+        keys.append(np.asarray(store.keys[np.asarray(rows)], dtype=np.float64))
+        names += [(origins[row].source, origins[row].position) for row in rows]
+    keys, q = np.concatenate(keys), queries.astype(np.float64)
     scores = -((q**2).sum(1)[:, None] - 2 * q @ keys.T + (keys**2).sum(1)[None, :])
     top = np.argsort(-scores, axis=1, kind="stable")[:, :K]
     return [[(*names[j], round(float(scores[i, j]), 2)) for j in row] for i, row in enumerate(top)]
@@ -329,8 +328,11 @@ def test_bad_updates_are_one_line_each(stores, corpora, tmp_path):
     listing.write_text("No Such Article\n", encoding="utf-8")
     cases.append((["--output", store, "--remove-docs", listing], f"{listing} line 1: no document"))
     for argv, needle in cases:
-        proc = run_cli("trime-build-datastore", *argv, "--cpu", "--no-progress-bar")
-        assert_one_line_error(proc, needle)
+        with pytest.raises(TrimeError) as err:
+            build_cli(*argv)
+        assert needle in one_line(err)
+    proc = run_cli("trime-build-datastore", *cases[0][0], "--cpu", "--no-progress-bar")  # the real command's stderr
+    assert_one_line_error(proc, cases[0][1])
     assert (store / "meta.json").read_bytes() == before
 
 
