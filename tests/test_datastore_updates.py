@@ -4,7 +4,7 @@ Each source is windowed as its own token stream, so a datastore that gained or l
 search exactly like one built from the sources it holds now. References: fresh builds of the same
 sources (compared through each neighbour's origin, source and position, since row numbers depend on
 the order of additions), a brute-force numpy search over the live keys, and ``trime-eval``'s own
-perplexity on each datastore. Model: a tiny random GPT-2 over two shipped WikiText-2 samples
+perplexity on each datastore. Model: a tiny random GPT-2 over the first articles of two shipped WikiText-2 samples
 (the valid and test articles) as two sources; the queries are the model's keys over a third text.
 """
 
@@ -44,9 +44,10 @@ def corpora(tmp_path_factory) -> dict:
     """Two sources (each a text folder with train.txt) and a third text to query and evaluate with (test.txt)."""
     root = tmp_path_factory.mktemp("updates_data")
     out = {}
-    for name, sample in (("wiki_a", H.SAMPLE_VALID), ("wiki_b", H.SAMPLE_TEST)):
+    # whole articles: the valid sample's first four, the test sample's first three
+    for name, sample, chars in (("wiki_a", H.SAMPLE_VALID, 35_769), ("wiki_b", H.SAMPLE_TEST, 41_583)):
         (root / name).mkdir()
-        shutil.copyfile(sample, root / name / "train.txt")
+        (root / name / "train.txt").write_text(sample.read_text(encoding="utf-8")[:chars], encoding="utf-8")
         out[name] = root / name
     (root / "held_out").mkdir()
     text = H.SAMPLE_TRAIN.read_text(encoding="utf-8")[:12_000]
