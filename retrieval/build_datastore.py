@@ -613,8 +613,13 @@ def build_index(
     heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS,
     log: Callable[[str], None] = silent,
     log_progress: Callable[[str], None] = silent,
+    reduce_dim: int | None = None,
+    reduce_with: str = "pca",
 ) -> dict:
     """Train and fill ``index.faiss`` for the datastore in ``output``; records it in meta.json.
+
+    ``reduce_dim`` (with ``factory="auto"``) puts FAISS's PCA (or OPQ, ``reduce_with``) in front of the
+    index: :func:`trime.retrieval.faiss_index.auto_factory`.
 
     ``metric`` defaults to the one meta.json records (else ``ip``); it is recorded as the datastore's
     metric. ``log`` gets the final line; ``log_progress`` the start of the training, the elapsed
@@ -624,11 +629,11 @@ def build_index(
     """
     with build_lock(output):
         return _build_index_locked(output, factory, metric, train_sample, seed, use_gpu, show_progress,
-                                   heartbeat_seconds, log, log_progress)
+                                   heartbeat_seconds, log, log_progress, reduce_dim, reduce_with)
 
 
 def _build_index_locked(output, factory, metric, train_sample, seed, use_gpu, show_progress, heartbeat_seconds,
-                        log, log_progress) -> dict:
+                        log, log_progress, reduce_dim, reduce_with) -> dict:
     from trime.retrieval import faiss_index
 
     store = Datastore.open(output, need_index=False)
@@ -637,7 +642,10 @@ def _build_index_locked(output, factory, metric, train_sample, seed, use_gpu, sh
     if count == 0:
         fail(f"{output} holds no keys; nothing to index")
     if factory == "auto":
-        factory = faiss_index.auto_factory(count, dim)
+        factory = faiss_index.auto_factory(count, dim, reduce_dim, reduce_with)
+    elif reduce_dim is not None:
+        fail(f"--reduce-dim goes with --index-factory auto; with --index-factory {factory} write the transform into "
+             f"the factory string instead, e.g. PCA{reduce_dim},{factory}")
     faiss_index.faiss_metric(metric)
     if train_sample < 1:
         fail(f"--train-sample must be >= 1, got {train_sample}")
@@ -679,6 +687,7 @@ def _build_index_locked(output, factory, metric, train_sample, seed, use_gpu, sh
         "ntotal": int(index.ntotal),
         "train_sample": n_train,
         "seed": seed,
+        **({"reduce_dim": reduce_dim, "reduce_with": reduce_with} if reduce_dim else {}),
         "bytes": (output / INDEX_NAME).stat().st_size,
         "sha256": index_sha256,
     }
@@ -767,6 +776,20 @@ def build_parser() -> Parser:
         help="FAISS factory string, or auto (IVF-PQ sized to the datastore; Flat when tiny)",
     )
     p.add_argument(
+        "--reduce-dim",
+        type=POSITIVE_INT,
+        default=None,
+        metavar="D",
+        help="with --index-factory auto: project keys (and queries) to D dimensions inside the index, by FAISS's "
+        "PCA or OPQ (--reduce-with); smaller codes and faster search, the stored keys stay full-size",
+    )
+    p.add_argument(
+        "--reduce-with",
+        choices=("pca", "opq"),
+        default="pca",
+        help="the transform of --reduce-dim: pca (default) or opq (a rotation trained for the PQ codes)",
+    )
+    p.add_argument(
         "--metric",
         choices=METRICS,
         default=None,
@@ -794,6 +817,8 @@ def index_options(args: argparse.Namespace) -> dict:
     """The keyword arguments of :func:`build_index` from the flags, with the CLI's loggers."""
     return {
         "factory": args.index_factory,
+        "reduce_dim": args.reduce_dim,
+        "reduce_with": args.reduce_with,
         "metric": args.metric,
         "train_sample": args.train_sample,
         "seed": args.seed,

@@ -16,6 +16,7 @@ import contextlib
 import errno
 import math
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,7 @@ from trime.errors import fail
 from trime.retrieval.checksums import nonfinite_keys_message
 
 METRICS = ("ip", "l2")
+REDUCTIONS = ("pca", "opq")  # --reduce-with: FAISS's PCA, or OPQ's rotation (trained for the PQ codes)
 MIN_POINTS_PER_LIST = 39  # FAISS warns below this many training points per centroid
 PQ_MIN_TRAIN = 256 * 39  # 8-bit PQ: 256 centroids per sub-quantizer
 MAX_NLIST = 65536
@@ -67,24 +69,40 @@ def pq_subquantizers(dim: int, max_m: int = 64, min_dims_per_sub: int = 4) -> in
     return best
 
 
-def auto_factory(count: int, dim: int) -> str:
-    """An IVF-PQ factory string sized to ``count`` keys of ``dim`` dims, or ``Flat`` if too small."""
+def auto_factory(count: int, dim: int, reduce_dim: int | None = None, reduce_with: str = "pca") -> str:
+    """An IVF-PQ factory string sized to ``count`` keys of ``dim`` dims, or ``Flat`` if too small.
+
+    With ``reduce_dim``, the keys are first projected to that many dimensions by FAISS's PCA (or the
+    rotation OPQ trains for the PQ codes, ``reduce_with="opq"``): a transform stored in the index and
+    applied to every query, with the IVF-PQ part sized to the reduced keys.
+    """
+    if reduce_dim is not None and not 0 < reduce_dim < dim:
+        fail(f"--reduce-dim must be between 1 and the keys' {dim - 1} dimensions, got {reduce_dim}")
+    if reduce_with not in REDUCTIONS:
+        fail(f"--reduce-with must be one of {', '.join(REDUCTIONS)}, got {reduce_with!r}")
+    inner_dim = reduce_dim or dim
     if count < PQ_MIN_TRAIN:
-        return "Flat"
-    nlist = 2 ** round(math.log2(4 * math.sqrt(count)))
-    nlist = max(16, min(nlist, MAX_NLIST))
-    while nlist > 16 and count < MIN_POINTS_PER_LIST * nlist:
-        nlist //= 2
-    return f"IVF{nlist},PQ{pq_subquantizers(dim)}np"
+        inner = "Flat"
+    else:
+        nlist = 2 ** round(math.log2(4 * math.sqrt(count)))
+        nlist = max(16, min(nlist, MAX_NLIST))
+        while nlist > 16 and count < MIN_POINTS_PER_LIST * nlist:
+            nlist //= 2
+        inner = f"IVF{nlist},PQ{pq_subquantizers(inner_dim)}np"
+    if reduce_dim is None:
+        return inner
+    if reduce_with == "opq":
+        return f"OPQ{pq_subquantizers(reduce_dim)}_{reduce_dim},{inner}"
+    return f"PCA{reduce_dim},{inner}"
 
 
 def index_bytes_estimate(factory: str, count: int, dim: int) -> int:
     """Rough size of the written index (for the disk-space check)."""
     if factory == "Flat":
         return count * dim * 4 + (1 << 20)
-    if "PQ" in factory:
-        m = int(factory.split("PQ")[1].rstrip("np").split("x")[0])
-        return count * (m + 8) + (64 << 20)
+    codes = re.findall(r"(?<!O)PQ(\d+)", factory)  # the PQ code size, not OPQ's transform
+    if codes:
+        return count * (int(codes[-1]) + 8) + (64 << 20)
     return count * dim * 4 + (64 << 20)
 
 
