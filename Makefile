@@ -41,12 +41,16 @@ demo: $(INSTALL_STAMP)
 # pytest exits 5 when it collects nothing (e.g. a -k filter): say so, do not fail.
 PYTEST_NOTHING_IS_OK = rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; rc=0; fi; exit $$rc
 
+# two pytest workers (pytest-xdist), whole test files each, so that module fixtures are built once
+PYTEST_WORKERS ?= 2
+PYTEST_PARALLEL = -n $(PYTEST_WORKERS) --dist loadfile
+
 test: $(INSTALL_STAMP)
-	$(VENV)/bin/pytest -q tests $(PYTEST_ARGS); $(PYTEST_NOTHING_IS_OK)
+	$(VENV)/bin/pytest -q $(PYTEST_PARALLEL) tests $(PYTEST_ARGS); $(PYTEST_NOTHING_IS_OK)
 
 # the fast tier: whole pipelines, training chains, distributed and end-to-end CLI runs are marked slow
 test-fast: $(INSTALL_STAMP)
-	$(VENV)/bin/pytest -q -m "not slow" tests $(PYTEST_ARGS); $(PYTEST_NOTHING_IS_OK)
+	$(VENV)/bin/pytest -q $(PYTEST_PARALLEL) -m "not slow" tests $(PYTEST_ARGS); $(PYTEST_NOTHING_IS_OK)
 
 # bench/ is a package: its scripts run from the repository root as modules
 reproduce: $(INSTALL_STAMP)
