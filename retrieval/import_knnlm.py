@@ -52,6 +52,7 @@ from trime.retrieval.datastore import (
     VALS_NAME,
     build_lock,
     check_npy,
+    create_npy,
     history_entry,
     model_info,
     record_checksums,
@@ -191,60 +192,48 @@ def _chunks(path: Path, row_bytes: int, rows: int, digest) -> Iterator[tuple[int
             yield lo, view[:want]
 
 
-def _new_npy(path: Path, dtype: np.dtype, shape: tuple) -> int:
-    """Write the .npy header (and a sparse body) of ``shape``/``dtype`` to ``path``; returns the data offset."""
-    np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).flush()
-    with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        read_header(f)
-        return f.tell()
-
-
 def _write_vals(files: KnnlmFiles, vocab: int, lm_path: object, tmp: Path, bar) -> str:
     """Check every value (a token id of the dictionary) and write them as int32; returns the source's sha256."""
     digest = hashlib.sha256()
-    offset = _new_npy(tmp, np.dtype(VAL_DTYPE), (files.size,))
-    with open(tmp, "r+b") as out:
-        out.seek(offset)
-        for lo, raw in _chunks(files.vals, files.vals_dtype.itemsize, files.size, digest):
-            vals = np.frombuffer(raw, dtype=files.vals_dtype)
-            bad = np.flatnonzero((vals < 0) | (vals >= vocab))
-            if bad.size:
-                row, value = lo + int(bad[0]), int(vals[bad[0]])
-                if value < 0:
-                    fail(f"{files.vals} row {row:,} holds {value:,}, a negative token id: the file is damaged, or not "
-                         f"the values of {files.keys}; pass the values file knnlm wrote with these keys")
-                fail(f"{files.vals} row {row:,} holds token id {value:,}, beyond the {vocab:,} types of the dictionary "
-                     f"of --path {lm_path}: the values come from another dictionary; pass the checkpoint (and "
-                     "data-bin) the datastore was saved with")
-            out.write(vals.astype(VAL_DTYPE).tobytes())
-            bar.update(len(vals))
+    out = create_npy(tmp, VAL_DTYPE, (files.size,))
+    for lo, raw in _chunks(files.vals, files.vals_dtype.itemsize, files.size, digest):
+        vals = np.frombuffer(raw, dtype=files.vals_dtype)
+        bad = np.flatnonzero((vals < 0) | (vals >= vocab))
+        if bad.size:
+            row, value = lo + int(bad[0]), int(vals[bad[0]])
+            if value < 0:
+                fail(f"{files.vals} row {row:,} holds {value:,}, a negative token id: the file is damaged, or not "
+                     f"the values of {files.keys}; pass the values file knnlm wrote with these keys")
+            fail(f"{files.vals} row {row:,} holds token id {value:,}, beyond the {vocab:,} types of the dictionary "
+                 f"of --path {lm_path}: the values come from another dictionary; pass the checkpoint (and "
+                 "data-bin) the datastore was saved with")
+        out[lo : lo + len(vals)] = vals
+        bar.update(len(vals))
+    out.flush()
     return digest.hexdigest()
 
 
 def _write_keys(files: KnnlmFiles, dtype: np.dtype, tmp: Path, bar) -> str:
     """Check every key (finite, also once stored as ``dtype``) and write them; returns the source's sha256."""
     digest = hashlib.sha256()
-    offset = _new_npy(tmp, dtype, (files.size, files.dim))
-    with open(tmp, "r+b") as out:
-        out.seek(offset)
-        for lo, raw in _chunks(files.keys, files.dim * files.key_dtype.itemsize, files.size, digest):
-            keys = np.frombuffer(raw, dtype=files.key_dtype).reshape(-1, files.dim)
-            finite = np.isfinite(keys).all(axis=1)
+    out = create_npy(tmp, dtype, (files.size, files.dim))
+    for lo, raw in _chunks(files.keys, files.dim * files.key_dtype.itemsize, files.size, digest):
+        keys = np.frombuffer(raw, dtype=files.key_dtype).reshape(-1, files.dim)
+        finite = np.isfinite(keys).all(axis=1)
+        if not finite.all():
+            fail(nonfinite_keys_message(files.keys, lo + int(np.argmin(finite))))
+        if dtype == files.key_dtype:
+            out[lo : lo + len(keys)] = keys
+        else:
+            with np.errstate(over="ignore"):  # a key beyond float16's range becomes inf: refused just below
+                stored = keys.astype(dtype)
+            finite = np.isfinite(stored).all(axis=1)
             if not finite.all():
-                fail(nonfinite_keys_message(files.keys, lo + int(np.argmin(finite))))
-            if dtype == files.key_dtype:
-                out.write(raw)
-            else:
-                with np.errstate(over="ignore"):  # a key beyond float16's range becomes inf: refused just below
-                    stored = keys.astype(dtype)
-                finite = np.isfinite(stored).all(axis=1)
-                if not finite.all():
-                    fail(f"{files.keys} row {lo + int(np.argmin(finite)):,} holds a key beyond {dtype.name}'s range; "
-                         f"import it with key dtype {files.key_dtype.name} (--key-dtype fp32)")
-                out.write(stored.tobytes())
-            bar.update(len(keys))
+                fail(f"{files.keys} row {lo + int(np.argmin(finite)):,} holds a key beyond {dtype.name}'s range; "
+                     f"import it with key dtype {files.key_dtype.name} (--key-dtype fp32)")
+            out[lo : lo + len(keys)] = stored
+        bar.update(len(keys))
+    out.flush()
     return digest.hexdigest()
 
 

@@ -332,15 +332,16 @@ def parse_document_list(listing: Path, store: Datastore, source: str | None = No
     return sorted(set(found))
 
 
-def document_rows(store: Datastore, meta: dict, source_id: int, document: int) -> tuple[int, int]:
-    """The rows [lo, hi) of the keys whose target lies in a document (a source's rows are in stream order)."""
+def document_rows(store: Datastore, meta: dict, source_id: int, documents: list[int]) -> list[tuple[int, int]]:
+    """The rows [lo, hi) of the keys whose target lies in each of a source's ``documents`` (its rows are in stream
+    order, so one read of its positions serves them all)."""
     src = next(s for s in meta["sources"] if int(s["id"]) == source_id)
     lo, hi = source_rows(meta, src)
-    starts = store._documents[source_id]["starts"]
-    first = int(starts[document])
-    end = int(starts[document + 1]) if document + 1 < len(starts) else int(src["tokens"])
+    starts = np.append(store._documents[source_id]["starts"], int(src["tokens"]))
     positions = np.asarray(store._origins[lo:hi])[:, 1]
-    return lo + int(np.searchsorted(positions, first)), lo + int(np.searchsorted(positions, end))
+    firsts = np.searchsorted(positions, starts[documents])
+    ends = np.searchsorted(positions, starts[np.asarray(documents) + 1])
+    return [(lo + int(a), lo + int(b)) for a, b in zip(firsts, ends)]
 
 
 def remove_documents(directory: Path, listing: Path, source: str | None = None,
@@ -352,8 +353,13 @@ def remove_documents(directory: Path, listing: Path, source: str | None = None,
     meta = copy.deepcopy(store.meta)
     sources = {int(s["id"]): s for s in _with_rows(meta)}
     ranges, removed = [], []
+    found = {}
+    for source_id in sorted({source_id for source_id, _ in wanted}):
+        documents = [d for i, d in wanted if i == source_id]
+        found.update({(source_id, d): rows for d, rows in zip(documents, document_rows(store, meta, source_id,
+                                                                                        documents))})
     for source_id, document in wanted:
-        lo, hi = document_rows(store, meta, source_id, document)
+        lo, hi = found[(source_id, document)]
         gone = int((~store.deleted.contains(np.arange(lo, hi))).sum()) if store.deleted else hi - lo
         ranges.append((lo, hi))
         src = sources[source_id]
